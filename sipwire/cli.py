@@ -1,0 +1,179 @@
+"""The ``sipwire`` command: run the transport, or talk to a running one.
+
+Subcommands follow the contract in the architecture notes: ``run``,
+``transport``, ``ctl`` (threads, stats, connections, close, health), plus
+``config`` to print every setting with its value and description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sipwire.config import ConfigError, Settings, descriptions, load
+from transport.control import ControlClient, ControlError
+from transport.routing import RouterLoadError, load_router
+from transport.server import StartupError, TransportServer
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instance", help="instance name (default: default)")
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+
+
+def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="TCP listen address (default 127.0.0.1:5060)")
+    parser.add_argument("--threads", type=int, metavar="N", help="I/O threads at start (default 2)")
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
+    parser.add_argument("--router", metavar="NAME", help="responder, proxy or module:function (default responder)")
+    parser.add_argument("--upstream", metavar="SIP-URI", help="where the proxy router forwards requests")
+    parser.add_argument("--state-dir", metavar="DIR", help="directory for the control socket and generated files")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sipwire", description="Observable SIP-over-TCP transport.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "run the transport and its workers on embedded defaults"),
+        ("transport", "run the transport process and its worker pool"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        _add_common(command)
+        _add_transport_flags(command)
+    config = commands.add_parser("config", help="print every setting: value and description")
+    _add_common(config)
+    ctl = commands.add_parser("ctl", help="talk to a running transport over its control socket")
+    _add_common(ctl)
+    ctl.add_argument("--state-dir", metavar="DIR", help="directory of the control socket")
+    actions = ctl.add_subparsers(dest="action", required=True)
+    threads = actions.add_parser("threads", help="show the I/O pool, or resize it to N threads")
+    threads.add_argument("size", nargs="?", type=int)
+    threads.add_argument("--json", action="store_true")
+    for name, text in (("stats", "counters, queues and workers"), ("health", "is the transport up, where it listens")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("--json", action="store_true")
+    connections = actions.add_parser("connections", help="list open connections")
+    connections.add_argument("--json", action="store_true")
+    connections.add_argument("--state", help="only connections in this state")
+    connections.add_argument("--limit", type=int, default=1000)
+    close = actions.add_parser("close", help="close one connection by id")
+    close.add_argument("id", type=int)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name, None)
+        for name in ("instance", "tcp", "threads", "workers", "router", "upstream", "state_dir", "log_level")
+    }
+    return load(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as error:
+        print(f"sipwire: configuration error: {error}", file=sys.stderr)
+        return 2
+    if args.command in ("run", "transport"):
+        return _run_transport(settings)
+    if args.command == "config":
+        for name, text in descriptions().items():
+            print(f"{name} = {getattr(settings, name)!r}\n    {text}")
+        return 0
+    try:
+        return _ctl(settings, args)
+    except ControlError as error:
+        print(f"sipwire ctl: {error}", file=sys.stderr)
+        return 1
+
+
+def _run_transport(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s transport[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        load_router(settings.router)  # fail here, clearly, rather than in every worker
+        server = TransportServer(settings)
+        server.start()
+    except (StartupError, RouterLoadError, ControlError) as error:
+        logging.getLogger("sipwire").error("cannot start: %s", error)
+        return 1
+    server.serve_forever()
+    return 0
+
+
+def _ctl(settings: Settings, args: argparse.Namespace) -> int:
+    with ControlClient(settings.control_path) as client:
+        if args.action == "threads":
+            result = client.request("threads", **({"size": args.size} if args.size is not None else {}))
+            _print(result, args.json, _threads_table)
+        elif args.action == "stats":
+            _print(client.request("stats"), args.json, _stats_text)
+        elif args.action == "health":
+            _print(client.request("health"), args.json, _health_text)
+        elif args.action == "connections":
+            request: dict[str, Any] = {"limit": args.limit}
+            if args.state:
+                request["state"] = args.state
+            _print(client.request("connections", **request), args.json, _connections_table)
+        elif args.action == "close":
+            client.request("close", id=args.id)
+            print(f"connection {args.id} closed")
+    return 0
+
+
+def _print(result: Any, as_json: bool, render: Any) -> None:
+    print(json.dumps(result, indent=2) if as_json else render(result))
+
+
+def _threads_table(result: dict[str, Any]) -> str:
+    lines = [f"I/O threads: {result['size']} (max {result['max']})", "index  connections  load   inbox  jobs"]
+    for t in result["threads"]:
+        lines.append(f"{t['index']:>5}  {t['connections']:>11}  {t['load']:>5.2f}  {t['queue_depth']:>5}  {t['jobs']}")
+    return "\n".join(lines)
+
+
+def _stats_text(result: dict[str, Any]) -> str:
+    lines = [
+        f"connections {result['connections']} / {result['max_connections']}, "
+        f"in flight {result['dispatch_in_flight']}, pending write bytes {result['pending_write_bytes']}",
+        "counters:",
+    ]
+    lines += [f"  {name} {value}" for name, value in result["counters"].items()]
+    lines.append("workers:")
+    lines += [
+        f"  {w['index']}: pid {w['pid']} {'up' if w['alive'] else 'DOWN'}, "
+        f"in flight {w['in_flight']}, restarts {w['restarts']}"
+        for w in result["workers"]
+    ]
+    return "\n".join(lines)
+
+
+def _health_text(result: dict[str, Any]) -> str:
+    listening = ", ".join(f"{name} {address}" for name, address in result["listening"].items())
+    return f"up, pid {result['pid']}, uptime {result['uptime']:.0f}s, {listening}"
+
+
+def _connections_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['total']} connections",
+        "id      state       remote                 thread  age      msgs in/out",
+    ]
+    for c in result["connections"]:
+        lines.append(
+            f"{c['id']:<7} {c['state']:<11} {c['remote']:<22} {c['thread']:>6}  {c['age']:>7.1f}  "
+            f"{c['messages_in']}/{c['messages_out']}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

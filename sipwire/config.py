@@ -1,0 +1,198 @@
+"""One typed configuration object for every sipwire process.
+
+Each setting has a safe default and a description (``sipwire config``
+prints them all). Values are layered, later wins: the defaults below, a
+TOML file (``--config FILE``, top-level keys named as the fields), the
+environment (``SIPWIRE_`` + upper-cased field name), then command-line
+flags. :func:`load` does the layering and validates the result once, so
+the rest of the code can trust a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A setting has an invalid value; the message names the setting and the value."""
+
+
+def _setting(default: Any, description: str) -> Any:
+    return field(default=default, metadata={"description": description})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every tunable of the transport, its workers and tools."""
+
+    instance: str = _setting(
+        "default", "Instance name: separates the control socket and state of several sipwire runs."
+    )
+    state_dir: str = _setting(
+        "",
+        "Directory for the control socket and generated files; "
+        "empty means $XDG_RUNTIME_DIR/sipwire, else /tmp/sipwire-UID.",
+    )
+    tcp: str = _setting(
+        "127.0.0.1:5060", "TCP listen address HOST:PORT (port 0 picks a free port); empty disables TCP."
+    )
+    threads: int = _setting(2, "I/O threads at start (resizable at runtime with `sipwire ctl threads N`).")
+    max_threads: int = _setting(64, "Upper bound for the I/O pool size, at start and on resize.")
+    workers: int = _setting(os.cpu_count() or 1, "SIP worker processes in the unified pool.")
+    router: str = _setting("responder", "Router run by the workers: `responder`, `proxy`, or `module:function`.")
+    upstream: str = _setting(
+        "", "SIP URI the `proxy` router forwards requests to, e.g. sip:127.0.0.1:5070;transport=tcp."
+    )
+    max_connections: int = _setting(
+        2048, "Open connections at most (OpenSIPS default 2048); further accepts are closed at once and counted."
+    )
+    max_message_bytes: int = _setting(
+        65536, "Largest SIP message accepted on a stream, headers and body (64 KiB, as OpenSIPS)."
+    )
+    max_header_bytes: int = _setting(16384, "Largest header block; a stream without CRLFCRLF by then is closed.")
+    message_timeout: float = _setting(
+        4.0, "Seconds to receive one whole message once its first byte arrived (OpenSIPS/Kamailio: 4 s)."
+    )
+    idle_timeout: float = _setting(
+        120.0, "Seconds an idle connection (no traffic, nothing pending) stays open (120 s, as OpenSIPS)."
+    )
+    connect_timeout: float = _setting(
+        3.0,
+        "Seconds an outbound non-blocking connect may take. OpenSIPS uses 100 ms, Kamailio 10 s; "
+        "3 s covers a lost SYN's first retransmission (1 s) on real networks without holding jobs for long.",
+    )
+    write_queue_bytes: int = _setting(
+        262144,
+        "Bytes queued for one connection before write jobs fail with queue_full. Kamailio uses 32 KiB; "
+        "a busy trunk connection needs more, and 256 KiB still bounds a stalled peer.",
+    )
+    global_write_queue_bytes: int = _setting(
+        33554432,
+        "Bytes queued over all connections before write jobs fail with limit_reached (32 MiB; Kamailio 10 MB).",
+    )
+    dispatch_backlog_bytes: int = _setting(
+        8388608, "Bytes waiting for one worker before new requests are answered 503 (overload protection)."
+    )
+    shutdown_grace: float = _setting(2.0, "Seconds to flush queued writes and finish in-flight messages on shutdown.")
+    log_level: str = _setting("info", "Log level: debug, info, warning or error.")
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.tcp, "tcp") if self.tcp else None
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Where this instance keeps its control socket and files."""
+        if self.state_dir:
+            base = Path(self.state_dir)
+        elif os.environ.get("XDG_RUNTIME_DIR"):
+            base = Path(os.environ["XDG_RUNTIME_DIR"]) / "sipwire"
+        else:
+            base = Path(f"/tmp/sipwire-{os.getuid()}")
+        return base / self.instance
+
+    @property
+    def control_path(self) -> Path:
+        return self.runtime_dir / "control.sock"
+
+
+def descriptions() -> dict[str, str]:
+    """Setting name to description, for docs and ``sipwire config``."""
+    return {f.name: f.metadata["description"] for f in dataclasses.fields(Settings)}
+
+
+def parse_host_port(value: str, setting: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[V6]:PORT``; the host must be an IP literal."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"{setting}: {value!r} is not HOST:PORT")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{setting}: host {host!r} in {value!r} is not an IP address") from None
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"{setting}: port {port} in {value!r} is above 65535")
+    return host, port
+
+
+def load(config_file: str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Layer defaults, TOML file, environment and ``overrides`` (flags); validate."""
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    if config_file:
+        try:
+            with open(config_file, "rb") as handle:
+                file_values = tomllib.load(handle)
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {config_file}: {error.strerror}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {error}") from error
+        unknown = sorted(set(file_values) - set(known))
+        if unknown:
+            raise ConfigError(f"config file {config_file}: unknown settings {', '.join(unknown)}")
+        values.update(file_values)
+    for name in known:
+        env_value = os.environ.get(f"SIPWIRE_{name.upper()}")
+        if env_value is not None:
+            values[name] = env_value
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    typed = {name: _coerce(name, known[name].type, value) for name, value in values.items()}
+    settings = Settings(**typed)
+    _validate(settings)
+    return settings
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str}[str(type_name)]
+    if kind is str:
+        return str(value)
+    if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+        raise ConfigError(f"{name}: {value!r} is not a {kind.__name__}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a {kind.__name__}") from None
+
+
+def _validate(settings: Settings) -> None:
+    if settings.tcp:
+        parse_host_port(settings.tcp, "tcp")
+    if not 1 <= settings.max_threads <= 1024:
+        raise ConfigError(f"max_threads: {settings.max_threads} is outside 1..1024")
+    if not 1 <= settings.threads <= settings.max_threads:
+        raise ConfigError(f"threads: {settings.threads} is outside 1..{settings.max_threads} (max_threads)")
+    if not 1 <= settings.workers <= 256:
+        raise ConfigError(f"workers: {settings.workers} is outside 1..256")
+    positive = (
+        "max_connections",
+        "max_message_bytes",
+        "max_header_bytes",
+        "write_queue_bytes",
+        "global_write_queue_bytes",
+        "dispatch_backlog_bytes",
+    )
+    for name in positive:
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name}: {getattr(settings, name)} must be positive")
+    for name in ("message_timeout", "idle_timeout", "connect_timeout", "shutdown_grace"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name}: {getattr(settings, name)} must be a positive number of seconds")
+    if settings.max_header_bytes > settings.max_message_bytes:
+        raise ConfigError(
+            f"max_header_bytes: {settings.max_header_bytes} exceeds max_message_bytes {settings.max_message_bytes}"
+        )
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: {settings.log_level!r} is not debug, info, warning or error")
+    if not settings.instance or "/" in settings.instance or settings.instance.startswith("."):
+        raise ConfigError(f"instance: {settings.instance!r} must be a plain name")

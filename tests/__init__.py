@@ -1,0 +1,1 @@
+"""sipwire test suite: real sockets, real worker processes, real sipp."""

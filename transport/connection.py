@@ -1,0 +1,182 @@
+"""One TCP connection as the transport sees it, and its state machine.
+
+A connection is owned by exactly one I/O thread at a time: only that thread
+calls its methods. Moving it to another thread (resize) hands over the
+whole object, buffers and pending write jobs included.
+
+States and the only transitions allowed (see :data:`TRANSITIONS`)::
+
+    CONNECTING --connected--> OPEN --flush then close--> CLOSING --> CLOSED
+        \\--------------------------------------------------------> CLOSED
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+from transport.framing import Framer, FramerLimits
+from transport.wire import message_prefix
+
+
+class ConnState(Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+TRANSITIONS: Final[dict[ConnState, frozenset[ConnState]]] = {
+    ConnState.CONNECTING: frozenset({ConnState.OPEN, ConnState.CLOSED}),
+    ConnState.OPEN: frozenset({ConnState.CLOSING, ConnState.CLOSED}),
+    ConnState.CLOSING: frozenset({ConnState.CLOSED}),
+    ConnState.CLOSED: frozenset(),
+}
+
+
+class StateError(Exception):
+    """A connection was asked to make a transition the state machine forbids."""
+
+
+@dataclass(slots=True)
+class PendingJob:
+    """A write job whose bytes are queued: it is sent once ``end`` bytes are out."""
+
+    job_id: int
+    worker: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """A snapshot of one connection for the control socket and tools."""
+
+    id: int
+    state: str
+    transport: str
+    local: str
+    remote: str
+    thread: int
+    outbound: bool
+    age: float
+    idle: float
+    bytes_in: int
+    bytes_out: int
+    messages_in: int
+    messages_out: int
+    pending_write_bytes: int
+    in_flight: int
+
+
+class Connection:
+    """Socket, framer, write queue and counters of one connection."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "close_when_flushed",
+        "created",
+        "deadline",
+        "destination",
+        "framer",
+        "id",
+        "in_flight",
+        "jobs",
+        "last_activity",
+        "local",
+        "message_started",
+        "messages_in",
+        "messages_out",
+        "out_chunks",
+        "outbound",
+        "prefix",
+        "queued_total",
+        "registered_events",
+        "remote",
+        "sent_total",
+        "sock",
+        "state",
+        "transport",
+        "worker",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        conn_id: int,
+        sock: socket.socket,
+        transport: str,
+        local: tuple[str, int],
+        remote: tuple[str, int],
+        limits: FramerLimits,
+        now: float,
+        *,
+        outbound: bool = False,
+        destination: tuple[str, str, int] | None = None,
+    ) -> None:
+        self.id = conn_id
+        self.sock = sock
+        self.state = ConnState.CONNECTING if outbound else ConnState.OPEN
+        self.transport = transport
+        self.local = local
+        self.remote = remote
+        self.outbound = outbound
+        self.destination = destination
+        self.framer = Framer(limits)
+        self.prefix = message_prefix(conn_id, transport, local, remote)
+        self.created = now
+        self.last_activity = now
+        self.message_started = 0.0  # monotonic time the message in progress began; 0: none
+        self.deadline = 0.0  # connect deadline while CONNECTING
+        self.out_chunks: list[bytes] = []
+        self.queued_total = 0  # bytes ever queued
+        self.sent_total = 0  # bytes ever written to the socket
+        self.jobs: deque[PendingJob] = deque()
+        self.close_when_flushed = False
+        self.worker = -1  # worker holding this connection's in-flight messages
+        self.in_flight = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.messages_in = 0
+        self.messages_out = 0
+        self.registered_events = 0  # selector events this connection is registered for
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.queued_total - self.sent_total
+
+    def transition(self, new_state: ConnState) -> None:
+        if new_state not in TRANSITIONS[self.state]:
+            raise StateError(f"connection {self.id}: {self.state.value} -> {new_state.value} is not allowed")
+        self.state = new_state
+
+    def set_address(self, local: tuple[str, int]) -> None:
+        """Record the local address once an outbound connect has bound one."""
+        self.local = local
+        self.prefix = message_prefix(self.id, self.transport, local, self.remote)
+
+    def info(self, thread: int, now: float) -> ConnectionInfo:
+        return ConnectionInfo(
+            id=self.id,
+            state=self.state.value,
+            transport=self.transport,
+            local=format_address(self.local),
+            remote=format_address(self.remote),
+            thread=thread,
+            outbound=self.outbound,
+            age=round(now - self.created, 3),
+            idle=round(now - self.last_activity, 3),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            messages_in=self.messages_in,
+            messages_out=self.messages_out,
+            pending_write_bytes=self.pending_bytes,
+            in_flight=self.in_flight,
+        )
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

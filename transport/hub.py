@@ -1,0 +1,82 @@
+"""What the I/O threads share: who owns which connection, and where to send.
+
+Nothing here guards a connection: the owner registry only says *which*
+thread may touch one. Its entries are plain dict reads and writes (atomic
+in CPython); a job for a connection goes to the owner's inbox, and a
+thread that no longer owns it forwards the job to the current owner.
+
+The destination map (transport, host, port) -> connection id is the one
+place where two threads could race (both opening a connection to the same
+peer), so it alone has a lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import TYPE_CHECKING
+
+from sipwire.config import Settings
+
+if TYPE_CHECKING:
+    from transport.iothread import IOThread
+
+DestinationKey = tuple[str, str, int]
+
+
+class Hub:
+    """Registry of threads, connection owners and outbound destinations."""
+
+    def __init__(self, settings: Settings, worker_count: int) -> None:
+        self.settings = settings
+        self.worker_count = worker_count
+        #: Active I/O threads, index 0 first; replaced (never mutated) on resize.
+        self.threads: tuple[IOThread, ...] = ()
+        self.owners: dict[int, IOThread] = {}
+        self._destinations: dict[DestinationKey, int] = {}
+        self._destinations_lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def new_connection_id(self) -> int:
+        return next(self._ids)
+
+    def owner(self, conn_id: int) -> IOThread | None:
+        return self.owners.get(conn_id)
+
+    def connection_count(self) -> int:
+        """Open connections plus those on their way to a new owner."""
+        return len(self.owners)
+
+    def pending_write_bytes(self) -> int:
+        return sum(thread.pending_write_bytes for thread in self.threads)
+
+    def least_loaded_thread(self) -> IOThread:
+        """The active thread with the fewest connections (ties: lowest index)."""
+        threads = self.threads
+        best = threads[0]
+        best_load = best.load_hint()
+        for thread in threads[1:]:
+            load = thread.load_hint()
+            if load < best_load:
+                best, best_load = thread, load
+        return best
+
+    def claim_destination(self, key: DestinationKey, conn_id: int) -> int:
+        """Register ``conn_id`` for ``key`` unless one exists; return the winner's id."""
+        with self._destinations_lock:
+            existing = self._destinations.get(key)
+            if existing is not None and existing in self.owners:
+                return existing
+            self._destinations[key] = conn_id
+            return conn_id
+
+    def destination(self, key: DestinationKey) -> int | None:
+        conn_id = self._destinations.get(key)
+        return conn_id if conn_id is not None and conn_id in self.owners else None
+
+    def forget(self, conn_id: int, destination: DestinationKey | None) -> None:
+        self.owners.pop(conn_id, None)
+        if destination is not None:
+            with self._destinations_lock:
+                if self._destinations.get(destination) == conn_id:
+                    del self._destinations[destination]

@@ -1,0 +1,809 @@
+"""An I/O thread: one selector loop that owns its connections and its worker channels.
+
+Everything a connection needs happens here, on its owning thread: accept
+hand-off, non-blocking connect, reads, framing, dispatch to a worker,
+write jobs, timers and close. Other threads reach this one only through
+:meth:`IOThread.post`, which appends ``(method name, args)`` to the inbox
+and wakes the selector through an eventfd.
+
+One loop pass:
+  1. ``select`` with a timeout up to the next timer tick;
+  2. handle ready sockets: connections (read, frame, batch messages per
+     worker), worker channels (write jobs, done counts), the listener
+     (thread 0 only), the inbox;
+  3. flush every connection that got replies (one ``send`` per connection)
+     and every channel that got messages (one ``send`` per channel);
+  4. on a tick: connect timeouts, per-message timeouts, idle connections.
+
+Jobs about a connection this thread does not own (it moved or closed) are
+forwarded to the owner found in the hub, or reported as ``connection_gone``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections import defaultdict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Final
+
+from transport.connection import Connection, ConnectionInfo, ConnState, PendingJob
+from transport.framing import PONG, Event, FramerLimits, FramingError, FramingErrorReason, Ping
+from transport.hub import DestinationKey, Hub
+from transport.outcome import WriteResult
+from transport.ratelog import RateLimitedLog
+from transport.sip import response_for_unparsable
+from transport.wire import DoneRecord, RecordReader, WireError, WriteRecord, encode_message, encode_outcome
+
+log = logging.getLogger("sipwire.transport")
+
+READ: Final = selectors.EVENT_READ
+WRITE: Final = selectors.EVENT_WRITE
+
+#: Bytes asked for per recv: enough for dozens of pipelined messages per
+#: call (batching is most of the speed) while bounding one read's work.
+RECV_BYTES: Final = 262144
+#: Connections accepted per listener wake-up before other sockets get a turn.
+ACCEPT_BATCH: Final = 64
+#: Seconds between timer scans (connect, per-message and idle timeouts).
+TICK_SECONDS: Final = 0.25
+
+_CONN, _CHANNEL, _LISTENER, _WAKE = range(4)
+
+_ERRNO_RESULTS: Final = {
+    errno.ECONNREFUSED: WriteResult.REFUSED,
+    errno.ETIMEDOUT: WriteResult.TIMEOUT,
+    errno.ECONNRESET: WriteResult.RESET,
+    errno.EPIPE: WriteResult.RESET,
+    errno.ENETUNREACH: WriteResult.UNREACHABLE,
+    errno.EHOSTUNREACH: WriteResult.UNREACHABLE,
+    errno.EADDRNOTAVAIL: WriteResult.UNREACHABLE,
+}
+
+_FRAMING_ANSWERS: Final = {
+    FramingErrorReason.MESSAGE_TOO_LARGE: (413, "Request Entity Too Large"),
+    FramingErrorReason.HEADERS_TOO_LARGE: (513, "Message Too Large"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadStatistics:
+    """What one I/O thread reports: load, connections, queues, counters."""
+
+    index: int
+    connections: int
+    load: float
+    queue_depth: int
+    jobs: int
+    loop_lag_ms: float
+    pending_write_bytes: int
+    outstanding: tuple[int, ...]
+    counters: dict[str, int]
+
+
+class WorkerChannel:
+    """This thread's end of its socketpair with one worker."""
+
+    __slots__ = ("backlog", "events", "out", "reader", "sock", "worker")
+
+    def __init__(self, worker: int, sock: socket.socket) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.reader = RecordReader()
+        self.out: list[bytes] = []
+        self.backlog = b""  # bytes the kernel did not take on the last send
+        self.events = READ
+
+    @property
+    def queued_bytes(self) -> int:
+        return len(self.backlog) + sum(map(len, self.out))
+
+
+class IOThread:
+    """A selector loop owning a set of connections; see the module docstring."""
+
+    def __init__(self, index: int, hub: Hub) -> None:
+        self.index = index
+        self.hub = hub
+        settings = hub.settings
+        self.settings = settings
+        self.limits = FramerLimits(settings.max_message_bytes, settings.max_header_bytes)
+        self.selector = selectors.DefaultSelector()
+        self.inbox: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._inbox_lock = threading.Lock()  # guards only the hand-over of the inbox when the thread ends
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.selector.register(self._wake_fd, READ, (_WAKE, None))
+        self.conns: dict[int, Connection] = {}
+        self.channels: list[WorkerChannel | None] = [None] * hub.worker_count
+        self.outstanding: list[int] = [0] * hub.worker_count
+        self.pending_write_bytes = 0
+        self.counters: defaultdict[str, int] = defaultdict(int)
+        self.ratelog = RateLimitedLog(log)
+        self._dirty_conns: dict[int, Connection] = {}
+        self._dirty_channels: set[WorkerChannel] = set()
+        self._parked: list[tuple[int, list[bytes]]] = []  # messages waiting for any live worker
+        self._listeners: list[socket.socket] = []
+        self._now = time.monotonic()
+        self._next_tick = self._now + TICK_SECONDS
+        self._busy = 0.0
+        self._load = 0.0
+        self._lag = 0.0
+        self._load_window_start = self._now
+        self._jobs = 0
+        self._running = True
+        self._retire_deadline = 0.0
+        self._shutdown_deadline = 0.0
+        self.alive = True
+        self.thread = threading.Thread(target=self._run, name=f"sipwire-io-{index}", daemon=True)
+
+    # -- cross-thread API: the only entry points other threads may call ----------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def post(self, method: str, *args: Any) -> None:
+        """Run ``self.<method>(*args)`` on this thread; a finished thread hands it to thread 0."""
+        with self._inbox_lock:
+            if self.alive:
+                self.inbox.append((method, args))
+                os.eventfd_write(self._wake_fd, 1)
+                return
+        first = self.hub.threads[0]
+        if first is not self and first.alive:
+            first.post(method, *args)
+
+    def load_hint(self) -> int:
+        """Connections owned plus jobs waiting: what 'least loaded' compares."""
+        return len(self.conns) + len(self.inbox)
+
+    # -- loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.exception("I/O thread %d crashed", self.index)
+            raise
+        finally:
+            self._finish()
+
+    def _loop(self) -> None:
+        monotonic = time.monotonic
+        select = self.selector.select
+        while self._running:
+            timeout = max(0.0, self._next_tick - monotonic())
+            events = select(timeout)
+            started = self._now = monotonic()
+            for key, mask in events:
+                kind, target = key.data
+                if kind == _CONN:
+                    if mask & READ:
+                        self._read(target)
+                    if mask & WRITE and target.state is not ConnState.CLOSED:
+                        self._writable(target)
+                elif kind == _CHANNEL:
+                    if mask & READ:
+                        self._read_channel(target)
+                    if mask & WRITE:
+                        self._send_channel(target)
+                elif kind == _LISTENER:
+                    self._accept(target)
+                else:
+                    self._drain_inbox()
+            if self._dirty_conns:
+                dirty = self._dirty_conns
+                self._dirty_conns = {}
+                for conn in dirty.values():
+                    self._flush(conn)
+            if self._dirty_channels:
+                channels = self._dirty_channels
+                self._dirty_channels = set()
+                for channel in channels:
+                    self._send_channel(channel)
+            now = monotonic()
+            self._busy += now - started
+            if now >= self._next_tick:
+                self._lag = max(0.0, now - self._next_tick)
+                self._tick(now)
+
+    def _drain_inbox(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+        inbox = self.inbox
+        while inbox:
+            method, args = inbox.popleft()
+            self._jobs += 1
+            getattr(self, method)(*args)
+
+    def _finish(self) -> None:
+        """Close what is left; anything posted after this is handled by thread 0."""
+        for conn in list(self.conns.values()):
+            self._close(conn, "transport stopping", WriteResult.SHUTDOWN)
+        for channel in self.channels:
+            if channel is not None:
+                self._drop_channel(channel, lost_reason="transport stopping")
+        for listener in self._listeners:
+            listener.close()
+        with self._inbox_lock:
+            self.alive = False
+            leftovers = list(self.inbox)
+            self.inbox.clear()
+        self.selector.close()
+        os.close(self._wake_fd)
+        first = self.hub.threads[0] if self.hub.threads else self
+        if first is not self and first.alive:
+            for method, args in leftovers:
+                first.post(method, *args)
+
+    # -- reading and dispatch ------------------------------------------------------------------
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._close(conn, f"read failed: {error.strerror}", _ERRNO_RESULTS.get(error.errno or 0, WriteResult.RESET))
+            return
+        if not data:
+            self._close(conn, "closed by peer", WriteResult.CONNECTION_GONE)
+            return
+        conn.bytes_in += len(data)
+        conn.last_activity = self._now
+        framer = conn.framer
+        try:
+            events = framer.feed(data)
+        except FramingError as error:
+            self._framing_error(conn, error)
+            return
+        if events:
+            self._dispatch(conn, events)
+        if framer.buffered_bytes and framer.in_message:
+            if not conn.message_started:
+                conn.message_started = self._now
+        else:
+            conn.message_started = 0.0
+
+    def _dispatch(self, conn: Connection, events: list[Event]) -> None:
+        received_at = time.time()
+        records: list[bytes] = []
+        prefix = conn.prefix
+        for event in events:
+            if isinstance(event, Ping):
+                self.counters["keepalive_pings"] += 1
+                self._enqueue(conn, PONG, 0, -1)
+            else:
+                records.append(encode_message(prefix, received_at, b"", event))
+        if not records:
+            return
+        count = len(records)
+        conn.messages_in += count
+        self.counters["messages_in"] += count
+        worker = conn.worker if conn.in_flight and self.channels[conn.worker] is not None else self._least_busy_worker()
+        if worker < 0:
+            self._park(conn, records)
+            return
+        channel = self.channels[worker]
+        assert channel is not None
+        if channel.queued_bytes > self.settings.dispatch_backlog_bytes:
+            self._reject_overload(conn, events)
+            return
+        channel.out.extend(records)
+        self._dirty_channels.add(channel)
+        conn.worker = worker
+        conn.in_flight += count
+        self.outstanding[worker] += count
+
+    def _least_busy_worker(self) -> int:
+        best = -1
+        best_load = 1 << 62
+        outstanding = self.outstanding
+        for index, channel in enumerate(self.channels):
+            if channel is not None and outstanding[index] < best_load:
+                best, best_load = index, outstanding[index]
+        return best
+
+    def _park(self, conn: Connection, records: list[bytes]) -> None:
+        """Hold messages while no worker is alive (a restart is under way), within the backlog cap."""
+        parked_bytes = sum(len(r) for _, batch in self._parked for r in batch)
+        if parked_bytes > self.settings.dispatch_backlog_bytes:
+            self.counters["lost_messages"] += len(records)
+            self.ratelog.log(
+                logging.ERROR, "park", "no live worker and park buffer full: %d messages lost", len(records)
+            )
+            return
+        self._parked.append((conn.id, records))
+        conn.in_flight += len(records)
+
+    def _reject_overload(self, conn: Connection, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, bytes):
+                answer = response_for_unparsable(event, 503, "Service Unavailable (worker backlog full)")
+                self.counters["overload_rejected"] += 1
+                if answer is not None:
+                    self._enqueue(conn, answer, 0, -1)
+        self.ratelog.log(
+            logging.WARNING,
+            "overload",
+            "worker backlog above %d bytes: answering 503",
+            self.settings.dispatch_backlog_bytes,
+        )
+
+    def _framing_error(self, conn: Connection, error: FramingError) -> None:
+        self.counters[f"framing_error.{error.reason.value}"] += 1
+        self.ratelog.log(
+            logging.WARNING, f"framing.{error.reason.value}",
+            "closing connection %d from %s:%d: %s", conn.id, conn.remote[0], conn.remote[1], error,
+        )  # fmt: skip
+        status, reason = _FRAMING_ANSWERS.get(error.reason, (400, "Bad Request"))
+        answer = response_for_unparsable(error.header_block, status, f"{reason} ({error.reason.value})")
+        if answer is not None:
+            self._enqueue(conn, answer, 0, -1)
+        self._close_after_flush(conn)
+
+    # -- worker channels -----------------------------------------------------------------------
+
+    def _read_channel(self, channel: WorkerChannel) -> None:
+        try:
+            data = channel.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_channel(channel, lost_reason="worker exited")
+            return
+        try:
+            records = channel.reader.feed(data)
+        except WireError as error:
+            log.error("I/O thread %d: corrupt channel from worker %d: %s", self.index, channel.worker, error)
+            self._drop_channel(channel, lost_reason="corrupt channel")
+            return
+        worker = channel.worker
+        for record in records:
+            if type(record) is WriteRecord:
+                self._write_job(worker, record)
+            elif type(record) is DoneRecord:
+                self.outstanding[worker] -= record.count
+                self._done(record.conn_id, record.count)
+
+    def _send_channel(self, channel: WorkerChannel) -> None:
+        if self.channels[channel.worker] is not channel:
+            return
+        data = channel.backlog + b"".join(channel.out) if channel.out else channel.backlog
+        channel.out.clear()
+        if not data:
+            return
+        try:
+            sent = channel.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop_channel(channel, lost_reason="worker exited")
+            return
+        channel.backlog = data[sent:]
+        events = READ | WRITE if channel.backlog else READ
+        if events != channel.events:
+            channel.events = events
+            self.selector.modify(channel.sock, events, (_CHANNEL, channel))
+
+    def _drop_channel(self, channel: WorkerChannel, lost_reason: str) -> None:
+        worker = channel.worker
+        if self.channels[worker] is not channel:
+            return
+        self.channels[worker] = None
+        self._dirty_channels.discard(channel)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(channel.sock)
+        channel.sock.close()
+        lost = self.outstanding[worker]
+        self.outstanding[worker] = 0
+        if lost and lost_reason:
+            self.counters["lost_messages"] += lost
+            log.error(
+                "worker %d: %s with %d in-flight messages from I/O thread %d: counted as lost",
+                worker, lost_reason, lost, self.index,
+            )  # fmt: skip
+        for conn in self.conns.values():
+            if conn.worker == worker:
+                conn.in_flight = 0
+                conn.worker = -1
+
+    def add_channel(self, worker: int, sock: socket.socket) -> None:
+        """Inbox job: a (re)started worker's channel; parked messages go to it."""
+        old = self.channels[worker]
+        if old is not None:
+            self._drop_channel(old, lost_reason="worker replaced")
+        sock.setblocking(False)
+        channel = WorkerChannel(worker, sock)
+        self.channels[worker] = channel
+        self.outstanding[worker] = 0
+        self.selector.register(sock, READ, (_CHANNEL, channel))
+        parked, self._parked = self._parked, []
+        for conn_id, records in parked:
+            conn = self.conns.get(conn_id)
+            if conn is None:
+                self.counters["lost_messages"] += len(records)
+                continue
+            channel.out.extend(records)
+            conn.worker = worker
+            self.outstanding[worker] += len(records)
+        if channel.out:
+            self._dirty_channels.add(channel)
+
+    def _done(self, conn_id: int, count: int) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is not None:
+            conn.in_flight = max(0, conn.in_flight - count)
+            return
+        owner = self.hub.owner(conn_id)
+        if owner is not None and owner is not self:
+            owner.post("_done", conn_id, count)
+
+    # -- write jobs ----------------------------------------------------------------------------
+
+    def _write_job(self, worker: int, record: WriteRecord) -> None:
+        if record.conn_id:
+            self._write_to(record.conn_id, record.job_id, worker, record.payload)
+            return
+        try:
+            host = str(ipaddress.ip_address(record.host))
+        except ValueError:
+            self._outcome(
+                worker, record.job_id, 0, WriteResult.BAD_DESTINATION, f"host {record.host!r} is not an IP address"
+            )
+            return
+        if not 0 < record.port < 65536:
+            self._outcome(worker, record.job_id, 0, WriteResult.BAD_DESTINATION, f"port {record.port} is out of range")
+            return
+        key = (record.transport, host, record.port)
+        conn_id = self.hub.destination(key)
+        if conn_id is None:
+            self._connect(key, record.job_id, worker, record.payload)
+        else:
+            self._write_to(conn_id, record.job_id, worker, record.payload)
+
+    def _write_to(self, conn_id: int, job_id: int, worker: int, payload: bytes) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            owner = self.hub.owner(conn_id)
+            if owner is not None and owner is not self:
+                owner.post("_write_to", conn_id, job_id, worker, payload)
+            else:
+                self._outcome(worker, job_id, conn_id, WriteResult.CONNECTION_GONE, f"connection {conn_id} is closed")
+            return
+        self._enqueue(conn, payload, job_id, worker)
+
+    def _enqueue(self, conn: Connection, payload: bytes, job_id: int, worker: int) -> None:
+        """Queue bytes on a connection owned here; ``job_id`` 0 is the transport's own write."""
+        if conn.state is ConnState.CLOSED or (conn.state is ConnState.CLOSING and job_id):
+            self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, f"connection {conn.id} is closing")
+            return
+        size = len(payload)
+        limit = self.settings.write_queue_bytes
+        if job_id and conn.pending_bytes + size > limit:
+            reason = f"connection {conn.id} has {conn.pending_bytes} bytes queued; limit {limit}"
+            self.ratelog.log(logging.WARNING, "queue_full", "write job refused: %s", reason)
+            self._outcome(worker, job_id, conn.id, WriteResult.QUEUE_FULL, reason)
+            return
+        global_limit = self.settings.global_write_queue_bytes
+        if job_id and self.hub.pending_write_bytes() + size > global_limit:
+            reason = f"{global_limit} bytes queued over all connections"
+            self.ratelog.log(logging.WARNING, "global_queue_full", "write job refused: %s", reason)
+            self._outcome(worker, job_id, conn.id, WriteResult.LIMIT_REACHED, reason)
+            return
+        conn.out_chunks.append(payload)
+        conn.queued_total += size
+        self.pending_write_bytes += size
+        if job_id:
+            conn.messages_out += 1
+            conn.jobs.append(PendingJob(job_id, worker, conn.queued_total))
+        if conn.state is not ConnState.CONNECTING:
+            self._dirty_conns[conn.id] = conn
+
+    def _flush(self, conn: Connection) -> None:
+        if conn.state is ConnState.CLOSED or conn.state is ConnState.CONNECTING:
+            return
+        chunks = conn.out_chunks
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            try:
+                sent = conn.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                result = _ERRNO_RESULTS.get(error.errno or 0, WriteResult.RESET)
+                self._close(conn, f"write failed: {error.strerror}", result)
+                return
+            conn.sent_total += sent
+            conn.bytes_out += sent
+            self.pending_write_bytes -= sent
+            conn.out_chunks = [data[sent:]] if sent < len(data) else []
+            if sent:
+                conn.last_activity = self._now
+            jobs = conn.jobs
+            while jobs and jobs[0].end <= conn.sent_total:
+                job = jobs.popleft()
+                self._outcome(job.worker, job.job_id, conn.id, WriteResult.SENT, "")
+        if conn.out_chunks:
+            self._set_events(conn, (READ if conn.state is ConnState.OPEN else 0) | WRITE)
+        elif conn.state is ConnState.CLOSING:
+            self._close(conn, "closed after flush", WriteResult.CONNECTION_GONE)
+        elif self._running and not self._shutdown_deadline:
+            self._set_events(conn, READ)
+        else:
+            self._set_events(conn, 0)
+
+    def _writable(self, conn: Connection) -> None:
+        if conn.state is ConnState.CONNECTING:
+            self._connected(conn)
+        else:
+            self._flush(conn)
+
+    def _outcome(self, worker: int, job_id: int, conn_id: int, result: WriteResult, reason: str) -> None:
+        self.counters[f"write.{result.label}"] += 1
+        if not job_id or worker < 0:
+            return
+        channel = self.channels[worker]
+        if channel is None:
+            return  # that worker died; its callbacks died with it
+        channel.out.append(encode_outcome(job_id, conn_id, result, reason))
+        self._dirty_channels.add(channel)
+
+    # -- connections: accept, connect, move, close ---------------------------------------------
+
+    def add_listener(self, listener: socket.socket) -> None:
+        """Inbox job for thread 0: start accepting on ``listener``."""
+        self._listeners.append(listener)
+        self.selector.register(listener, READ, (_LISTENER, listener))
+
+    def _accept(self, listener: socket.socket) -> None:
+        hub = self.hub
+        limit = self.settings.max_connections
+        local = listener.getsockname()[:2]
+        wildcard = local[0] in ("0.0.0.0", "::")
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self.counters[f"accept_failed.{errno.errorcode.get(error.errno or 0, 'other')}"] += 1
+                self.ratelog.log(logging.ERROR, "accept", "accept failed: %s", error)
+                return
+            if hub.connection_count() >= limit:
+                sock.close()
+                self.counters["refused.max_connections"] += 1
+                self.ratelog.log(
+                    logging.WARNING,
+                    "max_connections",
+                    "refused %s:%d: max_connections %d reached",
+                    address[0],
+                    address[1],
+                    limit,
+                )
+                continue
+            self.counters["accepted"] += 1
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn_local = sock.getsockname()[:2] if wildcard else local
+            conn = Connection(hub.new_connection_id(), sock, "tcp", conn_local, address[:2], self.limits, self._now)
+            target = hub.least_loaded_thread()
+            hub.owners[conn.id] = target
+            if target is self:
+                self.adopt(conn)
+            else:
+                target.post("adopt", conn)
+
+    def adopt(self, conn: Connection) -> None:
+        """Inbox job: take ownership of a new or moved connection, buffers and jobs included."""
+        if conn.state is ConnState.CLOSED:
+            return
+        self.conns[conn.id] = conn
+        self.hub.owners[conn.id] = self
+        self.pending_write_bytes += conn.pending_bytes
+        if conn.state is ConnState.CONNECTING:
+            self._set_events(conn, WRITE)
+        elif conn.out_chunks:
+            self._dirty_conns[conn.id] = conn
+            self._set_events(conn, WRITE if conn.state is ConnState.CLOSING else READ | WRITE)
+        elif self._shutdown_deadline:
+            self._set_events(conn, 0)
+        else:
+            self._set_events(conn, READ)
+
+    def _connect(self, key: DestinationKey, job_id: int, worker: int, payload: bytes) -> None:
+        transport, host, port = key
+        if transport != "tcp":
+            self._outcome(worker, job_id, 0, WriteResult.BAD_DESTINATION, f"transport {transport!r} is not available")
+            return
+        if self.hub.connection_count() >= self.settings.max_connections:
+            reason = f"max_connections {self.settings.max_connections} reached"
+            self._outcome(worker, job_id, 0, WriteResult.LIMIT_REACHED, reason)
+            return
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        status = sock.connect_ex((host, port))
+        if status not in (0, errno.EINPROGRESS):
+            sock.close()
+            result = _ERRNO_RESULTS.get(status, WriteResult.UNREACHABLE)
+            self.counters[f"connect_failed.{result.label}"] += 1
+            self._outcome(worker, job_id, 0, result, f"connect to {host}:{port} failed: {os.strerror(status)}")
+            return
+        unbound = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+        conn = Connection(
+            self.hub.new_connection_id(), sock, transport, unbound, (host, port), self.limits, self._now,
+            outbound=True, destination=key,
+        )  # fmt: skip
+        conn.deadline = self._now + self.settings.connect_timeout
+        winner = self.hub.claim_destination(key, conn.id)
+        if winner != conn.id:  # another thread opened one first: use it
+            sock.close()
+            self._write_to(winner, job_id, worker, payload)
+            return
+        self.counters["connects"] += 1
+        self.adopt(conn)
+        self._enqueue(conn, payload, job_id, worker)
+
+    def _connected(self, conn: Connection) -> None:
+        status = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status:
+            result = _ERRNO_RESULTS.get(status, WriteResult.UNREACHABLE)
+            self.counters[f"connect_failed.{result.label}"] += 1
+            remote = f"{conn.remote[0]}:{conn.remote[1]}"
+            self._close(conn, f"connect to {remote} failed: {os.strerror(status)}", result)
+            return
+        conn.transition(ConnState.OPEN)
+        conn.set_address(conn.sock.getsockname()[:2])
+        conn.last_activity = self._now
+        self._flush(conn)
+
+    def _set_events(self, conn: Connection, events: int) -> None:
+        current = conn.registered_events
+        if events == current:
+            return
+        if not events:
+            self.selector.unregister(conn.sock)
+        elif not current:
+            self.selector.register(conn.sock, events, (_CONN, conn))
+        else:
+            self.selector.modify(conn.sock, events, (_CONN, conn))
+        conn.registered_events = events
+
+    def _release(self, conn: Connection) -> None:
+        """Stop owning ``conn`` without closing it (it is moving to another thread)."""
+        self._set_events(conn, 0)
+        del self.conns[conn.id]
+        self._dirty_conns.pop(conn.id, None)
+        self.pending_write_bytes -= conn.pending_bytes
+
+    def _close_after_flush(self, conn: Connection) -> None:
+        if conn.state is ConnState.OPEN:
+            conn.transition(ConnState.CLOSING)
+        if conn.out_chunks:
+            self._dirty_conns[conn.id] = conn
+            self._set_events(conn, WRITE)
+        else:
+            self._close(conn, "closed", WriteResult.CONNECTION_GONE)
+
+    def _close(self, conn: Connection, reason: str, result: WriteResult) -> None:
+        if conn.state is ConnState.CLOSED:
+            return
+        conn.transition(ConnState.CLOSED)
+        self._release(conn)
+        conn.sock.close()
+        self.hub.forget(conn.id, conn.destination)
+        self.counters["closed"] += 1
+        for job in conn.jobs:
+            self._outcome(job.worker, job.job_id, conn.id, result, reason)
+        conn.jobs.clear()
+        if result is WriteResult.TIMEOUT and conn.outbound and not conn.sent_total:
+            self.counters["connect_failed.timeout"] += 1
+        log.debug("connection %d %s:%d closed: %s", conn.id, conn.remote[0], conn.remote[1], reason)
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        self._next_tick = now + TICK_SECONDS
+        elapsed = now - self._load_window_start
+        if elapsed >= 1.0:
+            self._load = min(1.0, self._busy / elapsed)
+            self._busy = 0.0
+            self._load_window_start = now
+        settings = self.settings
+        message_timeout = settings.message_timeout
+        idle_timeout = settings.idle_timeout
+        for conn in list(self.conns.values()):
+            if conn.state is ConnState.CONNECTING:
+                if now > conn.deadline:
+                    timeout = (
+                        f"connect to {conn.remote[0]}:{conn.remote[1]} timed out after {settings.connect_timeout}s"
+                    )
+                    self._close(conn, timeout, WriteResult.TIMEOUT)
+            elif conn.message_started and now - conn.message_started > message_timeout:
+                error = FramingError(
+                    FramingErrorReason.MESSAGE_TIMEOUT, f"message not complete within {message_timeout}s"
+                )
+                self._framing_error(conn, error)
+            elif not conn.in_flight and not conn.out_chunks and now - conn.last_activity > idle_timeout:
+                self.counters["closed_idle"] += 1
+                self._close(conn, f"idle for {idle_timeout}s", WriteResult.CONNECTION_GONE)
+        if self._retire_deadline and (now > self._retire_deadline or not any(self.outstanding)):
+            self._running = False
+        if self._shutdown_deadline:
+            drained = not any(self.outstanding) and not any(c.out_chunks for c in self.conns.values())
+            if drained or now > self._shutdown_deadline:
+                self._running = False
+
+    # -- control jobs (posted by the supervisor) -----------------------------------------------
+
+    def retire(self, targets: tuple[IOThread, ...], grace: float) -> None:
+        """Inbox job: hand every connection to ``targets``, then drain and stop."""
+        for conn in list(self.conns.values()):
+            target = min(targets, key=IOThread.load_hint)
+            self._release(conn)
+            self.hub.owners[conn.id] = target
+            target.post("adopt", conn)
+        for conn_id, records in self._parked:
+            self.counters["lost_messages"] += len(records)
+            log.error(
+                "I/O thread %d retiring: %d parked messages of connection %d lost", self.index, len(records), conn_id
+            )
+        self._parked = []
+        self._retire_deadline = self._now + grace
+        self._next_tick = self._now  # check at once whether anything is outstanding
+
+    def shutdown(self, grace: float) -> None:
+        """Inbox job: stop accepting and reading, finish in-flight work for up to ``grace`` s."""
+        for listener in self._listeners:
+            self.selector.unregister(listener)
+            listener.close()
+        self._listeners = []
+        self._shutdown_deadline = self._now + grace
+        for conn in list(self.conns.values()):
+            if conn.state is ConnState.CONNECTING:
+                continue
+            self._set_events(conn, WRITE if conn.out_chunks else 0)
+        self._next_tick = self._now
+
+    def snapshot(self, future: Future[tuple[ThreadStatistics, list[ConnectionInfo]]], with_connections: bool) -> None:
+        """Inbox job: statistics and (optionally) connection snapshots, answered through ``future``."""
+        stats = ThreadStatistics(
+            index=self.index,
+            connections=len(self.conns),
+            load=round(self._load, 4),
+            queue_depth=len(self.inbox),
+            jobs=self._jobs,
+            loop_lag_ms=round(self._lag * 1000, 3),
+            pending_write_bytes=self.pending_write_bytes,
+            outstanding=tuple(self.outstanding),
+            counters=dict(self.counters),
+        )
+        now = self._now
+        infos = [conn.info(self.index, now) for conn in self.conns.values()] if with_connections else []
+        future.set_result((stats, infos))
+
+    def close_connection(self, conn_id: int, future: Future[bool]) -> None:
+        """Inbox job: close one connection by id (operator action)."""
+        conn = self.conns.get(conn_id)
+        if conn is not None:
+            log.info("closing connection %d %s:%d on operator request", conn.id, conn.remote[0], conn.remote[1])
+            self.counters["closed_by_operator"] += 1
+            self._close(conn, "closed by operator", WriteResult.CONNECTION_GONE)
+            future.set_result(True)
+            return
+        owner = self.hub.owner(conn_id)
+        if owner is not None and owner is not self:
+            owner.post("close_connection", conn_id, future)
+        else:
+            future.set_result(False)

@@ -1,0 +1,1 @@
+"""Built-in routers run by the workers: ``responder`` and ``proxy``."""

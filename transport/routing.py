@@ -1,0 +1,136 @@
+"""The router API: what an operator-written router receives and can do.
+
+A router is a plain function ``route(message, ctx) -> None`` named on the
+command line as ``--router package.module:function``. The worker calls it
+once per received message, in arrival order per connection:
+
+* ``message`` is the parsed :class:`transport.sip.SipMessage`;
+* ``ctx`` is a :class:`RouteContext`: the message's :class:`Envelope`
+  (connection id, addresses, receive time) and the two ways to send:
+  :meth:`RouteContext.reply` on the same connection, and
+  :meth:`RouteContext.send` to a :class:`Destination` (the transport reuses
+  an open connection to it or opens one).
+
+Both return a job id at once; the transport later reports the job's
+:class:`Outcome` (sent, refused, timeout, queue full...). Pass
+``on_outcome`` to act on it, e.g. to answer 503 when a forward fails.
+Outcome callbacks run in the same worker, between messages.
+
+A router module may also define ``setup(settings)``, called once per
+worker before the first message (read your own settings there).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from transport.outcome import WriteResult
+
+if TYPE_CHECKING:
+    from transport.sip import SipMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Where and when a message arrived."""
+
+    conn_id: int
+    transport: str
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    received_at: float
+    trace_context: str
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where to send: the transport reuses an open connection to it or opens one.
+
+    ``host`` may be a name; the worker resolves it before submitting the
+    job (the transport never blocks on DNS).
+    """
+
+    transport: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The transport's report on one write job."""
+
+    job_id: int
+    conn_id: int
+    result: WriteResult
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.result is WriteResult.SENT
+
+
+OutcomeCallback = Callable[[Outcome], None]
+
+
+class Sender(Protocol):
+    """The worker side of write jobs (implemented by the worker process)."""
+
+    def submit(
+        self, conn_id: int, destination: Destination | None, data: bytes, on_outcome: OutcomeCallback | None
+    ) -> int: ...
+
+
+class RouteContext:
+    """Per-message handle given to a router."""
+
+    __slots__ = ("_sender", "envelope")
+
+    def __init__(self, envelope: Envelope, sender: Sender) -> None:
+        self.envelope = envelope
+        self._sender = sender
+
+    def reply(self, data: bytes, on_outcome: OutcomeCallback | None = None) -> int:
+        """Send ``data`` on the connection the message came in on; return the job id."""
+        return self._sender.submit(self.envelope.conn_id, None, data, on_outcome)
+
+    def send(self, destination: Destination, data: bytes, on_outcome: OutcomeCallback | None = None) -> int:
+        """Send ``data`` to ``destination``; return the job id."""
+        return self._sender.submit(0, destination, data, on_outcome)
+
+    def send_on(self, conn_id: int, data: bytes, on_outcome: OutcomeCallback | None = None) -> int:
+        """Send ``data`` on another open connection, named by its id."""
+        return self._sender.submit(conn_id, None, data, on_outcome)
+
+
+Router = Callable[["SipMessage", RouteContext], None]
+
+BUILTIN_ROUTERS = {
+    "responder": "transport.routers.responder:route",
+    "proxy": "transport.routers.proxy:route",
+}
+
+
+class RouterLoadError(Exception):
+    """The configured router cannot be imported or is not callable."""
+
+
+def load_router(spec: str) -> tuple[Router, Callable[..., None] | None]:
+    """Resolve ``responder``, ``proxy`` or ``module:function``; return (route, setup)."""
+    target = BUILTIN_ROUTERS.get(spec, spec)
+    module_name, sep, function_name = target.partition(":")
+    if not sep or not module_name or not function_name:
+        raise RouterLoadError(
+            f"router {spec!r} is neither a built-in ({', '.join(BUILTIN_ROUTERS)}) nor module:function"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RouterLoadError(f"router {spec!r}: cannot import module {module_name!r}: {error}") from error
+    route = getattr(module, function_name, None)
+    if not callable(route):
+        raise RouterLoadError(f"router {spec!r}: module {module_name!r} has no callable {function_name!r}")
+    setup = getattr(module, "setup", None)
+    return route, setup if callable(setup) else None

@@ -1,0 +1,323 @@
+"""The transport process: listeners, the I/O pool, the worker pool and the control socket.
+
+The supervisor runs on the main thread. It owns no connection; it starts
+the parts, then reconciles what runs with what is wanted: the I/O pool
+size (changed at runtime through the control socket) and the worker pool
+(restarting workers that died). Signal handlers only record the request;
+the loop acts on it (SIGTERM/SIGINT: stop accepting, finish in-flight
+messages and queued writes for ``shutdown_grace`` seconds, stop workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Final
+
+from sipwire.config import Settings
+from transport.connection import ConnectionInfo, format_address
+from transport.control import ControlError, ControlServer
+from transport.hub import Hub
+from transport.iothread import IOThread, ThreadStatistics
+from transport.workerpool import WorkerPool
+
+log = logging.getLogger("sipwire.transport")
+
+#: How often the supervisor checks workers and the pool size.
+SUPERVISOR_TICK_SECONDS: Final = 0.1
+#: How long a control request waits for the I/O threads to answer.
+SNAPSHOT_TIMEOUT_SECONDS: Final = 2.0
+LISTEN_BACKLOG: Final = 1024
+
+
+class StartupError(Exception):
+    """The transport cannot start (address in use, bad settings...)."""
+
+
+class TransportServer:
+    """Owns the whole transport process; see the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.hub = Hub(settings, settings.workers)
+        self.workers = WorkerPool(settings)
+        self.listening: dict[str, str] = {}
+        self.started_at = time.time()
+        self._desired_threads = settings.threads
+        self._retired: list[IOThread] = []
+        self._retired_counters: dict[str, int] = {}
+        self._lock = threading.Lock()  # serialises resizes requested from control clients
+        self._stop_requested = False
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._control: ControlServer | None = None
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        listeners = self._bind()
+        threads = tuple(IOThread(index, self.hub) for index in range(self.settings.threads))
+        self.hub.threads = threads
+        for listener in listeners:
+            threads[0].post("add_listener", listener)
+        self.workers.start(threads)
+        for thread in threads:
+            thread.start()
+        self._control = ControlServer(self.settings.control_path, self.handle_control)
+        self._control.start()
+        for name, address in self.listening.items():
+            log.info("listening on %s %s", name, address)
+        log.info(
+            "transport ready: pid %d, %d I/O threads, %d workers, router %s, control socket %s",
+            os.getpid(), len(threads), len(self.workers), self.settings.router, self.settings.control_path,
+        )  # fmt: skip
+
+    def _bind(self) -> list[socket.socket]:
+        listeners = []
+        address = self.settings.tcp_address
+        if address is not None:
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as error:
+                sock.close()
+                raise StartupError(f"cannot listen on TCP {self.settings.tcp}: {error.strerror}") from error
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            self.listening["tcp"] = format_address(sock.getsockname()[:2])
+            listeners.append(sock)
+        if not listeners:
+            raise StartupError("no listener configured: set tcp")
+        return listeners
+
+    # -- supervisor loop -------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down cleanly."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_read, selectors.EVENT_READ)
+        try:
+            while not self._stop_requested:
+                if selector.select(SUPERVISOR_TICK_SECONDS):
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_read, 512)
+                self.workers.reap(self.hub.threads)
+                self._reconcile_threads()
+                self._join_retired()
+        finally:
+            selector.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.shutdown()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Ask the supervisor loop to shut down (safe from signal handlers and other threads)."""
+        self._stop_requested = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"s")
+
+    def shutdown(self) -> None:
+        log.info(
+            "shutting down: no new connections, finishing in-flight work for up to %.1fs", self.settings.shutdown_grace
+        )
+        if self._control is not None:
+            self._control.close()
+        threads = self.hub.threads
+        for thread in threads:
+            thread.post("shutdown", self.settings.shutdown_grace)
+        deadline = time.monotonic() + self.settings.shutdown_grace + 1.0
+        for thread in threads:
+            thread.thread.join(max(0.0, deadline - time.monotonic()))
+        self.workers.stop(timeout=2.0)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        log.info("transport stopped")
+
+    # -- resize ----------------------------------------------------------------------------------
+
+    def resize(self, size: int) -> None:
+        """Set the wanted I/O pool size; the supervisor loop reconciles and this waits for it."""
+        if not 1 <= size <= self.settings.max_threads:
+            raise ControlError(f"thread pool size {size} is outside 1..{self.settings.max_threads}")
+        with self._lock:
+            self._desired_threads = size
+            os.write(self._wake_write, b"r")
+            deadline = time.monotonic() + SNAPSHOT_TIMEOUT_SECONDS
+            while len(self.hub.threads) != size and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if len(self.hub.threads) != size:
+                raise ControlError(f"resize to {size} did not finish within {SNAPSHOT_TIMEOUT_SECONDS}s")
+
+    def _reconcile_threads(self) -> None:
+        wanted = self._desired_threads
+        threads = self.hub.threads
+        if len(threads) == wanted:
+            return
+        if len(threads) < wanted:
+            added = tuple(IOThread(index, self.hub) for index in range(len(threads), wanted))
+            for thread in added:
+                for worker in range(len(self.workers)):
+                    self.workers.connect(thread, worker)
+            self.hub.threads = threads + added
+            for thread in added:
+                thread.start()
+            log.info("I/O pool grown from %d to %d threads", len(threads), wanted)
+            return
+        keep, retire = threads[:wanted], threads[wanted:]
+        self.hub.threads = keep
+        for thread in retire:
+            thread.post("retire", keep, self.settings.shutdown_grace)
+            self._retired.append(thread)
+        log.info("I/O pool shrinking from %d to %d threads: moving their connections", len(threads), wanted)
+
+    def _join_retired(self) -> None:
+        for thread in list(self._retired):
+            if not thread.thread.is_alive():
+                self._retired.remove(thread)
+                for name, value in thread.counters.items():
+                    self._retired_counters[name] = self._retired_counters.get(name, 0) + value
+                log.info("I/O thread %d retired", thread.index)
+
+    # -- snapshots and control ------------------------------------------------------------------
+
+    def snapshot(self, with_connections: bool) -> tuple[list[ThreadStatistics], list[ConnectionInfo]]:
+        """Ask every active thread for its statistics (and connections) and wait for all."""
+        futures: list[Future[tuple[ThreadStatistics, list[ConnectionInfo]]]] = []
+        for thread in self.hub.threads:
+            future: Future[tuple[ThreadStatistics, list[ConnectionInfo]]] = Future()
+            thread.post("snapshot", future, with_connections)
+            futures.append(future)
+        stats: list[ThreadStatistics] = []
+        connections: list[ConnectionInfo] = []
+        try:
+            for future in futures:
+                thread_stats, infos = future.result(SNAPSHOT_TIMEOUT_SECONDS)
+                stats.append(thread_stats)
+                connections.extend(infos)
+        except FutureTimeout:
+            raise ControlError(f"an I/O thread did not answer within {SNAPSHOT_TIMEOUT_SECONDS}s") from None
+        return stats, connections
+
+    def close_connection(self, conn_id: int) -> bool:
+        owner = self.hub.owner(conn_id)
+        if owner is None:
+            return False
+        future: Future[bool] = Future()
+        owner.post("close_connection", conn_id, future)
+        try:
+            return future.result(SNAPSHOT_TIMEOUT_SECONDS)
+        except FutureTimeout:
+            raise ControlError(
+                f"closing connection {conn_id} did not finish within {SNAPSHOT_TIMEOUT_SECONDS}s"
+            ) from None
+
+    def threads_state(self) -> dict[str, Any]:
+        stats, _ = self.snapshot(with_connections=False)
+        return {
+            "size": len(stats),
+            "wanted": self._desired_threads,
+            "max": self.settings.max_threads,
+            "threads": [
+                {
+                    "index": s.index,
+                    "connections": s.connections,
+                    "load": s.load,
+                    "queue_depth": s.queue_depth,
+                    "jobs": s.jobs,
+                    "loop_lag_ms": s.loop_lag_ms,
+                }
+                for s in stats
+            ],
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        stats, _ = self.snapshot(with_connections=False)
+        counters = dict(self._retired_counters)
+        for thread_stats in stats:
+            for name, value in thread_stats.counters.items():
+                counters[name] = counters.get(name, 0) + value
+        in_flight = [sum(s.outstanding[index] for s in stats) for index in range(len(self.workers))]
+        workers = [dataclasses.asdict(w) | {"in_flight": in_flight[w.index]} for w in self.workers.statistics()]
+        return {
+            "connections": sum(s.connections for s in stats),
+            "max_connections": self.settings.max_connections,
+            "pending_write_bytes": sum(s.pending_write_bytes for s in stats),
+            "inbox_depth": sum(s.queue_depth for s in stats),
+            "dispatch_in_flight": sum(in_flight),
+            "counters": dict(sorted(counters.items())),
+            "workers": workers,
+            "threads": [dataclasses.asdict(s) for s in stats],
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "up",
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started_at, 3),
+            "started_at": self.started_at,
+            "listening": self.listening,
+            "threads": len(self.hub.threads),
+            "workers": len(self.workers),
+            "instance": self.settings.instance,
+        }
+
+    def handle_control(self, request: dict[str, Any]) -> Any:
+        op = request["op"]
+        if op == "health":
+            return self.health()
+        if op == "threads":
+            if "size" in request:
+                self.resize(_int_argument(request, "size"))
+            return self.threads_state()
+        if op == "stats":
+            return self.statistics()
+        if op == "connections":
+            return self._connections(request)
+        if op == "connection":
+            conn_id = _int_argument(request, "id")
+            _, infos = self.snapshot(with_connections=True)
+            for info in infos:
+                if info.id == conn_id:
+                    return dataclasses.asdict(info)
+            raise ControlError(f"no open connection with id {conn_id}")
+        if op == "close":
+            conn_id = _int_argument(request, "id")
+            if not self.close_connection(conn_id):
+                raise ControlError(f"no open connection with id {conn_id}")
+            return {"closed": conn_id}
+        raise ControlError(f"unknown op {op!r}: use health, threads, stats, connections, connection or close")
+
+    def _connections(self, request: dict[str, Any]) -> dict[str, Any]:
+        limit = _int_argument(request, "limit") if "limit" in request else 1000
+        if limit < 1:
+            raise ControlError(f"limit {limit} must be at least 1")
+        state = request.get("state")
+        transport = request.get("transport")
+        _, infos = self.snapshot(with_connections=True)
+        selected = [
+            info for info in infos
+            if (state is None or info.state == state) and (transport is None or info.transport == transport)
+        ]  # fmt: skip
+        selected.sort(key=lambda info: info.id)
+        return {"total": len(selected), "connections": [dataclasses.asdict(info) for info in selected[:limit]]}
+
+
+def _int_argument(request: dict[str, Any], name: str) -> int:
+    value = request.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(f"{name} must be an integer, got {value!r}")
+    return value

@@ -1,0 +1,358 @@
+"""Sans-IO SIP message parser and response builder used by the workers.
+
+The transport only frames messages; this module does the full parse of the
+start line and headers (RFC 3261 sections 7 and 25): header names are
+case-insensitive and may use compact forms, values may be folded over
+continuation lines, and list headers (Via, Contact, Route...) may carry
+several comma-separated values in one line or repeat on several lines.
+
+It is written for speed, since SIP text handling is the largest Python cost
+on the worker side: one split of the header block, one dict of
+lower-cased names, and no regular expression on the common path.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+SIP_VERSION: Final = "SIP/2.0"
+
+#: Compact header forms (RFC 3261 section 7.3.3 and later RFCs' registrations).
+COMPACT_FORMS: Final[dict[str, str]] = {
+    "a": "accept-contact",
+    "b": "referred-by",
+    "c": "content-type",
+    "d": "request-disposition",
+    "e": "content-encoding",
+    "f": "from",
+    "i": "call-id",
+    "j": "reject-contact",
+    "k": "supported",
+    "l": "content-length",
+    "m": "contact",
+    "n": "identity-info",
+    "o": "event",
+    "r": "refer-to",
+    "s": "subject",
+    "t": "to",
+    "u": "allow-events",
+    "v": "via",
+    "x": "session-expires",
+    "y": "identity",
+}
+
+#: Headers whose grammar allows a comma-separated list of values.
+LIST_HEADERS: Final = frozenset(
+    {
+        "via",
+        "contact",
+        "route",
+        "record-route",
+        "path",
+        "allow",
+        "supported",
+        "require",
+        "proxy-require",
+        "unsupported",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "allow-events",
+        "content-encoding",
+        "in-reply-to",
+    }
+)
+
+#: Canonical spelling used when this module writes a header line.
+CANONICAL_NAMES: Final[dict[str, str]] = {
+    "via": "Via",
+    "from": "From",
+    "to": "To",
+    "call-id": "Call-ID",
+    "cseq": "CSeq",
+    "contact": "Contact",
+    "content-length": "Content-Length",
+    "content-type": "Content-Type",
+    "record-route": "Record-Route",
+    "max-forwards": "Max-Forwards",
+    "www-authenticate": "WWW-Authenticate",
+}
+
+#: Headers a request must carry to be answered at all (RFC 3261 section 8.1.1).
+MANDATORY_REQUEST_HEADERS: Final = ("via", "from", "to", "call-id", "cseq")
+
+
+class SipParseError(Exception):
+    """A message is not valid SIP; ``start_line`` helps decide whether to answer 400."""
+
+    def __init__(self, detail: str, start_line: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.start_line = start_line
+
+    @property
+    def is_request(self) -> bool:
+        """True when the broken message looks like a request (worth a 400)."""
+        return bool(self.start_line) and not self.start_line.startswith("SIP/")
+
+
+@dataclass(slots=True)
+class SipMessage:
+    """A parsed request or response.
+
+    ``headers`` keeps every header line in order as (lower-case full name,
+    value); ``index`` maps each name to the positions of its lines.
+    """
+
+    start_line: str
+    method: str
+    uri: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    index: dict[str, list[int]] = field(repr=False)
+
+    @property
+    def is_request(self) -> bool:
+        return self.status == 0
+
+    def header(self, name: str) -> str | None:
+        """First value of a header, or None. ``name`` is case-insensitive."""
+        positions = self.index.get(_canonical_key(name))
+        return self.headers[positions[0]][1] if positions else None
+
+    def header_lines(self, name: str) -> list[str]:
+        """Every line of a header, as written (list values not split)."""
+        return [self.headers[i][1] for i in self.index.get(_canonical_key(name), ())]
+
+    def values(self, name: str) -> list[str]:
+        """All values of a list header, split at top-level commas."""
+        values: list[str] = []
+        for line in self.header_lines(name):
+            values.extend(split_list_value(line))
+        return values
+
+    @property
+    def call_id(self) -> str:
+        return self.header("call-id") or ""
+
+    @property
+    def cseq_method(self) -> str:
+        cseq = self.header("cseq") or ""
+        _, _, method = cseq.partition(" ")
+        return method.strip()
+
+
+def _canonical_key(name: str) -> str:
+    key = name.lower()
+    return COMPACT_FORMS.get(key, key)
+
+
+def parse(raw: bytes) -> SipMessage:
+    """Parse one framed message; raise :class:`SipParseError` if it is not SIP."""
+    header_end = raw.find(b"\r\n\r\n")
+    if header_end < 0:
+        raise SipParseError("no CRLFCRLF after the header block")
+    head = raw[:header_end].decode("utf-8", "surrogateescape")
+    body = raw[header_end + 4 :]
+    lines = head.split("\r\n")
+    start_line = lines[0]
+    method, uri, status, reason = _parse_start_line(start_line)
+    headers: list[tuple[str, str]] = []
+    index: dict[str, list[int]] = {}
+    for line in lines[1:]:
+        first = line[:1]
+        if first in {" ", "\t"}:
+            if not headers:
+                raise SipParseError("continuation line before the first header", start_line)
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {line.strip()}")
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise SipParseError(f"header line without a colon: {line[:60]!r}", start_line)
+        key = name.rstrip(" \t").lower()
+        if not key or " " in key or "\t" in key:
+            raise SipParseError(f"invalid header name {name[:40]!r}", start_line)
+        key = COMPACT_FORMS.get(key, key)
+        index.setdefault(key, []).append(len(headers))
+        headers.append((key, value.strip()))
+    message = SipMessage(start_line, method, uri, status, reason, headers, body, index)
+    if message.is_request:
+        for mandatory in MANDATORY_REQUEST_HEADERS:
+            if mandatory not in index:
+                raise SipParseError(f"missing mandatory header {CANONICAL_NAMES.get(mandatory, mandatory)}", start_line)
+    return message
+
+
+def _parse_start_line(line: str) -> tuple[str, str, int, str]:
+    parts = line.split(" ", 2)
+    if len(parts) < 3:
+        raise SipParseError(f"malformed start line {line[:80]!r}", line)
+    if parts[0] == SIP_VERSION:
+        code = parts[1]
+        if len(code) != 3 or not code.isdigit() or code[0] == "0":
+            raise SipParseError(f"invalid status code {code!r}", line)
+        return "", "", int(code), parts[2]
+    method, uri, version = parts
+    if version != SIP_VERSION:
+        raise SipParseError(f"unsupported protocol version {version[:20]!r}", line)
+    if not method.isalpha() or not method.isupper():
+        raise SipParseError(f"invalid method {method[:20]!r}", line)
+    if ":" not in uri:
+        raise SipParseError(f"Request-URI {uri[:60]!r} has no scheme", line)
+    return method, uri, 0, ""
+
+
+def split_list_value(value: str) -> list[str]:
+    """Split a list header value at commas outside quotes and angle brackets."""
+    if "," not in value:
+        return [value]
+    items: list[str] = []
+    depth = 0
+    quoted = False
+    start = 0
+    i = 0
+    length = len(value)
+    while i < length:
+        char = value[i]
+        if quoted:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "<":
+            depth += 1
+        elif char == ">":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    items.append(value[start:].strip())
+    return [item for item in items if item]
+
+
+def header_param(value: str, name: str) -> str | None:
+    """Value of a ``;name=value`` parameter outside any ``<...>`` URI (``""`` for a flag)."""
+    closing = value.rfind(">")
+    params = value[closing + 1 :] if closing >= 0 else value
+    for part in params.split(";")[1:]:
+        key, _, param_value = part.partition("=")
+        if key.strip().lower() == name:
+            return param_value.strip()
+    return None
+
+
+def new_tag() -> str:
+    """A fresh From/To tag (RFC 3261 section 19.3 asks for 32 random bits or more)."""
+    return secrets.token_hex(6)
+
+
+def fill_via_received(via: str, source_host: str, source_port: int) -> str:
+    """Add ``received`` and fill ``rport`` on one Via value (RFC 3261 18.2.1, RFC 3581).
+
+    ``received`` is added when the sent-by host differs from the source
+    address, and always when the client asked for ``rport``.
+    """
+    sent_by, has_params, params = via.partition(";")
+    host = sent_by.split()[-1] if sent_by.strip() else ""
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    out_params: list[str] = []
+    wants_rport = False
+    for part in params.split(";") if has_params else ():
+        key = part.partition("=")[0].strip().lower()
+        if key == "rport":
+            wants_rport = True
+            out_params.append(f"rport={source_port}")
+        elif key != "received":
+            out_params.append(part)
+    if wants_rport or host != source_host:
+        out_params.append(f"received={source_host}")
+    return sent_by + "".join(f";{param}" for param in out_params)
+
+
+def build_response(
+    request: SipMessage,
+    status: int,
+    reason: str,
+    *,
+    to_tag: str | None = None,
+    extra_headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    via_source: tuple[str, int] | None = None,
+) -> bytes:
+    """Build a response that copies Via, From, To, Call-ID and CSeq (RFC 3261 8.2.6.2).
+
+    A To tag is added for final and provisional-with-dialog responses when
+    the request had none (pass ``to_tag`` to keep one tag per dialog).
+    ``via_source`` is the request's source address, used to fill the top
+    Via's ``received``/``rport``.
+    """
+    lines = [f"{SIP_VERSION} {status} {reason}"]
+    vias = request.header_lines("via")
+    for position, via in enumerate(vias):
+        if position == 0 and via_source is not None:
+            lines.append(f"Via: {fill_via_received(split_list_value(via)[0], *via_source)}{_rest_of_list(via)}")
+        else:
+            lines.append(f"Via: {via}")
+    lines.append(f"From: {request.header('from') or ''}")
+    to = request.header("to") or ""
+    if status > 100 and header_param(to, "tag") is None:
+        to = f"{to};tag={to_tag or new_tag()}"
+    lines.append(f"To: {to}")
+    lines.append(f"Call-ID: {request.call_id}")
+    lines.append(f"CSeq: {request.header('cseq') or ''}")
+    for name, value in extra_headers:
+        lines.append(f"{name}: {value}")
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append("")
+    lines.append("")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+
+
+def _rest_of_list(via_line: str) -> str:
+    """The values after the first one in a multi-value Via line, ready to append."""
+    rest = split_list_value(via_line)[1:]
+    return "".join(f", {value}" for value in rest)
+
+
+def response_for_unparsable(header_block: bytes, status: int, reason: str) -> bytes | None:
+    """Best-effort error answer for a request the worker or framer could not handle.
+
+    Used where the message cannot be fully parsed (a framing error, a bad
+    header): if the header lines read so far name the request's Via, From,
+    To, Call-ID and CSeq, answer with ``status``; otherwise return None
+    and the caller just closes or drops.
+    """
+    text = header_block.decode("utf-8", "surrogateescape")
+    lines = text.split("\r\n")
+    if not lines or lines[0].startswith("SIP/") or " SIP/2.0" not in lines[0]:
+        return None
+    wanted: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            continue
+        key = _canonical_key(name.strip())
+        if key in MANDATORY_REQUEST_HEADERS:
+            wanted.setdefault(key, []).append(value.strip())
+    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS):
+        return None
+    headers = [(CANONICAL_NAMES.get(key, key), value) for key in MANDATORY_REQUEST_HEADERS for value in wanted[key]]
+    reason_line = reason.replace("\r", " ").replace("\n", " ")
+    out = [f"{SIP_VERSION} {status} {reason_line}"]
+    for name, value in headers:
+        tag = f";tag={new_tag()}" if name == "To" and header_param(value, "tag") is None else ""
+        out.append(f"{name}: {value}{tag}")
+    out.append("Content-Length: 0")
+    return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")

@@ -1,0 +1,202 @@
+"""Records exchanged between the transport and its workers over raw socketpairs.
+
+Every (I/O thread, worker) pair has its own stream socketpair: the "channel".
+A channel carries a sequence of records, each a 5-byte header followed by
+its body. Batching is the point: everything one read frames goes to a
+worker in one ``send``, and a worker's replies to one batch come back in one.
+
+Header: ``!BI`` = record kind, body length in bytes.
+
+Transport to worker
+    MESSAGE  ``!QBHHBB`` conn id, transport code, local port, remote port,
+             local host length, remote host length; the two hosts (ASCII);
+             ``!dH`` receive time (UNIX seconds), trace context length; the
+             trace context (W3C ``traceparent``, may be empty); the raw message.
+    OUTCOME  ``!QQB`` job id, conn id, result code; the reason (UTF-8).
+
+Worker to transport
+    WRITE    ``!QQBHB`` job id, conn id (0: send by destination), transport
+             code, port, host length; the host (an IP literal); the payload.
+    DONE     ``!QI`` conn id, number of that connection's messages finished.
+
+Bodies are bounded by :data:`MAX_RECORD_BYTES`; a reader that sees a larger
+length knows the stream is corrupt and raises :class:`WireError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from transport.outcome import WriteResult
+
+KIND_MESSAGE: Final = 1
+KIND_OUTCOME: Final = 2
+KIND_WRITE: Final = 3
+KIND_DONE: Final = 4
+
+TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2}
+TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
+
+#: A record never exceeds one maximum SIP message plus its envelope; 1 MiB
+#: leaves room for any configured message limit and still catches garbage.
+MAX_RECORD_BYTES: Final = 1 << 20
+
+_HEADER = struct.Struct("!BI")
+_MESSAGE_FIXED = struct.Struct("!QBHHBB")
+_MESSAGE_TIME = struct.Struct("!dH")
+_OUTCOME = struct.Struct("!QQB")
+_WRITE = struct.Struct("!QQBHB")
+_DONE = struct.Struct("!QI")
+HEADER_SIZE: Final = _HEADER.size
+
+
+class WireError(Exception):
+    """A channel's byte stream is corrupt (unknown kind or impossible length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    conn_id: int
+    transport: str
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    received_at: float
+    trace_context: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRecord:
+    job_id: int
+    conn_id: int
+    result: WriteResult
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRecord:
+    job_id: int
+    conn_id: int
+    transport: str
+    host: str
+    port: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DoneRecord:
+    conn_id: int
+    count: int
+
+
+Record = MessageRecord | OutcomeRecord | WriteRecord | DoneRecord
+
+
+def message_prefix(conn_id: int, transport: str, local: tuple[str, int], remote: tuple[str, int]) -> bytes:
+    """The per-connection part of a MESSAGE body, built once per connection."""
+    local_host = local[0].encode("ascii")
+    remote_host = remote[0].encode("ascii")
+    fixed = _MESSAGE_FIXED.pack(
+        conn_id, TRANSPORT_CODES[transport], local[1], remote[1], len(local_host), len(remote_host)
+    )
+    return fixed + local_host + remote_host
+
+
+def encode_message(prefix: bytes, received_at: float, trace_context: bytes, raw: bytes) -> bytes:
+    """A MESSAGE record from a connection's prefix and one framed message."""
+    body_length = len(prefix) + _MESSAGE_TIME.size + len(trace_context) + len(raw)
+    return b"".join(
+        (
+            _HEADER.pack(KIND_MESSAGE, body_length),
+            prefix,
+            _MESSAGE_TIME.pack(received_at, len(trace_context)),
+            trace_context,
+            raw,
+        )
+    )
+
+
+def encode_outcome(job_id: int, conn_id: int, result: WriteResult, reason: str) -> bytes:
+    reason_bytes = reason.encode("utf-8", "replace")
+    return (
+        _HEADER.pack(KIND_OUTCOME, _OUTCOME.size + len(reason_bytes))
+        + _OUTCOME.pack(job_id, conn_id, result.code)
+        + reason_bytes
+    )
+
+
+def encode_write(job_id: int, conn_id: int, transport: str, host: str, port: int, payload: bytes) -> bytes:
+    host_bytes = host.encode("ascii")
+    body = _WRITE.pack(job_id, conn_id, TRANSPORT_CODES[transport], port, len(host_bytes)) + host_bytes
+    return _HEADER.pack(KIND_WRITE, len(body) + len(payload)) + body + payload
+
+
+def encode_done(conn_id: int, count: int) -> bytes:
+    return _HEADER.pack(KIND_DONE, _DONE.size) + _DONE.pack(conn_id, count)
+
+
+class RecordReader:
+    """Sans-IO decoder: feed channel bytes, get whole records back."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Record]:
+        buffer = self._buffer
+        buffer += data
+        records: list[Record] = []
+        offset = 0
+        available = len(buffer)
+        while available - offset >= HEADER_SIZE:
+            kind, length = _HEADER.unpack_from(buffer, offset)
+            if length > MAX_RECORD_BYTES:
+                raise WireError(f"record of kind {kind} claims {length} bytes (max {MAX_RECORD_BYTES})")
+            end = offset + HEADER_SIZE + length
+            if end > available:
+                break
+            try:
+                records.append(_decode(kind, bytes(buffer[offset + HEADER_SIZE : end])))
+            except (struct.error, KeyError, ValueError) as error:
+                raise WireError(f"undecodable record of kind {kind}: {error}") from error
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return records
+
+
+def _decode(kind: int, body: bytes) -> Record:
+    if kind == KIND_MESSAGE:
+        conn_id, transport, local_port, remote_port, local_len, remote_len = _MESSAGE_FIXED.unpack_from(body)
+        position = _MESSAGE_FIXED.size
+        local_host = body[position : position + local_len].decode("ascii")
+        position += local_len
+        remote_host = body[position : position + remote_len].decode("ascii")
+        position += remote_len
+        received_at, trace_len = _MESSAGE_TIME.unpack_from(body, position)
+        position += _MESSAGE_TIME.size
+        trace = body[position : position + trace_len].decode("ascii")
+        return MessageRecord(
+            conn_id,
+            TRANSPORT_NAMES[transport],
+            (local_host, local_port),
+            (remote_host, remote_port),
+            received_at,
+            trace,
+            body[position + trace_len :],
+        )
+    if kind == KIND_WRITE:
+        job_id, conn_id, transport, port, host_len = _WRITE.unpack_from(body)
+        position = _WRITE.size
+        host = body[position : position + host_len].decode("ascii")
+        return WriteRecord(job_id, conn_id, TRANSPORT_NAMES[transport], host, port, body[position + host_len :])
+    if kind == KIND_DONE:
+        conn_id, count = _DONE.unpack(body)
+        return DoneRecord(conn_id, count)
+    if kind == KIND_OUTCOME:
+        job_id, conn_id, code = _OUTCOME.unpack_from(body)
+        return OutcomeRecord(job_id, conn_id, WriteResult.from_code(code), body[_OUTCOME.size :].decode("utf-8"))
+    raise WireError(f"unknown record kind {kind}")

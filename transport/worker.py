@@ -1,0 +1,265 @@
+"""A SIP worker process: full parse, routing, write jobs. It never touches a peer socket.
+
+The transport starts each worker as ``python -m transport.worker`` with one
+inherited control socket. Over it the transport passes, with SCM_RIGHTS,
+one channel socket per I/O thread (see :mod:`transport.wire`), and later
+asks the worker to stop. Messages arrive on those channels; a router's
+replies go back on the channel the message came from, so they land in the
+selector of the I/O thread that owns the connection.
+
+The worker exits when its control socket closes, so it never outlives the
+transport. Ctrl-C reaches the whole process group; the worker ignores
+SIGINT and lets the transport drive an orderly stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import logging
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from sipwire.config import Settings
+from transport.outcome import WriteResult
+from transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
+from transport.sip import SipParseError, parse, response_for_unparsable
+from transport.wire import (
+    MessageRecord,
+    OutcomeRecord,
+    RecordReader,
+    WireError,
+    encode_done,
+    encode_write,
+)
+
+log = logging.getLogger("sipwire.worker")
+
+#: Control messages from the transport: ``!BH`` command, thread index.
+CONTROL = struct.Struct("!BH")
+CONTROL_ADD_CHANNEL = 1
+CONTROL_STOP = 2
+
+RECV_BYTES = 262144
+DNS_CACHE_SECONDS = 60.0
+
+
+class _Channel:
+    __slots__ = ("out", "reader", "sock", "thread_index")
+
+    def __init__(self, thread_index: int, sock: socket.socket) -> None:
+        self.thread_index = thread_index
+        self.sock = sock
+        self.reader = RecordReader()
+        self.out: list[bytes] = []
+
+
+class Worker:
+    """Reads channel records, runs the router, writes back jobs and done counts."""
+
+    def __init__(self, index: int, control: socket.socket, route: Router) -> None:
+        self.index = index
+        self._control = control
+        self._route = route
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(control, selectors.EVENT_READ, None)
+        self._channels: dict[int, _Channel] = {}
+        self._current: _Channel | None = None
+        self._next_job = 1
+        self._callbacks: dict[int, OutcomeCallback] = {}
+        self._deferred: list[Callable[[], None]] = []
+        self._dns_cache: dict[tuple[str, int], tuple[str, float]] = {}
+        self._running = True
+        self._route_errors = 0
+
+    # -- the Sender protocol used by RouteContext ------------------------------------------
+
+    def submit(
+        self, conn_id: int, destination: Destination | None, data: bytes, on_outcome: OutcomeCallback | None
+    ) -> int:
+        job_id = self._next_job
+        self._next_job += 1
+        channel = self._current or next(iter(self._channels.values()), None)
+        if channel is None:
+            self._fail_later(job_id, conn_id, on_outcome, WriteResult.SHUTDOWN, "no channel to the transport")
+            return job_id
+        if destination is None:
+            record = encode_write(job_id, conn_id, "tcp", "", 0, data)
+        else:
+            try:
+                host = self._resolve(destination.host, destination.port)
+            except OSError as error:
+                reason = f"cannot resolve {destination.host!r}: {error}"
+                self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, reason)
+                return job_id
+            record = encode_write(job_id, 0, destination.transport, host, destination.port, data)
+        if on_outcome is not None:
+            self._callbacks[job_id] = on_outcome
+        channel.out.append(record)
+        return job_id
+
+    def _fail_later(
+        self, job_id: int, conn_id: int, on_outcome: OutcomeCallback | None, result: WriteResult, reason: str
+    ) -> None:
+        if on_outcome is not None:
+            outcome = Outcome(job_id, conn_id, result, reason)
+            self._deferred.append(lambda: on_outcome(outcome))
+
+    def _resolve(self, host: str, port: int) -> str:
+        """Return an IP literal for ``host`` (the transport never resolves names)."""
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            return host.strip("[]")
+        except ValueError:
+            pass
+        now = time.monotonic()
+        cached = self._dns_cache.get((host, port))
+        if cached and cached[1] > now:
+            return cached[0]
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        address = str(infos[0][4][0])
+        self._dns_cache[(host, port)] = (address, now + DNS_CACHE_SECONDS)
+        return address
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while self._running:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    self._read_control()
+                else:
+                    self._read_channel(key.data)
+            while self._deferred:
+                self._deferred.pop(0)()
+            self._flush()
+        for channel in list(self._channels.values()):
+            self._close_channel(channel)
+
+    def _read_control(self) -> None:
+        try:
+            message, fds, _, _ = socket.recv_fds(self._control, CONTROL.size, 1)
+        except OSError:
+            message, fds = b"", []
+        if len(message) < CONTROL.size:
+            self._running = False  # the transport is gone: never outlive it
+            return
+        command, thread_index = CONTROL.unpack(message)
+        if command == CONTROL_ADD_CHANNEL and fds:
+            old = self._channels.get(thread_index)
+            if old is not None:
+                self._close_channel(old)
+            channel = _Channel(thread_index, socket.socket(fileno=fds[0]))
+            self._channels[thread_index] = channel
+            self._selector.register(channel.sock, selectors.EVENT_READ, channel)
+        elif command == CONTROL_STOP:
+            self._running = False
+
+    def _close_channel(self, channel: _Channel) -> None:
+        if self._channels.get(channel.thread_index) is channel:
+            del self._channels[channel.thread_index]
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(channel.sock)
+        channel.sock.close()
+
+    def _read_channel(self, channel: _Channel) -> None:
+        try:
+            data = channel.sock.recv(RECV_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            self._close_channel(channel)  # that I/O thread retired
+            return
+        try:
+            records = channel.reader.feed(data)
+        except WireError as error:
+            log.error("worker %d: corrupt channel from I/O thread %d: %s", self.index, channel.thread_index, error)
+            self._close_channel(channel)
+            return
+        done: dict[int, int] = defaultdict(int)
+        self._current = channel
+        for record in records:
+            if isinstance(record, MessageRecord):
+                self._handle_message(record)
+                done[record.conn_id] += 1
+            elif isinstance(record, OutcomeRecord):
+                callback = self._callbacks.pop(record.job_id, None)
+                if callback is not None:
+                    self._run_callback(callback, Outcome(record.job_id, record.conn_id, record.result, record.reason))
+        self._current = None
+        for conn_id, count in done.items():
+            channel.out.append(encode_done(conn_id, count))
+
+    def _handle_message(self, record: MessageRecord) -> None:
+        envelope = Envelope(
+            record.conn_id, record.transport, record.local, record.remote, record.received_at, record.trace_context
+        )
+        ctx = RouteContext(envelope, self)
+        try:
+            message = parse(record.raw)
+        except SipParseError as error:
+            if error.is_request:
+                answer = response_for_unparsable(record.raw, 400, f"Bad Request ({error.detail})")
+                if answer is not None:
+                    ctx.reply(answer)
+            return
+        try:
+            self._route(message, ctx)
+        except Exception:
+            self._route_errors += 1
+            log.exception(
+                "worker %d: router failed on %s from conn %d", self.index, message.start_line[:80], record.conn_id
+            )
+            if message.is_request and message.method != "ACK":
+                answer = response_for_unparsable(record.raw, 500, "Server Internal Error (router failed)")
+                if answer is not None:
+                    ctx.reply(answer)
+
+    def _run_callback(self, callback: OutcomeCallback, outcome: Outcome) -> None:
+        try:
+            callback(outcome)
+        except Exception:
+            log.exception("worker %d: outcome callback failed for job %d", self.index, outcome.job_id)
+
+    def _flush(self) -> None:
+        for channel in list(self._channels.values()):
+            if channel.out:
+                data = b"".join(channel.out)
+                channel.out.clear()
+                try:
+                    channel.sock.sendall(data)
+                except OSError:
+                    self._close_channel(channel)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m transport.worker", description=__doc__)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--settings", required=True, help="JSON of the transport's Settings")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = Settings(**json.loads(args.settings))
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s worker-{args.index}[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    route, setup = load_router(settings.router)
+    if setup is not None:
+        setup(settings)
+    control = socket.socket(fileno=args.control_fd)
+    Worker(args.index, control, route).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
