@@ -157,12 +157,13 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
     kind = {"int": int, "float": float, "str": str}[str(type_name)]
     if kind is str:
         return str(value)
+    expected = "an integer" if kind is int else "a number"
     if isinstance(value, bool) or (kind is int and isinstance(value, float)):
-        raise ConfigError(f"{name}: {value!r} is not a {kind.__name__}")
+        raise ConfigError(f"{name}: {value!r} is not {expected}")
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: {value!r} is not a {kind.__name__}") from None
+        raise ConfigError(f"{name}: {value!r} is not {expected}") from None
 
 
 def _validate(settings: Settings) -> None:

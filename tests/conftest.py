@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,3 +117,180 @@ def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]
             time.sleep(0.05)
         orphans = [pid for pid in running.worker_pids if _pid_alive(pid)]
         assert not orphans, f"worker processes left behind: {orphans}"
+
+
+# -- helpers for the integration tests (SIP client, polling, config files, the ctl CLI) ------------
+
+#: How long a test waits for something that should happen at once on loopback.
+WAIT_SECONDS = 5.0
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = WAIT_SECONDS, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns a truthy value (returned) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {value!r}")
+        time.sleep(0.02)
+
+
+def write_config(directory: Path, **values: Any) -> Path:
+    """A TOML config file with ``values`` (keys are Settings field names); returns its path."""
+    lines = []
+    for name, value in values.items():
+        rendered = f'"{value}"' if isinstance(value, str) else repr(value)
+        lines.append(f"{name} = {rendered}")
+    path = directory / f"config{len(list(directory.glob('config*.toml')))}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_ctl(running: RunningTransport, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m sipwire.cli ctl`` against ``running`` as a subprocess."""
+    instance = running.control_path.parent.name
+    state_dir = running.control_path.parent.parent
+    command = [sys.executable, "-m", "sipwire.cli", "ctl", "--instance", instance, "--state-dir", str(state_dir), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False)
+
+
+def sip_request(
+    method: str,
+    cseq: int = 1,
+    *,
+    call_id: str = "call-1@test",
+    branch: str | None = None,
+    uri: str = "sip:service@127.0.0.1",
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    content_length: str | None = None,
+    omit: Sequence[str] = (),
+) -> bytes:
+    """A SIP request over TCP; ``content_length`` overrides the computed value, ``omit`` drops headers."""
+    cseq_method = "INVITE" if method in ("ACK", "CANCEL") else method
+    fields = [
+        ("Via", f"SIP/2.0/TCP 127.0.0.1:5999;branch={branch or f'z9hG4bK-{call_id}-{cseq}'}"),
+        ("Max-Forwards", "70"),
+        ("From", "<sip:alice@127.0.0.1>;tag=from-tag-1"),
+        ("To", "<sip:service@127.0.0.1>"),
+        ("Call-ID", call_id),
+        ("CSeq", f"{cseq} {cseq_method}"),
+        *headers,
+        ("Content-Length", str(len(body)) if content_length is None else content_length),
+    ]
+    lines = [f"{method} {uri} SIP/2.0"] + [f"{name}: {value}" for name, value in fields if name not in omit]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@dataclass
+class SipResponse:
+    """A response read back by :class:`SipClient` (header names lower-cased, in order)."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    raw: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name.lower()]
+
+
+class SipClient:
+    """A blocking SIP-over-TCP test client with its own receive buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    @classmethod
+    def connect(cls, running: RunningTransport) -> SipClient:
+        return cls(running.connect())
+
+    @property
+    def local_port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out waiting for data; buffered {bytes(self.buffer)[:200]!r}")
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for data; buffered {bytes(self.buffer)[:200]!r}") from None
+        if not data:
+            raise AssertionError(f"connection closed by the transport; buffered {bytes(self.buffer)[:200]!r}")
+        self.buffer += data
+
+    def read_exact(self, count: int, timeout: float = WAIT_SECONDS) -> bytes:
+        deadline = time.monotonic() + timeout
+        while len(self.buffer) < count:
+            self._fill(deadline)
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return data
+
+    def read_response(self, timeout: float = WAIT_SECONDS) -> SipResponse:
+        """Read one whole message (headers, then Content-Length bytes of body)."""
+        deadline = time.monotonic() + timeout
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            self._fill(deadline)
+        head = bytes(self.buffer[:end]).decode()
+        lines = head.split("\r\n")
+        version, status, reason = lines[0].split(" ", 2)
+        assert version == "SIP/2.0", f"not a SIP response: {lines[0]!r}"
+        headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            assert colon, f"header line without colon in response: {line!r}"
+            headers.append((name.strip().lower(), value.strip()))
+        lengths = [value for name, value in headers if name == "content-length"]
+        assert len(lengths) == 1, f"response must have exactly one Content-Length: {head!r}"
+        total = end + 4 + int(lengths[0])
+        while len(self.buffer) < total:
+            self._fill(deadline)
+        raw = bytes(self.buffer[:total])
+        del self.buffer[:total]
+        return SipResponse(int(status), reason, headers, raw[end + 4 :], raw)
+
+    def read_until_closed(self, timeout: float = WAIT_SECONDS) -> bytes:
+        """Read until the transport closes the connection; return everything not yet consumed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"connection still open after {timeout}s; got {bytes(self.buffer)[:200]!r}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            self.buffer += data
+        rest = bytes(self.buffer)
+        self.buffer.clear()
+        return rest
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> SipClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

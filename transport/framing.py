@@ -139,8 +139,7 @@ class Framer:
             del buffer[:4]
             events.append(PING_EVENT)
             return True
-        head = bytes(buffer[:3])
-        if head in (b"\r", b"\r\n", b"\r\n\r"):
+        if len(buffer) < len(PING) and PING.startswith(buffer):
             return False  # could still become a ping
         if buffer.startswith(CRLF):
             del buffer[:2]  # a pong or a stray CRLF before a message
@@ -155,7 +154,8 @@ class Framer:
         header_end = buffer.find(PING)
         if header_end < 0:
             if len(buffer) > limits.max_header_bytes:
-                partial = bytes(buffer[: buffer.rfind(CRLF) + 2])
+                last_line_end = buffer.rfind(CRLF)
+                partial = bytes(buffer[: last_line_end + 2]) if last_line_end >= 0 else b""
                 raise FramingError(
                     FramingErrorReason.HEADERS_TOO_LARGE,
                     f"no end of headers within {limits.max_header_bytes} bytes",

@@ -170,7 +170,7 @@ def parse(raw: bytes) -> SipMessage:
             if not headers:
                 raise SipParseError("continuation line before the first header", start_line)
             name, value = headers[-1]
-            headers[-1] = (name, f"{value} {line.strip()}")
+            headers[-1] = (name, f"{value} {line.strip()}".strip())
             continue
         name, colon, value = line.partition(":")
         if not colon:
@@ -195,7 +195,7 @@ def _parse_start_line(line: str) -> tuple[str, str, int, str]:
         raise SipParseError(f"malformed start line {line[:80]!r}", line)
     if parts[0] == SIP_VERSION:
         code = parts[1]
-        if len(code) != 3 or not code.isdigit() or code[0] == "0":
+        if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == "0":
             raise SipParseError(f"invalid status code {code!r}", line)
         return "", "", int(code), parts[2]
     method, uri, version = parts
@@ -334,7 +334,7 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
     To, Call-ID and CSeq, answer with ``status``; otherwise return None
     and the caller just closes or drops.
     """
-    text = header_block.decode("utf-8", "surrogateescape")
+    text = header_block.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
     if not lines or lines[0].startswith("SIP/") or " SIP/2.0" not in lines[0]:
         return None

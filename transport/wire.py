@@ -178,6 +178,8 @@ def _decode(kind: int, body: bytes) -> Record:
         position += remote_len
         received_at, trace_len = _MESSAGE_TIME.unpack_from(body, position)
         position += _MESSAGE_TIME.size
+        if position + trace_len > len(body):
+            raise WireError(f"MESSAGE trace context of {trace_len} bytes overruns its {len(body)}-byte body")
         trace = body[position : position + trace_len].decode("ascii")
         return MessageRecord(
             conn_id,
@@ -191,6 +193,8 @@ def _decode(kind: int, body: bytes) -> Record:
     if kind == KIND_WRITE:
         job_id, conn_id, transport, port, host_len = _WRITE.unpack_from(body)
         position = _WRITE.size
+        if position + host_len > len(body):
+            raise WireError(f"WRITE host of {host_len} bytes overruns its {len(body)}-byte body")
         host = body[position : position + host_len].decode("ascii")
         return WriteRecord(job_id, conn_id, TRANSPORT_NAMES[transport], host, port, body[position + host_len :])
     if kind == KIND_DONE:

@@ -1,0 +1,155 @@
+"""The built-in ``proxy`` router: stateless forwarding, registrar flows, outcome-driven 503/480."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import RunningTransport
+from transport.framing import Framer
+from transport.sip import SipMessage, build_response, parse
+
+CLIENT_VIA = "SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKclient1;rport"
+
+
+def request(method: str, uri: str, call_id: str, *, extra: str = "", max_forwards: int = 70) -> bytes:
+    return (
+        f"{method} {uri} SIP/2.0\r\n"
+        f"Via: {CLIENT_VIA}\r\n"
+        f"Max-Forwards: {max_forwards}\r\n"
+        f"From: <sip:bob@example.test>;tag=b1\r\n"
+        f"To: <{uri}>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: 1 {method}\r\n"
+        f"{extra}"
+        f"Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def read_message(sock: socket.socket, framer: Framer, timeout: float = 5.0) -> SipMessage:
+    sock.settimeout(timeout)
+    while True:
+        for event in framer.feed(sock.recv(65536)):
+            if isinstance(event, bytes):
+                return parse(event)
+
+
+class Upstream:
+    """A loopback SIP peer that answers every request with 200 and remembers what it saw."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received: list[SipMessage] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(10)
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        framer = Framer()
+        with conn:
+            conn.settimeout(10)
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                for event in framer.feed(data):
+                    if isinstance(event, bytes):
+                        message = parse(event)
+                        self.received.append(message)
+                        conn.sendall(build_response(message, 200, "OK"))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    peer = Upstream()
+    yield peer
+    peer.close()
+
+
+def test_request_forwarded_upstream_and_response_relayed(
+    start_transport: Callable[..., RunningTransport], upstream: Upstream
+) -> None:
+    proxy = start_transport(router="proxy", upstream=f"sip:127.0.0.1:{upstream.port};transport=tcp", workers=2)
+    with proxy.connect() as client:
+        client_port = client.getsockname()[1]
+        client.sendall(request("OPTIONS", "sip:service@example.test", "fwd-1"))
+        response = read_message(client, Framer())
+    assert response.status == 200
+    # The proxy's own Via is gone; the client's gained rport and received (RFC 3581).
+    assert response.header_lines("via") == [
+        f"SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKclient1;rport={client_port};received=127.0.0.1"
+    ]
+    seen = upstream.received[0]
+    vias = seen.values("via")
+    assert len(vias) == 2
+    assert ";swc=" in vias[0] and vias[0].startswith("SIP/2.0/TCP 127.0.0.1:")
+    assert "received=127.0.0.1" in vias[1] and ";rport=" in vias[1]
+    assert seen.header("max-forwards") == "69"
+    assert seen.call_id == "fwd-1"
+
+
+def test_refused_forward_is_answered_503_from_the_outcome(start_transport: Callable[..., RunningTransport]) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    proxy = start_transport(router="proxy", upstream=f"sip:127.0.0.1:{port};transport=tcp", workers=1)
+    with proxy.connect() as client:
+        client.sendall(request("OPTIONS", "sip:service@example.test", "refused-1"))
+        response = read_message(client, Framer())
+    assert response.status == 503
+    assert response.reason == "Service Unavailable (refused)"
+    assert proxy.counters()["write.refused"] == 1
+
+
+def test_registered_user_is_reached_over_its_own_connection(start_transport: Callable[..., RunningTransport]) -> None:
+    proxy = start_transport(router="proxy", workers=2)
+    alice_framer, bob_framer = Framer(), Framer()
+    with proxy.connect() as alice, proxy.connect() as bob:
+        alice.sendall(
+            request("REGISTER", "sip:alice@example.test", "reg-1", extra="Contact: <sip:alice@127.0.0.9:5062>\r\n")
+        )
+        registered = read_message(alice, alice_framer)
+        assert registered.status == 200
+        assert registered.header(
+            "contact",
+        ).startswith("<sip:alice@127.0.0.9:5062>;expires=")  # type: ignore[union-attr]
+        bob.sendall(request("MESSAGE", "sip:alice@example.test", "to-alice-1"))
+        delivered = read_message(alice, alice_framer)
+        assert delivered.method == "MESSAGE" and delivered.call_id == "to-alice-1"
+        alice.sendall(build_response(delivered, 200, "OK"))
+        relayed = read_message(bob, bob_framer)
+    assert relayed.status == 200 and relayed.call_id == "to-alice-1"
+
+
+def test_flow_gone_gives_480_and_max_forwards_zero_gives_483(start_transport: Callable[..., RunningTransport]) -> None:
+    proxy = start_transport(router="proxy", workers=1)
+    alice = proxy.connect()
+    alice.sendall(request("REGISTER", "sip:carol@example.test", "reg-2", extra="Contact: <sip:carol@127.0.0.9>\r\n"))
+    assert read_message(alice, Framer()).status == 200
+    alice.close()
+    deadline = time.monotonic() + 5
+    while proxy.control("stats")["connections"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with proxy.connect() as bob:
+        framer = Framer()
+        bob.sendall(request("MESSAGE", "sip:carol@example.test", "to-carol"))
+        gone = read_message(bob, framer)
+        assert gone.status == 480
+        assert gone.reason == "Temporarily Unavailable (connection_gone)"
+        bob.sendall(request("OPTIONS", "sip:x@example.test", "hops", max_forwards=0))
+        assert read_message(bob, framer).status == 483

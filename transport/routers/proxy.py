@@ -1,0 +1,241 @@
+"""The ``proxy`` router: a stateless proxy (RFC 3261 section 16.11) with a registrar.
+
+Requests:
+  * REGISTER is handled locally: the bindings of the To address-of-record
+    are stored with the id of the connection they came on, so requests for
+    that user go back over the client's own connection (the flow, as in
+    RFC 5626), which is the only way to reach a client behind NAT.
+  * Other requests go to the contact registered for their Request-URI, or
+    else to ``--upstream``. The proxy adds its own Via whose branch is
+    derived from the incoming one (stateless: a retransmission gets the
+    same branch) and which carries the id of the incoming connection.
+  * A forward that fails (the transport reports refused, timeout, reset...)
+    is answered 503, or 480 when a registered flow is gone: that is what
+    write-job outcomes are for.
+
+Responses: the proxy's Via is removed and the response is sent on the
+connection named in it; if that connection is gone, to the next Via's
+``received``/``rport`` address.
+
+The registrar lives in SQLite under the instance's state directory so
+that every worker of the unified pool sees the same bindings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from typing import Final
+
+from sipwire.config import Settings
+from transport.routing import Destination, Outcome, RouteContext
+from transport.sip import (
+    CANONICAL_NAMES,
+    SipMessage,
+    build_response,
+    fill_via_received,
+    header_param,
+    split_list_value,
+)
+from transport.sipuri import SipUriError, parse_uri, uri_of
+
+CONN_PARAM: Final = "swc"
+DEFAULT_EXPIRES: Final = 3600
+MAX_EXPIRES: Final = 86400
+
+
+class _State:
+    """Per-worker router state, built by :func:`setup`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.upstream: Destination | None = None
+        if settings.upstream:
+            uri = parse_uri(settings.upstream)
+            self.upstream = Destination(uri.transport, uri.host, uri.default_port())
+        settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(settings.runtime_dir / "registrar.sqlite3", timeout=2.0, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS bindings (aor TEXT, contact TEXT, conn_id INTEGER, expires REAL,"
+            " PRIMARY KEY (aor, contact))"
+        )
+
+
+_state: _State | None = None
+
+
+def setup(settings: Settings) -> None:
+    """Called once per worker before the first message."""
+    global _state  # noqa: PLW0603 - one router state per worker process, set once at start
+    _state = _State(settings)
+
+
+def route(message: SipMessage, ctx: RouteContext) -> None:
+    if _state is None:
+        raise RuntimeError("proxy router used without setup(); load it with --router proxy")
+    if not message.is_request:
+        _relay_response(message, ctx)
+    elif message.method == "REGISTER":
+        _register(_state, message, ctx)
+    else:
+        _forward(_state, message, ctx)
+
+
+def _register(state: _State, message: SipMessage, ctx: RouteContext) -> None:
+    try:
+        aor = parse_uri(uri_of(message.header("to") or "")).address_of_record
+    except SipUriError as error:
+        ctx.reply(build_response(message, 400, f"Bad Request ({error})", via_source=ctx.envelope.remote))
+        return
+    default_expires = _expires(message.header("expires"), DEFAULT_EXPIRES)
+    now = time.time()
+    for contact in message.values("contact"):
+        if contact == "*":
+            state.db.execute("DELETE FROM bindings WHERE aor = ?", (aor,))
+            continue
+        expires = _expires(header_param(contact, "expires"), default_expires)
+        contact_uri = uri_of(contact)
+        if expires == 0:
+            state.db.execute("DELETE FROM bindings WHERE aor = ? AND contact = ?", (aor, contact_uri))
+        else:
+            state.db.execute(
+                "INSERT OR REPLACE INTO bindings VALUES (?, ?, ?, ?)",
+                (aor, contact_uri, ctx.envelope.conn_id, now + expires),
+            )
+    rows = state.db.execute(
+        "SELECT contact, expires FROM bindings WHERE aor = ? AND expires > ?", (aor, now)
+    ).fetchall()
+    contacts = [("Contact", f"<{contact}>;expires={int(expires - now)}") for contact, expires in rows]
+    ctx.reply(build_response(message, 200, "OK", extra_headers=contacts, via_source=ctx.envelope.remote))
+
+
+def _expires(value: str | None, default: int) -> int:
+    if value is None or not value.strip().isdigit():
+        return default
+    return min(int(value), MAX_EXPIRES)
+
+
+def _forward(state: _State, message: SipMessage, ctx: RouteContext) -> None:
+    envelope = ctx.envelope
+    max_forwards = message.header("max-forwards")
+    hops = int(max_forwards) if max_forwards and max_forwards.isdigit() else 70
+    if hops <= 0:
+        if message.method != "ACK":
+            ctx.reply(build_response(message, 483, "Too Many Hops", via_source=envelope.remote))
+        return
+    target_conn, destination = _target(state, message)
+    if target_conn is None and destination is None:
+        if message.method != "ACK":
+            ctx.reply(
+                build_response(message, 404, "Not Found (no binding and no upstream)", via_source=envelope.remote)
+            )
+        return
+    data = _forwarded_bytes(message, envelope.local, envelope.transport, envelope.conn_id, envelope.remote, hops - 1)
+
+    def on_outcome(outcome: Outcome) -> None:
+        if outcome.ok or message.method == "ACK":
+            return
+        status, reason = (480, "Temporarily Unavailable") if target_conn else (503, "Service Unavailable")
+        ctx.reply(build_response(message, status, f"{reason} ({outcome.result.label})", via_source=envelope.remote))
+
+    if target_conn is not None:
+        ctx.send_on(target_conn, data, on_outcome)
+    elif destination is not None:
+        ctx.send(destination, data, on_outcome)
+
+
+def _target(state: _State, message: SipMessage) -> tuple[int | None, Destination | None]:
+    """A registered flow for the Request-URI, else the upstream."""
+    try:
+        aor = parse_uri(message.uri).address_of_record
+    except SipUriError:
+        return None, state.upstream
+    row = state.db.execute(
+        "SELECT conn_id FROM bindings WHERE aor = ? AND expires > ? ORDER BY expires DESC LIMIT 1",
+        (aor, time.time()),
+    ).fetchone()
+    if row is not None:
+        return int(row[0]), None
+    return None, state.upstream
+
+
+def _forwarded_bytes(
+    message: SipMessage,
+    local: tuple[str, int],
+    transport: str,
+    conn_id: int,
+    source: tuple[str, int],
+    max_forwards: int,
+) -> bytes:
+    top_via = message.header_lines("via")[0] if message.header_lines("via") else ""
+    branch = hashlib.sha1(f"{top_via}|{conn_id}|{message.uri}".encode(), usedforsecurity=False).hexdigest()[:20]
+    host = f"[{local[0]}]" if ":" in local[0] else local[0]
+    own_via = f"SIP/2.0/{transport.upper()} {host}:{local[1]};branch=z9hG4bK{branch};{CONN_PARAM}={conn_id}"
+    lines = [message.start_line, f"Via: {own_via}"]
+    for position, (name, value) in enumerate(message.headers):
+        if name == "max-forwards":
+            continue
+        if name == "via" and position == message.index["via"][0]:
+            value = _with_received(value, source)  # noqa: PLW2901 - the top Via gains received/rport
+        lines.append(f"{_title(name)}: {value}")
+    lines.append(f"Max-Forwards: {max_forwards}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + message.body
+
+
+def _with_received(via_line: str, source: tuple[str, int]) -> str:
+    values = split_list_value(via_line)
+    values[0] = fill_via_received(values[0], *source)
+    return ", ".join(values)
+
+
+def _title(name: str) -> str:
+    return CANONICAL_NAMES.get(name) or "-".join(part.capitalize() for part in name.split("-"))
+
+
+def _relay_response(message: SipMessage, ctx: RouteContext) -> None:
+    vias = message.values("via")
+    if len(vias) < 2:
+        return  # not through us: nothing to relay to
+    conn_param = header_param(vias[0], CONN_PARAM)
+    data = _without_top_via(message)
+    next_hop = _via_destination(vias[1])
+    if conn_param is None or not conn_param.isdigit():
+        if next_hop is not None:
+            ctx.send(next_hop, data)
+        return
+
+    def on_outcome(outcome: Outcome) -> None:
+        if not outcome.ok and next_hop is not None:
+            ctx.send(next_hop, data)
+
+    ctx.send_on(int(conn_param), data, on_outcome)
+
+
+def _without_top_via(message: SipMessage) -> bytes:
+    lines = [message.start_line]
+    first_via = True
+    for name, value in message.headers:
+        if name == "via" and first_via:
+            first_via = False
+            rest = split_list_value(value)[1:]
+            if rest:
+                lines.append(f"Via: {', '.join(rest)}")
+            continue
+        lines.append(f"{_title(name)}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + message.body
+
+
+def _via_destination(via: str) -> Destination | None:
+    """Where a response goes per RFC 3261 18.2.2 and RFC 3581: received/rport, else sent-by."""
+    protocol, _, rest = via.partition(" ")
+    sent_by = rest.split(";", 1)[0].strip()
+    transport = protocol.rsplit("/", 1)[-1].lower()
+    try:
+        uri = parse_uri(f"sip:{sent_by}")
+    except SipUriError:
+        return None
+    host = header_param(via, "received") or uri.host
+    rport = header_param(via, "rport")
+    port = int(rport) if rport and rport.isdigit() else uri.default_port()
+    return Destination(transport if transport in ("tcp", "tls") else "tcp", host, port)
