@@ -55,7 +55,9 @@ class FramingError(Exception):
 
     ``header_block`` carries the complete header block when one was read
     (so the caller can still answer the request), or the lines received so
-    far when the header block itself was too large.
+    far when the header block itself was too large. ``events`` holds what
+    the same :meth:`Framer.feed` call completed before the error: good
+    messages pipelined ahead of the bad one, which must not be lost.
     """
 
     def __init__(self, reason: FramingErrorReason, detail: str, header_block: bytes = b"") -> None:
@@ -63,6 +65,7 @@ class FramingError(Exception):
         self.reason = reason
         self.detail = detail
         self.header_block = header_block
+        self.events: list[Event] = []
 
 
 class Ping:
@@ -93,18 +96,26 @@ class Framer:
     the body); keep-alive pings as :data:`PING_EVENT`.
     """
 
-    __slots__ = ("_body_end", "_buffer", "_limits")
+    __slots__ = ("_body_end", "_buffer", "_limits", "_scanned")
 
     def __init__(self, limits: FramerLimits | None = None) -> None:
         self._buffer = bytearray()
         self._limits = limits or FramerLimits()
         # End offset of the message in progress once its headers are known.
         self._body_end = -1
+        # Bytes of the buffer already searched for CRLFCRLF without success,
+        # so a header block arriving in many reads is not searched again.
+        self._scanned = 0
 
     @property
     def in_message(self) -> bool:
         """True while part of a message (not just CRLF padding) is buffered."""
-        return bool(self._buffer.lstrip(CRLF))
+        buffer = self._buffer
+        if not buffer:
+            return False
+        if buffer[0] != 13 and buffer[0] != 10:
+            return True
+        return bool(buffer.lstrip(CRLF))
 
     @property
     def buffered_bytes(self) -> int:
@@ -122,14 +133,19 @@ class Framer:
                     if not self._consume_keepalive(events):
                         break
                     continue
-                if not self._read_headers():
-                    break
+                try:
+                    if not self._read_headers():
+                        break
+                except FramingError as error:
+                    error.events = events
+                    raise
             end = self._body_end
             if len(buffer) < end:
                 break
             events.append(bytes(buffer[:end]))
             del buffer[:end]
             self._body_end = -1
+            self._scanned = 0
         return events
 
     def _consume_keepalive(self, events: list[Event]) -> bool:
@@ -151,8 +167,9 @@ class Framer:
         """Find the header block and body length; False if more bytes are needed."""
         buffer = self._buffer
         limits = self._limits
-        header_end = buffer.find(PING)
+        header_end = buffer.find(PING, max(0, self._scanned - 3))
         if header_end < 0:
+            self._scanned = len(buffer)
             if len(buffer) > limits.max_header_bytes:
                 last_line_end = buffer.rfind(CRLF)
                 partial = bytes(buffer[: last_line_end + 2]) if last_line_end >= 0 else b""

@@ -130,9 +130,16 @@ class SipMessage:
         return [self.headers[i][1] for i in self.index.get(_canonical_key(name), ())]
 
     def values(self, name: str) -> list[str]:
-        """All values of a list header, split at top-level commas."""
+        """All values of a header; lines of list headers (Via, Contact...) are split at top-level commas.
+
+        Other headers (Date, WWW-Authenticate...) may contain commas that do
+        not separate values, so their lines are returned whole.
+        """
+        lines = self.header_lines(name)
+        if _canonical_key(name) not in LIST_HEADERS:
+            return lines
         values: list[str] = []
-        for line in self.header_lines(name):
+        for line in lines:
             values.extend(split_list_value(line))
         return values
 
@@ -298,7 +305,7 @@ def build_response(
     ``via_source`` is the request's source address, used to fill the top
     Via's ``received``/``rport``.
     """
-    lines = [f"{SIP_VERSION} {status} {reason}"]
+    lines = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
     vias = request.header_lines("via")
     for position, via in enumerate(vias):
         if position == 0 and via_source is not None:
@@ -313,7 +320,7 @@ def build_response(
     lines.append(f"Call-ID: {request.call_id}")
     lines.append(f"CSeq: {request.header('cseq') or ''}")
     for name, value in extra_headers:
-        lines.append(f"{name}: {value}")
+        lines.append(f"{name}: {_one_line(value)}")
     lines.append(f"Content-Length: {len(body)}")
     lines.append("")
     lines.append("")
@@ -339,20 +346,31 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
     if not lines or lines[0].startswith("SIP/") or " SIP/2.0" not in lines[0]:
         return None
     wanted: dict[str, list[str]] = {}
+    current: list[str] | None = None  # values of the wanted header the last line belonged to
     for line in lines[1:]:
+        if line[:1] in {" ", "\t"}:  # folded continuation of the previous line
+            if current is not None:
+                current[-1] = f"{current[-1]} {line.strip()}".strip()
+            continue
+        current = None
         name, colon, value = line.partition(":")
         if not colon:
             continue
         key = _canonical_key(name.strip())
         if key in MANDATORY_REQUEST_HEADERS:
-            wanted.setdefault(key, []).append(value.strip())
+            current = wanted.setdefault(key, [])
+            current.append(value.strip())
     if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS):
         return None
     headers = [(CANONICAL_NAMES.get(key, key), value) for key in MANDATORY_REQUEST_HEADERS for value in wanted[key]]
-    reason_line = reason.replace("\r", " ").replace("\n", " ")
-    out = [f"{SIP_VERSION} {status} {reason_line}"]
+    out = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
     for name, value in headers:
         tag = f";tag={new_tag()}" if name == "To" and header_param(value, "tag") is None else ""
         out.append(f"{name}: {value}{tag}")
     out.append("Content-Length: 0")
     return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+def _one_line(text: str) -> str:
+    """Keep caller-supplied text from breaking the message into extra lines."""
+    return text.replace("\r", " ").replace("\n", " ")
