@@ -129,7 +129,7 @@ class Connection:
         self.created = now
         self.last_activity = now
         self.message_started = 0.0  # monotonic time the message in progress began; 0: none
-        self.deadline = 0.0  # connect deadline while CONNECTING
+        self.deadline = 0.0  # CONNECTING: connect deadline; CLOSING: when to stop waiting for answers
         self.out_chunks: list[bytes] = []
         self.queued_total = 0  # bytes ever queued
         self.sent_total = 0  # bytes ever written to the socket

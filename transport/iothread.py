@@ -99,12 +99,16 @@ class WorkerChannel:
         self.sock = sock
         self.reader = RecordReader()
         self.out: list[bytes] = []
-        self.backlog = b""  # bytes the kernel did not take on the last send
+        self.backlog = bytearray()  # bytes the kernel did not take on the last send
         self.events = READ
 
     @property
-    def queued_bytes(self) -> int:
-        return len(self.backlog) + sum(map(len, self.out))
+    def backlog_bytes(self) -> int:
+        """Bytes the worker has not taken yet: the sign of a slow or stuck worker.
+
+        ``out`` is not counted: it is flushed at the end of every loop pass.
+        """
+        return len(self.backlog)
 
 
 class IOThread:
@@ -262,13 +266,15 @@ class IOThread:
         try:
             events = framer.feed(data)
         except FramingError as error:
+            if error.events:  # good messages pipelined ahead of the bad one still count
+                self._dispatch(conn, error.events)
             self._framing_error(conn, error)
             return
         if events:
             self._dispatch(conn, events)
         if framer.buffered_bytes and framer.in_message:
-            if not conn.message_started:
-                conn.message_started = self._now
+            if events or not conn.message_started:
+                conn.message_started = self._now  # completed events consumed the old partial: a new one began
         else:
             conn.message_started = 0.0
 
@@ -293,7 +299,7 @@ class IOThread:
             return
         channel = self.channels[worker]
         assert channel is not None
-        if channel.queued_bytes > self.settings.dispatch_backlog_bytes:
+        if channel.backlog_bytes > self.settings.dispatch_backlog_bytes:
             self._reject_overload(conn, events)
             return
         channel.out.extend(records)
@@ -372,14 +378,20 @@ class IOThread:
             if type(record) is WriteRecord:
                 self._write_job(worker, record)
             elif type(record) is DoneRecord:
-                self.outstanding[worker] -= record.count
-                self._done(record.conn_id, record.count)
+                self.outstanding[worker] -= record.messages
+                self._done(record.conn_id, record.messages)
 
     def _send_channel(self, channel: WorkerChannel) -> None:
         if self.channels[channel.worker] is not channel:
             return
-        data = channel.backlog + b"".join(channel.out) if channel.out else channel.backlog
-        channel.out.clear()
+        data: bytes | bytearray = channel.backlog
+        if channel.out:
+            joined = b"".join(channel.out)
+            channel.out.clear()
+            if channel.backlog:
+                channel.backlog += joined  # a slow worker: append, never re-copy the whole backlog
+            else:
+                data = joined
         if not data:
             return
         try:
@@ -389,7 +401,10 @@ class IOThread:
         except OSError:
             self._drop_channel(channel, lost_reason="worker exited")
             return
-        channel.backlog = data[sent:]
+        if data is channel.backlog:
+            del channel.backlog[:sent]  # bytearray drops its front without moving the rest
+        elif sent < len(data):
+            channel.backlog = bytearray(memoryview(data)[sent:])
         events = READ | WRITE if channel.backlog else READ
         if events != channel.events:
             channel.events = events
@@ -443,6 +458,8 @@ class IOThread:
         conn = self.conns.get(conn_id)
         if conn is not None:
             conn.in_flight = max(0, conn.in_flight - count)
+            if conn.state is ConnState.CLOSING and not conn.in_flight and not conn.out_chunks:
+                self._close(conn, "closed after its last answer", WriteResult.CONNECTION_GONE)
             return
         owner = self.hub.owner(conn_id)
         if owner is not None and owner is not self:
@@ -484,7 +501,7 @@ class IOThread:
 
     def _enqueue(self, conn: Connection, payload: bytes, job_id: int, worker: int) -> None:
         """Queue bytes on a connection owned here; ``job_id`` 0 is the transport's own write."""
-        if conn.state is ConnState.CLOSED or (conn.state is ConnState.CLOSING and job_id):
+        if conn.state is ConnState.CLOSED:
             self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, f"connection {conn.id} is closing")
             return
         size = len(payload)
@@ -536,7 +553,10 @@ class IOThread:
         if conn.out_chunks:
             self._set_events(conn, (READ if conn.state is ConnState.OPEN else 0) | WRITE)
         elif conn.state is ConnState.CLOSING:
-            self._close(conn, "closed after flush", WriteResult.CONNECTION_GONE)
+            if not conn.in_flight:
+                self._close(conn, "closed after flush", WriteResult.CONNECTION_GONE)
+            else:
+                self._set_events(conn, 0)  # wait for the answers to its in-flight messages
         elif self._running and not self._shutdown_deadline:
             self._set_events(conn, READ)
         else:
@@ -688,11 +708,18 @@ class IOThread:
         self.pending_write_bytes -= conn.pending_bytes
 
     def _close_after_flush(self, conn: Connection) -> None:
+        """Stop reading; close once queued bytes are out and in-flight messages are answered.
+
+        The wait is bounded by ``shutdown_grace`` (checked on the timer tick).
+        """
         if conn.state is ConnState.OPEN:
             conn.transition(ConnState.CLOSING)
+            conn.deadline = self._now + self.settings.shutdown_grace
         if conn.out_chunks:
             self._dirty_conns[conn.id] = conn
             self._set_events(conn, WRITE)
+        elif conn.in_flight:
+            self._set_events(conn, 0)
         else:
             self._close(conn, "closed", WriteResult.CONNECTION_GONE)
 
@@ -724,7 +751,10 @@ class IOThread:
         message_timeout = settings.message_timeout
         idle_timeout = settings.idle_timeout
         for conn in list(self.conns.values()):
-            if conn.state is ConnState.CONNECTING:
+            if conn.state is ConnState.CLOSING:
+                if now > conn.deadline:
+                    self._close(conn, "closing: answers not done in time", WriteResult.CONNECTION_GONE)
+            elif conn.state is ConnState.CONNECTING:
                 if now > conn.deadline:
                     timeout = (
                         f"connect to {conn.remote[0]}:{conn.remote[1]} timed out after {settings.connect_timeout}s"

@@ -55,6 +55,9 @@ class TransportServer:
         self._desired_threads = settings.threads
         self._retired: list[IOThread] = []
         self._retired_counters: dict[str, int] = {}
+        # Guards _retired and _retired_counters (supervisor writes, control clients read), so a thread's
+        # counters are counted exactly once while it drains and after it is joined: they never dip.
+        self._retired_lock = threading.Lock()
         self._lock = threading.Lock()  # serialises resizes requested from control clients
         self._stop_requested = False
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -178,26 +181,30 @@ class TransportServer:
             log.info("I/O pool grown from %d to %d threads", len(threads), wanted)
             return
         keep, retire = threads[:wanted], threads[wanted:]
-        self.hub.threads = keep
+        with self._retired_lock:
+            self.hub.threads = keep
+            self._retired.extend(retire)
         for thread in retire:
             thread.post("retire", keep, self.settings.shutdown_grace)
-            self._retired.append(thread)
         log.info("I/O pool shrinking from %d to %d threads: moving their connections", len(threads), wanted)
 
     def _join_retired(self) -> None:
         for thread in list(self._retired):
             if not thread.thread.is_alive():
-                self._retired.remove(thread)
-                for name, value in thread.counters.items():
-                    self._retired_counters[name] = self._retired_counters.get(name, 0) + value
+                with self._retired_lock:
+                    self._retired.remove(thread)
+                    for name, value in thread.counters.items():
+                        self._retired_counters[name] = self._retired_counters.get(name, 0) + value
                 log.info("I/O thread %d retired", thread.index)
 
     # -- snapshots and control ------------------------------------------------------------------
 
-    def snapshot(self, with_connections: bool) -> tuple[list[ThreadStatistics], list[ConnectionInfo]]:
-        """Ask every active thread for its statistics (and connections) and wait for all."""
+    def snapshot(
+        self, with_connections: bool, threads: tuple[IOThread, ...] | None = None
+    ) -> tuple[list[ThreadStatistics], list[ConnectionInfo]]:
+        """Ask every active thread (or ``threads``) for its statistics (and connections) and wait for all."""
         futures: list[Future[tuple[ThreadStatistics, list[ConnectionInfo]]]] = []
-        for thread in self.hub.threads:
+        for thread in self.hub.threads if threads is None else threads:
             future: Future[tuple[ThreadStatistics, list[ConnectionInfo]]] = Future()
             thread.post("snapshot", future, with_connections)
             futures.append(future)
@@ -245,8 +252,14 @@ class TransportServer:
         }
 
     def statistics(self) -> dict[str, Any]:
-        stats, _ = self.snapshot(with_connections=False)
-        counters = dict(self._retired_counters)
+        with self._retired_lock:
+            active = self.hub.threads
+            counters = dict(self._retired_counters)
+            for retiring in self._retired:
+                # Still draining: read its counters directly (a dict copy is atomic under the GIL).
+                for name, value in dict(retiring.counters).items():
+                    counters[name] = counters.get(name, 0) + value
+        stats, _ = self.snapshot(with_connections=False, threads=active)
         for thread_stats in stats:
             for name, value in thread_stats.counters.items():
                 counters[name] = counters.get(name, 0) + value
