@@ -43,6 +43,27 @@ class Settings:
     tcp: str = _setting(
         "127.0.0.1:5060", "TCP listen address HOST:PORT (port 0 picks a free port); empty disables TCP."
     )
+    tls: str = _setting(
+        "127.0.0.1:5061", "TLS listen address HOST:PORT (port 0 picks a free port); empty disables TLS."
+    )
+    tls_cert: str = _setting(
+        "", "PEM certificate chain for the TLS listener; empty: a self-signed ECDSA P-256 certificate is generated."
+    )
+    tls_key: str = _setting("", "PEM private key matching tls_cert.")
+    tls_ca: str = _setting(
+        "", "PEM CA bundle: verifies client certificates (mutual TLS) and outbound peers; empty: the system store."
+    )
+    tls_verify_clients: str = _setting(
+        "none", "Client certificates on the TLS listener: none, optional (verified if sent) or require (mutual TLS)."
+    )
+    tls_handshake_timeout: float = _setting(
+        5.0, "Seconds a TLS handshake may take, inbound or outbound, before the connection is closed."
+    )
+    tls_insecure_destinations: str = _setting(
+        "",
+        "Comma-separated HOST:PORT outbound TLS destinations whose certificate is NOT verified (labs only; "
+        "logged at every connect).",
+    )
     threads: int = _setting(2, "I/O threads at start (resizable at runtime with `sipwire ctl threads N`).")
     max_threads: int = _setting(64, "Upper bound for the I/O pool size, at start and on resize.")
     workers: int = _setting(os.cpu_count() or 1, "SIP worker processes in the unified pool.")
@@ -68,6 +89,11 @@ class Settings:
         "Seconds an outbound non-blocking connect may take. OpenSIPS uses 100 ms, Kamailio 10 s; "
         "3 s covers a lost SYN's first retransmission (1 s) on real networks without holding jobs for long.",
     )
+    send_timeout: float = _setting(
+        10.0,
+        "Seconds a connection may keep queued bytes without the peer reading any before it is closed "
+        "(Kamailio tcp_send_timeout: 10 s).",
+    )
     write_queue_bytes: int = _setting(
         262144,
         "Bytes queued for one connection before write jobs fail with queue_full. Kamailio uses 32 KiB; "
@@ -86,6 +112,18 @@ class Settings:
     @property
     def tcp_address(self) -> tuple[str, int] | None:
         return parse_host_port(self.tcp, "tcp") if self.tcp else None
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.tls, "tls") if self.tls else None
+
+    @property
+    def insecure_destinations(self) -> frozenset[tuple[str, int]]:
+        return frozenset(
+            parse_host_port(item.strip(), "tls_insecure_destinations")
+            for item in self.tls_insecure_destinations.split(",")
+            if item.strip()
+        )
 
     @property
     def runtime_dir(self) -> Path:
@@ -169,6 +207,11 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
 def _validate(settings: Settings) -> None:
     if settings.tcp:
         parse_host_port(settings.tcp, "tcp")
+    if settings.tls:
+        parse_host_port(settings.tls, "tls")
+    _ = settings.insecure_destinations  # parses, so a typo fails at start
+    if settings.tls_verify_clients not in ("none", "optional", "require"):
+        raise ConfigError(f"tls_verify_clients: {settings.tls_verify_clients!r} is not none, optional or require")
     if not 1 <= settings.max_threads <= 1024:
         raise ConfigError(f"max_threads: {settings.max_threads} is outside 1..1024")
     if not 1 <= settings.threads <= settings.max_threads:
@@ -186,7 +229,14 @@ def _validate(settings: Settings) -> None:
     for name in positive:
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: {getattr(settings, name)} must be positive")
-    for name in ("message_timeout", "idle_timeout", "connect_timeout", "shutdown_grace"):
+    for name in (
+        "message_timeout",
+        "idle_timeout",
+        "connect_timeout",
+        "shutdown_grace",
+        "tls_handshake_timeout",
+        "send_timeout",
+    ):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: {getattr(settings, name)} must be a positive number of seconds")
     if settings.max_header_bytes > settings.max_message_bytes:

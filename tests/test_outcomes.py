@@ -242,3 +242,33 @@ def test_reply_after_the_peer_left_is_connection_gone(start_transport: Any, tmp_
         with report_conn:
             assert read_line(report_conn) == f"OUTCOME connection_gone {conn_id}\r\n".encode()
     assert running.counters()["write.connection_gone"] == 1
+
+
+def test_peer_that_never_reads_is_closed_after_send_timeout(start_transport: Any, tmp_path: Path) -> None:
+    """A job stuck behind a peer that reads nothing fails with `timeout` once send_timeout passes."""
+    config = write_config(tmp_path, send_timeout=1.0, write_queue_bytes=1 << 24)
+    running = start_transport("--config", str(config), workers=1, router=SEND_AND_REPORT)
+    with peer_listener(rcvbuf=4096) as listener, SipClient.connect(running) as client:
+        port = str(listener.getsockname()[1])
+        headers = [("X-Target-Port", port), ("X-Payload-Bytes", str(900_000))]
+        for cseq in range(1, 11):  # 9 MB: more than the kernel buffers for a peer that reads nothing
+            client.send(sip_request("OPTIONS", cseq, call_id="stall", headers=headers))
+        peer, _ = listener.accept()  # accepted, never read
+        try:
+            started = time.monotonic()
+            reasons = [client.read_response(timeout=10.0).reason for _ in range(10)]
+            elapsed = time.monotonic() - started
+        finally:
+            peer.close()
+    assert set(reasons) == {"sent", "timeout"}, reasons
+    assert reasons.index("timeout") == reasons.count("sent")  # sent ones first, then the stuck ones
+    assert elapsed >= 1.0
+    assert running.counters()["closed_send_timeout"] == 1
+
+
+def test_job_larger_than_a_record_is_too_large(start_transport: Any) -> None:
+    running = start_transport(workers=1, router=SEND_AND_REPORT)
+    with SipClient.connect(running) as client:
+        answer = probe(client, 1, target_port=str(closed_port()), payload_bytes=str(2 << 20))
+    assert answer.reason == "too_large"
+    assert "exceed the" in (answer.header("x-outcome-reason") or "")

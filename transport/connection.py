@@ -101,6 +101,7 @@ class Connection:
         "state",
         "transport",
         "worker",
+        "write_progress",
     )  # fmt: skip
 
     def __init__(
@@ -141,6 +142,7 @@ class Connection:
         self.bytes_out = 0
         self.messages_in = 0
         self.messages_out = 0
+        self.write_progress = 0.0  # last time queued bytes moved; 0: nothing queued
         self.registered_events = 0  # selector events this connection is registered for
 
     @property

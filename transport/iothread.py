@@ -546,6 +546,10 @@ class IOThread:
             conn.out_chunks = [data[sent:]] if sent < len(data) else []
             if sent:
                 conn.last_activity = self._now
+            if not conn.out_chunks:
+                conn.write_progress = 0.0
+            elif sent or not conn.write_progress:
+                conn.write_progress = self._now
             jobs = conn.jobs
             while jobs and jobs[0].end <= conn.sent_total:
                 job = jobs.popleft()
@@ -750,6 +754,7 @@ class IOThread:
         settings = self.settings
         message_timeout = settings.message_timeout
         idle_timeout = settings.idle_timeout
+        send_timeout = settings.send_timeout
         for conn in list(self.conns.values()):
             if conn.state is ConnState.CLOSING:
                 if now > conn.deadline:
@@ -760,6 +765,13 @@ class IOThread:
                         f"connect to {conn.remote[0]}:{conn.remote[1]} timed out after {settings.connect_timeout}s"
                     )
                     self._close(conn, timeout, WriteResult.TIMEOUT)
+            elif conn.write_progress and now - conn.write_progress > send_timeout:
+                self.counters["closed_send_timeout"] += 1
+                self.ratelog.log(
+                    logging.WARNING, "send_timeout", "closing connection %d %s:%d: peer read nothing for %.1fs",
+                    conn.id, conn.remote[0], conn.remote[1], send_timeout,
+                )  # fmt: skip
+                self._close(conn, f"peer read nothing for {send_timeout}s", WriteResult.TIMEOUT)
             elif conn.message_started and now - conn.message_started > message_timeout:
                 error = FramingError(
                     FramingErrorReason.MESSAGE_TIMEOUT, f"message not complete within {message_timeout}s"

@@ -18,6 +18,7 @@ class WriteResult(Enum):
     BAD_DESTINATION = (7, "bad_destination")
     SHUTDOWN = (8, "shutdown")
     LIMIT_REACHED = (9, "limit_reached")
+    TOO_LARGE = (10, "too_large")
 
     def __init__(self, code: int, label: str) -> None:
         self.code = code

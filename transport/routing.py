@@ -25,17 +25,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from transport.outcome import WriteResult
+from transport.tlsinfo import TlsInfo
 
 if TYPE_CHECKING:
     from transport.sip import SipMessage
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """Where and when a message arrived."""
+class Envelope(NamedTuple):
+    """Where and when a message arrived; ``tls`` is set on TLS connections."""
 
     conn_id: int
     transport: str
@@ -43,6 +43,7 @@ class Envelope:
     remote: tuple[str, int]
     received_at: float
     trace_context: str
+    tls: TlsInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +51,18 @@ class Destination:
     """Where to send: the transport reuses an open connection to it or opens one.
 
     ``host`` may be a name; the worker resolves it before submitting the
-    job (the transport never blocks on DNS).
+    job (the transport never blocks on DNS). For ``tls``, ``server_name``
+    is sent as SNI and checked against the peer's certificate; it defaults
+    to ``host`` when that is a name.
     """
 
     transport: str
     host: str
     port: int
+    server_name: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The transport's report on one write job."""
 
     job_id: int

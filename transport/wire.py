@@ -8,15 +8,19 @@ worker in one ``send``, and a worker's replies to one batch come back in one.
 Header: ``!BI`` = record kind, body length in bytes.
 
 Transport to worker
-    MESSAGE  ``!QBHHBB`` conn id, transport code, local port, remote port,
-             local host length, remote host length; the two hosts (ASCII);
-             ``!dH`` receive time (UNIX seconds), trace context length; the
-             trace context (W3C ``traceparent``, may be empty); the raw message.
+    MESSAGE  ``!QBHHBBH`` conn id, transport code, local port, remote port,
+             local host length, remote host length, TLS facts length; the two
+             hosts (ASCII); the TLS facts (UTF-8, :meth:`TlsInfo.encode`, empty
+             on TCP) — this part is built once per connection; then ``!dH``
+             receive time (UNIX seconds), trace context length; the trace
+             context (W3C ``traceparent``, may be empty); the raw message.
     OUTCOME  ``!QQB`` job id, conn id, result code; the reason (UTF-8).
 
 Worker to transport
-    WRITE    ``!QQBHB`` job id, conn id (0: send by destination), transport
-             code, port, host length; the host (an IP literal); the payload.
+    WRITE    ``!QQBHBB`` job id, conn id (0: send by destination), transport
+             code, port, host length, server name length; the host (an IP
+             literal); the TLS server name (SNI and certificate check, may be
+             empty); the payload.
     DONE     ``!QI`` conn id, number of that connection's messages finished.
 
 Bodies are bounded by :data:`MAX_RECORD_BYTES`; a reader that sees a larger
@@ -26,8 +30,7 @@ length knows the stream is corrupt and raises :class:`WireError`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from transport.outcome import WriteResult
 
@@ -42,12 +45,14 @@ TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
 #: A record never exceeds one maximum SIP message plus its envelope; 1 MiB
 #: leaves room for any configured message limit and still catches garbage.
 MAX_RECORD_BYTES: Final = 1 << 20
+#: The largest payload one WRITE record can carry (room left for its fixed part and names).
+MAX_WRITE_PAYLOAD: Final = MAX_RECORD_BYTES - 1024
 
 _HEADER = struct.Struct("!BI")
-_MESSAGE_FIXED = struct.Struct("!QBHHBB")
+_MESSAGE_FIXED = struct.Struct("!QBHHBBH")
 _MESSAGE_TIME = struct.Struct("!dH")
 _OUTCOME = struct.Struct("!QQB")
-_WRITE = struct.Struct("!QQBHB")
+_WRITE = struct.Struct("!QQBHBB")
 _DONE = struct.Struct("!QI")
 HEADER_SIZE: Final = _HEADER.size
 
@@ -56,8 +61,12 @@ class WireError(Exception):
     """A channel's byte stream is corrupt (unknown kind or impossible length)."""
 
 
-@dataclass(frozen=True, slots=True)
-class MessageRecord:
+# Records are named tuples, not dataclasses: one is built per message on
+# both sides of every channel, and tuple construction is several times
+# cheaper than a frozen dataclass's __init__.
+
+
+class MessageRecord(NamedTuple):
     conn_id: int
     transport: str
     local: tuple[str, int]
@@ -65,43 +74,45 @@ class MessageRecord:
     received_at: float
     trace_context: str
     raw: bytes
+    tls: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class OutcomeRecord:
+class OutcomeRecord(NamedTuple):
     job_id: int
     conn_id: int
     result: WriteResult
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class WriteRecord:
+class WriteRecord(NamedTuple):
     job_id: int
     conn_id: int
     transport: str
     host: str
     port: int
     payload: bytes
+    server_name: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class DoneRecord:
+class DoneRecord(NamedTuple):
     conn_id: int
-    count: int
+    messages: int
 
 
 Record = MessageRecord | OutcomeRecord | WriteRecord | DoneRecord
 
 
-def message_prefix(conn_id: int, transport: str, local: tuple[str, int], remote: tuple[str, int]) -> bytes:
-    """The per-connection part of a MESSAGE body, built once per connection."""
+def message_prefix(
+    conn_id: int, transport: str, local: tuple[str, int], remote: tuple[str, int], tls: str = ""
+) -> bytes:
+    """The per-connection part of a MESSAGE body, built once per connection (again after a handshake)."""
     local_host = local[0].encode("ascii")
     remote_host = remote[0].encode("ascii")
+    tls_bytes = tls.encode("utf-8", "replace")
     fixed = _MESSAGE_FIXED.pack(
-        conn_id, TRANSPORT_CODES[transport], local[1], remote[1], len(local_host), len(remote_host)
+        conn_id, TRANSPORT_CODES[transport], local[1], remote[1], len(local_host), len(remote_host), len(tls_bytes)
     )
-    return fixed + local_host + remote_host
+    return fixed + local_host + remote_host + tls_bytes
 
 
 def encode_message(prefix: bytes, received_at: float, trace_context: bytes, raw: bytes) -> bytes:
@@ -127,9 +138,13 @@ def encode_outcome(job_id: int, conn_id: int, result: WriteResult, reason: str) 
     )
 
 
-def encode_write(job_id: int, conn_id: int, transport: str, host: str, port: int, payload: bytes) -> bytes:
+def encode_write(
+    job_id: int, conn_id: int, transport: str, host: str, port: int, payload: bytes, server_name: str = ""
+) -> bytes:
     host_bytes = host.encode("ascii")
-    body = _WRITE.pack(job_id, conn_id, TRANSPORT_CODES[transport], port, len(host_bytes)) + host_bytes
+    name_bytes = server_name.encode("ascii")
+    fixed = _WRITE.pack(job_id, conn_id, TRANSPORT_CODES[transport], port, len(host_bytes), len(name_bytes))
+    body = fixed + host_bytes + name_bytes
     return _HEADER.pack(KIND_WRITE, len(body) + len(payload)) + body + payload
 
 
@@ -168,19 +183,26 @@ class RecordReader:
         return records
 
 
+def _take(body: bytes, position: int, length: int, what: str) -> bytes:
+    """``length`` bytes at ``position``, or WireError if they overrun the body."""
+    if position + length > len(body):
+        raise WireError(f"{what} of {length} bytes overruns its {len(body)}-byte record")
+    return body[position : position + length]
+
+
 def _decode(kind: int, body: bytes) -> Record:
     if kind == KIND_MESSAGE:
-        conn_id, transport, local_port, remote_port, local_len, remote_len = _MESSAGE_FIXED.unpack_from(body)
+        conn_id, transport, local_port, remote_port, local_len, remote_len, tls_len = _MESSAGE_FIXED.unpack_from(body)
         position = _MESSAGE_FIXED.size
-        local_host = body[position : position + local_len].decode("ascii")
+        local_host = _take(body, position, local_len, "MESSAGE local host").decode("ascii")
         position += local_len
-        remote_host = body[position : position + remote_len].decode("ascii")
+        remote_host = _take(body, position, remote_len, "MESSAGE remote host").decode("ascii")
         position += remote_len
+        tls = _take(body, position, tls_len, "MESSAGE TLS facts").decode("utf-8")
+        position += tls_len
         received_at, trace_len = _MESSAGE_TIME.unpack_from(body, position)
         position += _MESSAGE_TIME.size
-        if position + trace_len > len(body):
-            raise WireError(f"MESSAGE trace context of {trace_len} bytes overruns its {len(body)}-byte body")
-        trace = body[position : position + trace_len].decode("ascii")
+        trace = _take(body, position, trace_len, "MESSAGE trace context").decode("ascii")
         return MessageRecord(
             conn_id,
             TRANSPORT_NAMES[transport],
@@ -189,14 +211,16 @@ def _decode(kind: int, body: bytes) -> Record:
             received_at,
             trace,
             body[position + trace_len :],
+            tls,
         )
     if kind == KIND_WRITE:
-        job_id, conn_id, transport, port, host_len = _WRITE.unpack_from(body)
+        job_id, conn_id, transport, port, host_len, name_len = _WRITE.unpack_from(body)
         position = _WRITE.size
-        if position + host_len > len(body):
-            raise WireError(f"WRITE host of {host_len} bytes overruns its {len(body)}-byte body")
-        host = body[position : position + host_len].decode("ascii")
-        return WriteRecord(job_id, conn_id, TRANSPORT_NAMES[transport], host, port, body[position + host_len :])
+        host = _take(body, position, host_len, "WRITE host").decode("ascii")
+        position += host_len
+        server_name = _take(body, position, name_len, "WRITE server name").decode("ascii")
+        position += name_len
+        return WriteRecord(job_id, conn_id, TRANSPORT_NAMES[transport], host, port, body[position:], server_name)
     if kind == KIND_DONE:
         conn_id, count = _DONE.unpack(body)
         return DoneRecord(conn_id, count)

@@ -32,7 +32,9 @@ from sipwire.config import Settings
 from transport.outcome import WriteResult
 from transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
 from transport.sip import SipParseError, parse, response_for_unparsable
+from transport.tlsinfo import TlsInfo
 from transport.wire import (
+    MAX_WRITE_PAYLOAD,
     MessageRecord,
     OutcomeRecord,
     RecordReader,
@@ -87,6 +89,10 @@ class Worker:
     ) -> int:
         job_id = self._next_job
         self._next_job += 1
+        if len(data) > MAX_WRITE_PAYLOAD:
+            reason = f"{len(data)} bytes exceed the {MAX_WRITE_PAYLOAD}-byte limit of one write job"
+            self._fail_later(job_id, conn_id, on_outcome, WriteResult.TOO_LARGE, reason)
+            return job_id
         channel = self._current or next(iter(self._channels.values()), None)
         if channel is None:
             self._fail_later(job_id, conn_id, on_outcome, WriteResult.SHUTDOWN, "no channel to the transport")
@@ -100,7 +106,8 @@ class Worker:
                 reason = f"cannot resolve {destination.host!r}: {error}"
                 self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, reason)
                 return job_id
-            record = encode_write(job_id, 0, destination.transport, host, destination.port, data)
+            server_name = destination.server_name or (destination.host if host != destination.host else "")
+            record = encode_write(job_id, 0, destination.transport, host, destination.port, data, server_name)
         if on_outcome is not None:
             self._callbacks[job_id] = on_outcome
         channel.out.append(record)
@@ -200,7 +207,13 @@ class Worker:
 
     def _handle_message(self, record: MessageRecord) -> None:
         envelope = Envelope(
-            record.conn_id, record.transport, record.local, record.remote, record.received_at, record.trace_context
+            record.conn_id,
+            record.transport,
+            record.local,
+            record.remote,
+            record.received_at,
+            record.trace_context,
+            TlsInfo.decode(record.tls),
         )
         ctx = RouteContext(envelope, self)
         try:
