@@ -27,6 +27,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tcp", metavar="HOST:PORT", help="TCP listen address (default 127.0.0.1:5060)")
+    parser.add_argument("--tls", metavar="HOST:PORT", help="TLS listen address (default 127.0.0.1:5061)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain (default: generated dev cert)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle for client and outbound verification")
     parser.add_argument("--threads", type=int, metavar="N", help="I/O threads at start (default 2)")
     parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
     parser.add_argument("--router", metavar="NAME", help="responder, proxy or module:function (default responder)")
@@ -70,7 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         name: getattr(args, name, None)
-        for name in ("instance", "tcp", "threads", "workers", "router", "upstream", "state_dir", "log_level")
+        for name in (
+            "instance",
+            "tcp",
+            "tls",
+            "tls_cert",
+            "tls_key",
+            "tls_ca",
+            "threads",
+            "workers",
+            "router",
+            "upstream",
+            "state_dir",
+            "log_level",
+        )
     }
     return load(args.config, overrides)
 

@@ -37,6 +37,7 @@ class RunningTransport:
     port: int
     log_path: Path
     worker_pids: list[int] = field(default_factory=list)
+    tls_port: int = 0  # 0 when the transport runs without TLS
 
     def control(self, op: str, **arguments: Any) -> Any:
         with ControlClient(self.control_path) as client:
@@ -80,7 +81,8 @@ def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]
         index = len(started)
         state_dir = tmp_path / f"state{index}"
         log_path = tmp_path / f"transport{index}.log"
-        args = ["--tcp", "127.0.0.1:0", "--instance", f"test{index}", "--state-dir", str(state_dir)]
+        args = ["--tcp", "127.0.0.1:0", "--tls", "127.0.0.1:0", "--instance", f"test{index}"]
+        args += ["--state-dir", str(state_dir)]
         for name, value in settings.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
         command = [sys.executable, "-m", "sipwire.cli", "transport", *args, *extra_args]
@@ -106,6 +108,8 @@ def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]
         host, _, port = health["listening"]["tcp"].rpartition(":")
         running = RunningTransport(process, control_path, host.strip("[]"), int(port), log_path)
         running.worker_pids = [w["pid"] for w in workers]
+        if "tls" in health["listening"]:
+            running.tls_port = int(health["listening"]["tls"].rpartition(":")[2])
         started.append(running)
         return running
 

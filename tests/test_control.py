@@ -100,7 +100,7 @@ def test_ctl_stats_and_health(start_transport: Any) -> None:
     assert stats["max_connections"] == 2048
     assert stats["counters"]["messages_in"] == 1
     assert stats["counters"]["keepalive_pings"] == 1
-    assert stats["counters"]["accepted"] == 1
+    assert stats["counters"]["accepted.tcp"] == 1
     assert sorted(w["pid"] for w in stats["workers"]) == sorted(running.worker_pids)
     assert [(w["index"], w["alive"], w["restarts"], w["in_flight"]) for w in stats["workers"]] == [
         (0, True, 0, 0),
@@ -115,12 +115,12 @@ def test_ctl_stats_and_health(start_transport: Any) -> None:
     health = json.loads(_ok(running, "health", "--json"))
     assert health["status"] == "up"
     assert health["pid"] == running.process.pid
-    assert health["listening"] == {"tcp": f"127.0.0.1:{running.port}"}
+    assert health["listening"] == {"tcp": f"127.0.0.1:{running.port}", "tls": f"127.0.0.1:{running.tls_port}"}
     assert health["instance"] == running.control_path.parent.name
     assert (health["threads"], health["workers"]) == (2, 2)
     line = _ok(running, "health")
     assert line.startswith(f"up, pid {running.process.pid}, uptime ")
-    assert line.endswith(f", tcp 127.0.0.1:{running.port}\n")
+    assert line.endswith(f", tcp 127.0.0.1:{running.port}, tls 127.0.0.1:{running.tls_port}\n")
 
 
 def test_ctl_without_a_transport_says_so(start_transport: Any) -> None:

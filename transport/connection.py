@@ -1,4 +1,4 @@
-"""One TCP connection as the transport sees it, and its state machine.
+"""One TCP or TLS connection as the transport sees it, and its state machine.
 
 A connection is owned by exactly one I/O thread at a time: only that thread
 calls its methods. Moving it to another thread (resize) hands over the
@@ -6,8 +6,10 @@ whole object, buffers and pending write jobs included.
 
 States and the only transitions allowed (see :data:`TRANSITIONS`)::
 
-    CONNECTING --connected--> OPEN --flush then close--> CLOSING --> CLOSED
-        \\--------------------------------------------------------> CLOSED
+    CONNECTING --connected--> [HANDSHAKE --TLS done-->] OPEN --flush then close--> CLOSING --> CLOSED
+      CONNECTING and HANDSHAKE may also go straight to CLOSED (refused, timeout, TLS failure).
+
+An accepted TCP connection starts OPEN, an accepted TLS one in HANDSHAKE.
 """
 
 from __future__ import annotations
@@ -19,18 +21,22 @@ from enum import Enum
 from typing import Final
 
 from transport.framing import Framer, FramerLimits
+from transport.streams import Stream
+from transport.tlsinfo import TlsInfo
 from transport.wire import message_prefix
 
 
 class ConnState(Enum):
     CONNECTING = "connecting"
+    HANDSHAKE = "handshake"
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
 
 
 TRANSITIONS: Final[dict[ConnState, frozenset[ConnState]]] = {
-    ConnState.CONNECTING: frozenset({ConnState.OPEN, ConnState.CLOSED}),
+    ConnState.CONNECTING: frozenset({ConnState.HANDSHAKE, ConnState.OPEN, ConnState.CLOSED}),
+    ConnState.HANDSHAKE: frozenset({ConnState.OPEN, ConnState.CLOSED}),
     ConnState.OPEN: frozenset({ConnState.CLOSING, ConnState.CLOSED}),
     ConnState.CLOSING: frozenset({ConnState.CLOSED}),
     ConnState.CLOSED: frozenset(),
@@ -48,6 +54,7 @@ class PendingJob:
     job_id: int
     worker: int
     end: int
+    prompt: bool  # the worker waits for this outcome: report it at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,11 @@ class ConnectionInfo:
     messages_out: int
     pending_write_bytes: int
     in_flight: int
+    tls_version: str
+    tls_cipher: str
+    tls_handshake_ms: float
+    tls_server_name: str
+    tls_peer_subject: str
 
 
 class Connection:
@@ -77,7 +89,6 @@ class Connection:
     __slots__ = (
         "bytes_in",
         "bytes_out",
-        "close_when_flushed",
         "created",
         "deadline",
         "destination",
@@ -99,6 +110,8 @@ class Connection:
         "sent_total",
         "sock",
         "state",
+        "stream",
+        "tls",
         "transport",
         "worker",
         "write_progress",
@@ -108,6 +121,7 @@ class Connection:
         self,
         conn_id: int,
         sock: socket.socket,
+        stream: Stream,
         transport: str,
         local: tuple[str, int],
         remote: tuple[str, int],
@@ -119,7 +133,12 @@ class Connection:
     ) -> None:
         self.id = conn_id
         self.sock = sock
-        self.state = ConnState.CONNECTING if outbound else ConnState.OPEN
+        self.stream = stream
+        self.tls: TlsInfo | None = None
+        if outbound:
+            self.state = ConnState.CONNECTING
+        else:
+            self.state = ConnState.HANDSHAKE if transport == "tls" else ConnState.OPEN
         self.transport = transport
         self.local = local
         self.remote = remote
@@ -130,12 +149,12 @@ class Connection:
         self.created = now
         self.last_activity = now
         self.message_started = 0.0  # monotonic time the message in progress began; 0: none
-        self.deadline = 0.0  # CONNECTING: connect deadline; CLOSING: when to stop waiting for answers
+        # CONNECTING/HANDSHAKE: when to give up; CLOSING: when to stop waiting for answers.
+        self.deadline = 0.0
         self.out_chunks: list[bytes] = []
         self.queued_total = 0  # bytes ever queued
         self.sent_total = 0  # bytes ever written to the socket
         self.jobs: deque[PendingJob] = deque()
-        self.close_when_flushed = False
         self.worker = -1  # worker holding this connection's in-flight messages
         self.in_flight = 0
         self.bytes_in = 0
@@ -159,7 +178,13 @@ class Connection:
         self.local = local
         self.prefix = message_prefix(self.id, self.transport, local, self.remote)
 
+    def set_tls(self, info: TlsInfo) -> None:
+        """Record the handshake's facts; workers get them in every message's envelope."""
+        self.tls = info
+        self.prefix = message_prefix(self.id, self.transport, self.local, self.remote, info.encode())
+
     def info(self, thread: int, now: float) -> ConnectionInfo:
+        tls = self.tls
         return ConnectionInfo(
             id=self.id,
             state=self.state.value,
@@ -176,6 +201,11 @@ class Connection:
             messages_out=self.messages_out,
             pending_write_bytes=self.pending_bytes,
             in_flight=self.in_flight,
+            tls_version=tls.version if tls else "",
+            tls_cipher=tls.cipher if tls else "",
+            tls_handshake_ms=tls.handshake_ms if tls else 0.0,
+            tls_server_name=tls.server_name if tls else "",
+            tls_peer_subject=tls.peer_subject if tls else "",
         )
 
 

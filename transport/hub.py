@@ -17,6 +17,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from sipwire.config import Settings
+from transport.tls import TlsContexts
 
 if TYPE_CHECKING:
     from transport.iothread import IOThread
@@ -27,9 +28,11 @@ DestinationKey = tuple[str, str, int]
 class Hub:
     """Registry of threads, connection owners and outbound destinations."""
 
-    def __init__(self, settings: Settings, worker_count: int) -> None:
+    def __init__(self, settings: Settings, worker_count: int, tls: TlsContexts | None = None) -> None:
         self.settings = settings
         self.worker_count = worker_count
+        #: Built once at start; SSL objects made from them never leave this process.
+        self.tls = tls
         #: Active I/O threads, index 0 first; replaced (never mutated) on resize.
         self.threads: tuple[IOThread, ...] = ()
         self.owners: dict[int, IOThread] = {}

@@ -21,6 +21,7 @@ forwarded to the owner found in the hub, or reported as ``connection_gone``.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import ipaddress
@@ -41,7 +42,17 @@ from transport.hub import DestinationKey, Hub
 from transport.outcome import WriteResult
 from transport.ratelog import RateLimitedLog
 from transport.sip import response_for_unparsable
-from transport.wire import DoneRecord, RecordReader, WireError, WriteRecord, encode_message, encode_outcome
+from transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
+from transport.tls import TlsVerifyError, connection_info, verify_server_name
+from transport.wire import (
+    FLAG_PROMPT_OUTCOME,
+    DoneRecord,
+    RecordReader,
+    WireError,
+    WriteRecord,
+    encode_message,
+    encode_outcome,
+)
 
 log = logging.getLogger("sipwire.transport")
 
@@ -58,15 +69,8 @@ TICK_SECONDS: Final = 0.25
 
 _CONN, _CHANNEL, _LISTENER, _WAKE = range(4)
 
-_ERRNO_RESULTS: Final = {
-    errno.ECONNREFUSED: WriteResult.REFUSED,
-    errno.ETIMEDOUT: WriteResult.TIMEOUT,
-    errno.ECONNRESET: WriteResult.RESET,
-    errno.EPIPE: WriteResult.RESET,
-    errno.ENETUNREACH: WriteResult.UNREACHABLE,
-    errno.EHOSTUNREACH: WriteResult.UNREACHABLE,
-    errno.EADDRNOTAVAIL: WriteResult.UNREACHABLE,
-}
+#: Upper bounds (ms) of the TLS handshake duration histogram; one more bucket counts the rest.
+HANDSHAKE_BUCKETS_MS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
 
 _FRAMING_ANSWERS: Final = {
     FramingErrorReason.MESSAGE_TOO_LARGE: (413, "Request Entity Too Large"),
@@ -87,6 +91,7 @@ class ThreadStatistics:
     pending_write_bytes: int
     outstanding: tuple[int, ...]
     counters: dict[str, int]
+    handshake_buckets: tuple[int, ...]
 
 
 class WorkerChannel:
@@ -133,8 +138,11 @@ class IOThread:
         self.ratelog = RateLimitedLog(log)
         self._dirty_conns: dict[int, Connection] = {}
         self._dirty_channels: set[WorkerChannel] = set()
+        self._lazy_channels: set[WorkerChannel] = set()  # hold outcomes nobody waits for
+        self._handshake_buckets = [0] * (len(HANDSHAKE_BUCKETS_MS) + 1)
         self._parked: list[tuple[int, list[bytes]]] = []  # messages waiting for any live worker
         self._listeners: list[socket.socket] = []
+        self._tls = hub.tls
         self._now = time.monotonic()
         self._next_tick = self._now + TICK_SECONDS
         self._busy = 0.0
@@ -189,6 +197,9 @@ class IOThread:
             for key, mask in events:
                 kind, target = key.data
                 if kind == _CONN:
+                    if target.state is ConnState.HANDSHAKE:
+                        self._handshake(target)
+                        continue
                     if mask & READ:
                         self._read(target)
                     if mask & WRITE and target.state is not ConnState.CLOSED:
@@ -199,7 +210,7 @@ class IOThread:
                     if mask & WRITE:
                         self._send_channel(target)
                 elif kind == _LISTENER:
-                    self._accept(target)
+                    self._accept(*target)
                 else:
                     self._drain_inbox()
             if self._dirty_conns:
@@ -250,12 +261,17 @@ class IOThread:
     # -- reading and dispatch ------------------------------------------------------------------
 
     def _read(self, conn: Connection) -> None:
+        stream = conn.stream
         try:
-            data = conn.sock.recv(RECV_BYTES)
-        except BlockingIOError:
+            data = stream.recv(RECV_BYTES)
+        except StreamError as error:
+            self._close(conn, error.reason, error.result)
             return
-        except OSError as error:
-            self._close(conn, f"read failed: {error.strerror}", _ERRNO_RESULTS.get(error.errno or 0, WriteResult.RESET))
+        if stream.wants:  # TLS: the read needs a write, or a blocked write waited for this read
+            if conn.out_chunks:
+                self._dirty_conns[conn.id] = conn
+            self._update_events(conn)
+        if data is None:
             return
         if not data:
             self._close(conn, "closed by peer", WriteResult.CONNECTION_GONE)
@@ -468,8 +484,9 @@ class IOThread:
     # -- write jobs ----------------------------------------------------------------------------
 
     def _write_job(self, worker: int, record: WriteRecord) -> None:
+        prompt = bool(record.flags & FLAG_PROMPT_OUTCOME)
         if record.conn_id:
-            self._write_to(record.conn_id, record.job_id, worker, record.payload)
+            self._write_to(record.conn_id, record.job_id, worker, record.payload, prompt)
             return
         try:
             host = str(ipaddress.ip_address(record.host))
@@ -484,22 +501,22 @@ class IOThread:
         key = (record.transport, host, record.port)
         conn_id = self.hub.destination(key)
         if conn_id is None:
-            self._connect(key, record.job_id, worker, record.payload)
+            self._connect(key, record.server_name, record.job_id, worker, record.payload, prompt)
         else:
-            self._write_to(conn_id, record.job_id, worker, record.payload)
+            self._write_to(conn_id, record.job_id, worker, record.payload, prompt)
 
-    def _write_to(self, conn_id: int, job_id: int, worker: int, payload: bytes) -> None:
+    def _write_to(self, conn_id: int, job_id: int, worker: int, payload: bytes, prompt: bool) -> None:
         conn = self.conns.get(conn_id)
         if conn is None:
             owner = self.hub.owner(conn_id)
             if owner is not None and owner is not self:
-                owner.post("_write_to", conn_id, job_id, worker, payload)
+                owner.post("_write_to", conn_id, job_id, worker, payload, prompt)
             else:
                 self._outcome(worker, job_id, conn_id, WriteResult.CONNECTION_GONE, f"connection {conn_id} is closed")
             return
-        self._enqueue(conn, payload, job_id, worker)
+        self._enqueue(conn, payload, job_id, worker, prompt)
 
-    def _enqueue(self, conn: Connection, payload: bytes, job_id: int, worker: int) -> None:
+    def _enqueue(self, conn: Connection, payload: bytes, job_id: int, worker: int, prompt: bool = True) -> None:
         """Queue bytes on a connection owned here; ``job_id`` 0 is the transport's own write."""
         if conn.state is ConnState.CLOSED:
             self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, f"connection {conn.id} is closing")
@@ -522,23 +539,20 @@ class IOThread:
         self.pending_write_bytes += size
         if job_id:
             conn.messages_out += 1
-            conn.jobs.append(PendingJob(job_id, worker, conn.queued_total))
-        if conn.state is not ConnState.CONNECTING:
+            conn.jobs.append(PendingJob(job_id, worker, conn.queued_total, prompt))
+        if conn.state is ConnState.OPEN or conn.state is ConnState.CLOSING:
             self._dirty_conns[conn.id] = conn
 
     def _flush(self, conn: Connection) -> None:
-        if conn.state is ConnState.CLOSED or conn.state is ConnState.CONNECTING:
+        if conn.state is not ConnState.OPEN and conn.state is not ConnState.CLOSING:
             return
         chunks = conn.out_chunks
         if chunks:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             try:
-                sent = conn.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as error:
-                result = _ERRNO_RESULTS.get(error.errno or 0, WriteResult.RESET)
-                self._close(conn, f"write failed: {error.strerror}", result)
+                sent = conn.stream.send(data)
+            except StreamError as error:
+                self._close(conn, error.reason, error.result)
                 return
             conn.sent_total += sent
             conn.bytes_out += sent
@@ -553,26 +567,24 @@ class IOThread:
             jobs = conn.jobs
             while jobs and jobs[0].end <= conn.sent_total:
                 job = jobs.popleft()
-                self._outcome(job.worker, job.job_id, conn.id, WriteResult.SENT, "")
-        if conn.out_chunks:
-            self._set_events(conn, (READ if conn.state is ConnState.OPEN else 0) | WRITE)
-        elif conn.state is ConnState.CLOSING:
-            if not conn.in_flight:
-                self._close(conn, "closed after flush", WriteResult.CONNECTION_GONE)
-            else:
-                self._set_events(conn, 0)  # wait for the answers to its in-flight messages
-        elif self._running and not self._shutdown_deadline:
-            self._set_events(conn, READ)
-        else:
-            self._set_events(conn, 0)
+                self._outcome(job.worker, job.job_id, conn.id, WriteResult.SENT, "", job.prompt)
+        if not conn.out_chunks and conn.state is ConnState.CLOSING and not conn.in_flight:
+            self._close(conn, "closed after flush", WriteResult.CONNECTION_GONE)
+            return
+        self._update_events(conn)
 
     def _writable(self, conn: Connection) -> None:
         if conn.state is ConnState.CONNECTING:
             self._connected(conn)
-        else:
-            self._flush(conn)
+            return
+        if conn.stream.wants & WRITE:  # a TLS read was waiting to write: retry it
+            self._read(conn)
+        self._flush(conn)
 
-    def _outcome(self, worker: int, job_id: int, conn_id: int, result: WriteResult, reason: str) -> None:
+    def _outcome(
+        self, worker: int, job_id: int, conn_id: int, result: WriteResult, reason: str, prompt: bool = True
+    ) -> None:
+        """Report a job's outcome to its worker; a ``sent`` nobody waits for rides with later records."""
         self.counters[f"write.{result.label}"] += 1
         if not job_id or worker < 0:
             return
@@ -580,16 +592,19 @@ class IOThread:
         if channel is None:
             return  # that worker died; its callbacks died with it
         channel.out.append(encode_outcome(job_id, conn_id, result, reason))
-        self._dirty_channels.add(channel)
+        if prompt or result is not WriteResult.SENT:
+            self._dirty_channels.add(channel)
+        else:
+            self._lazy_channels.add(channel)
 
     # -- connections: accept, connect, move, close ---------------------------------------------
 
-    def add_listener(self, listener: socket.socket) -> None:
-        """Inbox job for thread 0: start accepting on ``listener``."""
+    def add_listener(self, listener: socket.socket, transport: str) -> None:
+        """Inbox job for thread 0: start accepting ``transport`` connections on ``listener``."""
         self._listeners.append(listener)
-        self.selector.register(listener, READ, (_LISTENER, listener))
+        self.selector.register(listener, READ, (_LISTENER, (listener, transport)))
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, transport: str) -> None:
         hub = self.hub
         limit = self.settings.max_connections
         local = listener.getsockname()[:2]
@@ -615,11 +630,19 @@ class IOThread:
                     limit,
                 )
                 continue
-            self.counters["accepted"] += 1
+            self.counters[f"accepted.{transport}"] += 1
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn_local = sock.getsockname()[:2] if wildcard else local
-            conn = Connection(hub.new_connection_id(), sock, "tcp", conn_local, address[:2], self.limits, self._now)
+            if transport == "tls" and self._tls is not None:
+                stream: TcpStream | TlsStream = TlsStream(sock, self._tls.server, server_side=True)
+            else:
+                stream = TcpStream(sock)
+            conn = Connection(
+                hub.new_connection_id(), sock, stream, transport, conn_local, address[:2], self.limits, self._now
+            )
+            if transport == "tls":
+                conn.deadline = self._now + self.settings.tls_handshake_timeout
             target = hub.least_loaded_thread()
             hub.owners[conn.id] = target
             if target is self:
@@ -634,20 +657,16 @@ class IOThread:
         self.conns[conn.id] = conn
         self.hub.owners[conn.id] = self
         self.pending_write_bytes += conn.pending_bytes
-        if conn.state is ConnState.CONNECTING:
-            self._set_events(conn, WRITE)
-        elif conn.out_chunks:
+        if conn.out_chunks and (conn.state is ConnState.OPEN or conn.state is ConnState.CLOSING):
             self._dirty_conns[conn.id] = conn
-            self._set_events(conn, WRITE if conn.state is ConnState.CLOSING else READ | WRITE)
-        elif self._shutdown_deadline:
-            self._set_events(conn, 0)
-        else:
-            self._set_events(conn, READ)
+        self._update_events(conn)
 
-    def _connect(self, key: DestinationKey, job_id: int, worker: int, payload: bytes) -> None:
+    def _connect(
+        self, key: DestinationKey, server_name: str, job_id: int, worker: int, payload: bytes, prompt: bool
+    ) -> None:
         transport, host, port = key
-        if transport != "tcp":
-            self._outcome(worker, job_id, 0, WriteResult.BAD_DESTINATION, f"transport {transport!r} is not available")
+        if transport == "tls" and self._tls is None:
+            self._outcome(worker, job_id, 0, WriteResult.BAD_DESTINATION, "TLS is not enabled on this transport")
             return
         if self.hub.connection_count() >= self.settings.max_connections:
             reason = f"max_connections {self.settings.max_connections} reached"
@@ -660,37 +679,102 @@ class IOThread:
         status = sock.connect_ex((host, port))
         if status not in (0, errno.EINPROGRESS):
             sock.close()
-            result = _ERRNO_RESULTS.get(status, WriteResult.UNREACHABLE)
+            result = ERRNO_RESULTS.get(status, WriteResult.UNREACHABLE)
             self.counters[f"connect_failed.{result.label}"] += 1
             self._outcome(worker, job_id, 0, result, f"connect to {host}:{port} failed: {os.strerror(status)}")
             return
         unbound = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+        stream: TcpStream | TlsStream = TcpStream(sock)
+        if transport == "tls" and self._tls is not None:
+            stream = TlsStream(sock, self._tls.client, server_side=False, server_name=server_name or host)
+            if (host, port) in self.settings.insecure_destinations:
+                stream.skip_verification()
+                self.ratelog.log(
+                    logging.WARNING, f"insecure.{host}:{port}",
+                    "TLS to %s:%d without certificate verification (tls_insecure_destinations)", host, port,
+                )  # fmt: skip
         conn = Connection(
-            self.hub.new_connection_id(), sock, transport, unbound, (host, port), self.limits, self._now,
+            self.hub.new_connection_id(), sock, stream, transport, unbound, (host, port), self.limits, self._now,
             outbound=True, destination=key,
         )  # fmt: skip
         conn.deadline = self._now + self.settings.connect_timeout
         winner = self.hub.claim_destination(key, conn.id)
         if winner != conn.id:  # another thread opened one first: use it
             sock.close()
-            self._write_to(winner, job_id, worker, payload)
+            self._write_to(winner, job_id, worker, payload, prompt)
             return
         self.counters["connects"] += 1
         self.adopt(conn)
-        self._enqueue(conn, payload, job_id, worker)
+        self._enqueue(conn, payload, job_id, worker, prompt)
 
     def _connected(self, conn: Connection) -> None:
         status = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if status:
-            result = _ERRNO_RESULTS.get(status, WriteResult.UNREACHABLE)
+            result = ERRNO_RESULTS.get(status, WriteResult.UNREACHABLE)
             self.counters[f"connect_failed.{result.label}"] += 1
             remote = f"{conn.remote[0]}:{conn.remote[1]}"
             self._close(conn, f"connect to {remote} failed: {os.strerror(status)}", result)
             return
-        conn.transition(ConnState.OPEN)
         conn.set_address(conn.sock.getsockname()[:2])
         conn.last_activity = self._now
+        if isinstance(conn.stream, TlsStream):
+            conn.transition(ConnState.HANDSHAKE)
+            conn.deadline = self._now + self.settings.tls_handshake_timeout
+            conn.stream.handshake_started = self._now
+            self._handshake(conn)
+            return
+        conn.transition(ConnState.OPEN)
         self._flush(conn)
+
+    def _handshake(self, conn: Connection) -> None:
+        """Advance a TLS handshake; on success the connection opens and flushes what waited."""
+        stream = conn.stream
+        assert isinstance(stream, TlsStream)
+        try:
+            if stream.handshake():
+                self._update_events(conn)
+                return
+            if conn.outbound and stream.verify_peer:
+                verify_server_name(stream.ssl, stream.server_name)
+        except StreamError as error:
+            self._tls_failed(conn, error.reason, error.result, error.reason)
+            return
+        except TlsVerifyError as error:
+            self._tls_failed(conn, "name_mismatch", WriteResult.TLS_FAILED, str(error))
+            return
+        elapsed_ms = (time.monotonic() - stream.handshake_started) * 1000.0
+        conn.set_tls(connection_info(stream.ssl, round(elapsed_ms, 3)))
+        conn.transition(ConnState.OPEN)
+        conn.last_activity = self._now
+        self.counters["tls_handshakes"] += 1
+        self._handshake_buckets[bisect.bisect_left(HANDSHAKE_BUCKETS_MS, elapsed_ms)] += 1
+        if conn.out_chunks:
+            self._dirty_conns[conn.id] = conn
+        self._update_events(conn)
+        self._read(conn)  # the peer's first message may already sit decrypted in OpenSSL
+
+    def _tls_failed(self, conn: Connection, reason: str, result: WriteResult, detail: str) -> None:
+        self.counters[f"tls_handshake_failed.{reason}"] += 1
+        self.ratelog.log(
+            logging.WARNING, f"tls.{reason}", "TLS handshake with %s:%d failed: %s",
+            conn.remote[0], conn.remote[1], detail,
+        )  # fmt: skip
+        self._close(conn, f"TLS handshake failed: {detail}", result)
+
+    def _update_events(self, conn: Connection) -> None:
+        """Register exactly the selector events the connection's state and stream need."""
+        state = conn.state
+        if state is ConnState.OPEN:
+            events = (0 if self._shutdown_deadline else READ) | (WRITE if conn.out_chunks else 0)
+        elif state is ConnState.CLOSING:
+            events = WRITE if conn.out_chunks else 0
+        elif state is ConnState.CONNECTING:
+            events = WRITE
+        elif state is ConnState.HANDSHAKE:
+            events = 0
+        else:
+            return
+        self._set_events(conn, events | conn.stream.wants)
 
     def _set_events(self, conn: Connection, events: int) -> None:
         current = conn.registered_events
@@ -721,9 +805,9 @@ class IOThread:
             conn.deadline = self._now + self.settings.shutdown_grace
         if conn.out_chunks:
             self._dirty_conns[conn.id] = conn
-            self._set_events(conn, WRITE)
+            self._update_events(conn)
         elif conn.in_flight:
-            self._set_events(conn, 0)
+            self._update_events(conn)
         else:
             self._close(conn, "closed", WriteResult.CONNECTION_GONE)
 
@@ -732,7 +816,7 @@ class IOThread:
             return
         conn.transition(ConnState.CLOSED)
         self._release(conn)
-        conn.sock.close()
+        conn.stream.close()
         self.hub.forget(conn.id, conn.destination)
         self.counters["closed"] += 1
         for job in conn.jobs:
@@ -759,6 +843,10 @@ class IOThread:
             if conn.state is ConnState.CLOSING:
                 if now > conn.deadline:
                     self._close(conn, "closing: answers not done in time", WriteResult.CONNECTION_GONE)
+            elif conn.state is ConnState.HANDSHAKE:
+                if now > conn.deadline:
+                    timeout = f"not done within {settings.tls_handshake_timeout}s"
+                    self._tls_failed(conn, "timeout", WriteResult.TIMEOUT, timeout)
             elif conn.state is ConnState.CONNECTING:
                 if now > conn.deadline:
                     timeout = (
@@ -780,6 +868,9 @@ class IOThread:
             elif not conn.in_flight and not conn.out_chunks and now - conn.last_activity > idle_timeout:
                 self.counters["closed_idle"] += 1
                 self._close(conn, f"idle for {idle_timeout}s", WriteResult.CONNECTION_GONE)
+        if self._lazy_channels:
+            self._dirty_channels |= self._lazy_channels
+            self._lazy_channels = set()
         if self._retire_deadline and (now > self._retire_deadline or not any(self.outstanding)):
             self._running = False
         if self._shutdown_deadline:
@@ -813,9 +904,7 @@ class IOThread:
         self._listeners = []
         self._shutdown_deadline = self._now + grace
         for conn in list(self.conns.values()):
-            if conn.state is ConnState.CONNECTING:
-                continue
-            self._set_events(conn, WRITE if conn.out_chunks else 0)
+            self._update_events(conn)
         self._next_tick = self._now
 
     def snapshot(self, future: Future[tuple[ThreadStatistics, list[ConnectionInfo]]], with_connections: bool) -> None:
@@ -830,6 +919,7 @@ class IOThread:
             pending_write_bytes=self.pending_write_bytes,
             outstanding=tuple(self.outstanding),
             counters=dict(self.counters),
+            handshake_buckets=tuple(self._handshake_buckets),
         )
         now = self._now
         infos = [conn.info(self.index, now) for conn in self.conns.values()] if with_connections else []

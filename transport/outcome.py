@@ -19,6 +19,7 @@ class WriteResult(Enum):
     SHUTDOWN = (8, "shutdown")
     LIMIT_REACHED = (9, "limit_reached")
     TOO_LARGE = (10, "too_large")
+    TLS_FAILED = (11, "tls_failed")
 
     def __init__(self, code: int, label: str) -> None:
         self.code = code

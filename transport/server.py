@@ -27,7 +27,8 @@ from sipwire.config import Settings
 from transport.connection import ConnectionInfo, format_address
 from transport.control import ControlError, ControlServer
 from transport.hub import Hub
-from transport.iothread import IOThread, ThreadStatistics
+from transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread, ThreadStatistics
+from transport.tls import TlsConfigError, build_contexts
 from transport.workerpool import WorkerPool
 
 log = logging.getLogger("sipwire.transport")
@@ -48,7 +49,11 @@ class TransportServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.hub = Hub(settings, settings.workers)
+        try:
+            tls = build_contexts(settings) if settings.tls else None
+        except TlsConfigError as error:
+            raise StartupError(f"TLS: {error}") from error
+        self.hub = Hub(settings, settings.workers, tls)
         self.workers = WorkerPool(settings)
         self.listening: dict[str, str] = {}
         self.started_at = time.time()
@@ -69,8 +74,8 @@ class TransportServer:
         listeners = self._bind()
         threads = tuple(IOThread(index, self.hub) for index in range(self.settings.threads))
         self.hub.threads = threads
-        for listener in listeners:
-            threads[0].post("add_listener", listener)
+        for listener, transport in listeners:
+            threads[0].post("add_listener", listener, transport)
         self.workers.start(threads)
         for thread in threads:
             thread.start()
@@ -78,15 +83,20 @@ class TransportServer:
         self._control.start()
         for name, address in self.listening.items():
             log.info("listening on %s %s", name, address)
+        if self.hub.tls is not None:
+            log.info(
+                "TLS certificate %s, SHA-256 fingerprint %s", self.hub.tls.certificate_path, self.hub.tls.fingerprint
+            )
         log.info(
             "transport ready: pid %d, %d I/O threads, %d workers, router %s, control socket %s",
             os.getpid(), len(threads), len(self.workers), self.settings.router, self.settings.control_path,
         )  # fmt: skip
 
-    def _bind(self) -> list[socket.socket]:
-        listeners = []
-        address = self.settings.tcp_address
-        if address is not None:
+    def _bind(self) -> list[tuple[socket.socket, str]]:
+        listeners: list[tuple[socket.socket, str]] = []
+        for transport, address in (("tcp", self.settings.tcp_address), ("tls", self.settings.tls_address)):
+            if address is None:
+                continue
             family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -94,13 +104,17 @@ class TransportServer:
                 sock.bind(address)
             except OSError as error:
                 sock.close()
-                raise StartupError(f"cannot listen on TCP {self.settings.tcp}: {error.strerror}") from error
+                for opened, _ in listeners:
+                    opened.close()
+                raise StartupError(
+                    f"cannot listen on {transport.upper()} {format_address(address)}: {error.strerror}"
+                ) from error
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
-            self.listening["tcp"] = format_address(sock.getsockname()[:2])
-            listeners.append(sock)
+            self.listening[transport] = format_address(sock.getsockname()[:2])
+            listeners.append((sock, transport))
         if not listeners:
-            raise StartupError("no listener configured: set tcp")
+            raise StartupError("no listener configured: set tcp and/or tls")
         return listeners
 
     # -- supervisor loop -------------------------------------------------------------------------
@@ -263,6 +277,7 @@ class TransportServer:
         for thread_stats in stats:
             for name, value in thread_stats.counters.items():
                 counters[name] = counters.get(name, 0) + value
+        handshakes = [sum(column) for column in zip(*(s.handshake_buckets for s in stats), strict=True)]
         in_flight = [sum(s.outstanding[index] for s in stats) for index in range(len(self.workers))]
         workers = [dataclasses.asdict(w) | {"in_flight": in_flight[w.index]} for w in self.workers.statistics()]
         return {
@@ -272,6 +287,7 @@ class TransportServer:
             "inbox_depth": sum(s.queue_depth for s in stats),
             "dispatch_in_flight": sum(in_flight),
             "counters": dict(sorted(counters.items())),
+            "tls_handshake_ms": _histogram(handshakes),
             "workers": workers,
             "threads": [dataclasses.asdict(s) for s in stats],
         }
@@ -327,6 +343,21 @@ class TransportServer:
         ]  # fmt: skip
         selected.sort(key=lambda info: info.id)
         return {"total": len(selected), "connections": [dataclasses.asdict(info) for info in selected[:limit]]}
+
+
+def _histogram(buckets: list[int]) -> dict[str, Any]:
+    """Cumulative buckets (Prometheus style) and percentiles read off their upper bounds."""
+    total = sum(buckets)
+    cumulative: list[dict[str, Any]] = []
+    running = 0
+    for bound, count in zip((*HANDSHAKE_BUCKETS_MS, "+Inf"), buckets, strict=True):
+        running += count
+        cumulative.append({"le": bound, "count": running})
+    percentiles: dict[str, Any] = {}
+    for name, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+        rank = fraction * total
+        percentiles[name] = next((b["le"] for b in cumulative if total and b["count"] >= rank), None)
+    return {"count": total, "buckets": cumulative, **percentiles}
 
 
 def _int_argument(request: dict[str, Any], name: str) -> int:

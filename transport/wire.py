@@ -17,10 +17,13 @@ Transport to worker
     OUTCOME  ``!QQB`` job id, conn id, result code; the reason (UTF-8).
 
 Worker to transport
-    WRITE    ``!QQBHBB`` job id, conn id (0: send by destination), transport
-             code, port, host length, server name length; the host (an IP
-             literal); the TLS server name (SNI and certificate check, may be
-             empty); the payload.
+    WRITE    ``!QQBBHBB`` job id, conn id (0: send by destination), flags,
+             transport code, port, host length, server name length; the host
+             (an IP literal); the TLS server name (ASCII: SNI and certificate
+             check, may be empty); the payload. Flag :data:`FLAG_PROMPT_OUTCOME`:
+             the worker waits on this job's outcome, so report success at once;
+             without it a ``sent`` outcome rides along with the next records
+             for that worker (failures are always reported at once).
     DONE     ``!QI`` conn id, number of that connection's messages finished.
 
 Bodies are bounded by :data:`MAX_RECORD_BYTES`; a reader that sees a larger
@@ -47,12 +50,16 @@ TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
 MAX_RECORD_BYTES: Final = 1 << 20
 #: The largest payload one WRITE record can carry (room left for its fixed part and names).
 MAX_WRITE_PAYLOAD: Final = MAX_RECORD_BYTES - 1024
+#: TLS facts beyond this are cut (a peer's certificate subject could be huge).
+MAX_TLS_FACTS_BYTES: Final = 4096
+#: WRITE flag: report a ``sent`` outcome at once (someone waits for it).
+FLAG_PROMPT_OUTCOME: Final = 1
 
 _HEADER = struct.Struct("!BI")
 _MESSAGE_FIXED = struct.Struct("!QBHHBBH")
 _MESSAGE_TIME = struct.Struct("!dH")
 _OUTCOME = struct.Struct("!QQB")
-_WRITE = struct.Struct("!QQBHBB")
+_WRITE = struct.Struct("!QQBBHBB")
 _DONE = struct.Struct("!QI")
 HEADER_SIZE: Final = _HEADER.size
 
@@ -92,6 +99,7 @@ class WriteRecord(NamedTuple):
     port: int
     payload: bytes
     server_name: str = ""
+    flags: int = 0
 
 
 class DoneRecord(NamedTuple):
@@ -108,7 +116,7 @@ def message_prefix(
     """The per-connection part of a MESSAGE body, built once per connection (again after a handshake)."""
     local_host = local[0].encode("ascii")
     remote_host = remote[0].encode("ascii")
-    tls_bytes = tls.encode("utf-8", "replace")
+    tls_bytes = tls.encode("utf-8", "replace")[:MAX_TLS_FACTS_BYTES].decode("utf-8", "ignore").encode()
     fixed = _MESSAGE_FIXED.pack(
         conn_id, TRANSPORT_CODES[transport], local[1], remote[1], len(local_host), len(remote_host), len(tls_bytes)
     )
@@ -139,17 +147,25 @@ def encode_outcome(job_id: int, conn_id: int, result: WriteResult, reason: str) 
 
 
 def encode_write(
-    job_id: int, conn_id: int, transport: str, host: str, port: int, payload: bytes, server_name: str = ""
+    job_id: int,
+    conn_id: int,
+    transport: str,
+    host: str,
+    port: int,
+    payload: bytes,
+    server_name: str = "",
+    flags: int = 0,
 ) -> bytes:
+    """A WRITE record; ``server_name`` must be ASCII (IDNA-encoded) and at most 255 bytes."""
     host_bytes = host.encode("ascii")
     name_bytes = server_name.encode("ascii")
-    fixed = _WRITE.pack(job_id, conn_id, TRANSPORT_CODES[transport], port, len(host_bytes), len(name_bytes))
+    fixed = _WRITE.pack(job_id, conn_id, flags, TRANSPORT_CODES[transport], port, len(host_bytes), len(name_bytes))
     body = fixed + host_bytes + name_bytes
     return _HEADER.pack(KIND_WRITE, len(body) + len(payload)) + body + payload
 
 
-def encode_done(conn_id: int, count: int) -> bytes:
-    return _HEADER.pack(KIND_DONE, _DONE.size) + _DONE.pack(conn_id, count)
+def encode_done(conn_id: int, messages: int) -> bytes:
+    return _HEADER.pack(KIND_DONE, _DONE.size) + _DONE.pack(conn_id, messages)
 
 
 class RecordReader:
@@ -186,7 +202,7 @@ class RecordReader:
 def _take(body: bytes, position: int, length: int, what: str) -> bytes:
     """``length`` bytes at ``position``, or WireError if they overrun the body."""
     if position + length > len(body):
-        raise WireError(f"{what} of {length} bytes overruns its {len(body)}-byte record")
+        raise WireError(f"{what} of {length} bytes overruns its {len(body)}-byte record body")
     return body[position : position + length]
 
 
@@ -214,13 +230,13 @@ def _decode(kind: int, body: bytes) -> Record:
             tls,
         )
     if kind == KIND_WRITE:
-        job_id, conn_id, transport, port, host_len, name_len = _WRITE.unpack_from(body)
+        job_id, conn_id, flags, transport, port, host_len, name_len = _WRITE.unpack_from(body)
         position = _WRITE.size
         host = _take(body, position, host_len, "WRITE host").decode("ascii")
         position += host_len
         server_name = _take(body, position, name_len, "WRITE server name").decode("ascii")
         position += name_len
-        return WriteRecord(job_id, conn_id, TRANSPORT_NAMES[transport], host, port, body[position:], server_name)
+        return WriteRecord(job_id, conn_id, TRANSPORT_NAMES[transport], host, port, body[position:], server_name, flags)
     if kind == KIND_DONE:
         conn_id, count = _DONE.unpack(body)
         return DoneRecord(conn_id, count)

@@ -34,6 +34,7 @@ from transport.routing import Destination, Envelope, Outcome, OutcomeCallback, R
 from transport.sip import SipParseError, parse, response_for_unparsable
 from transport.tlsinfo import TlsInfo
 from transport.wire import (
+    FLAG_PROMPT_OUTCOME,
     MAX_WRITE_PAYLOAD,
     MessageRecord,
     OutcomeRecord,
@@ -97,8 +98,9 @@ class Worker:
         if channel is None:
             self._fail_later(job_id, conn_id, on_outcome, WriteResult.SHUTDOWN, "no channel to the transport")
             return job_id
+        flags = FLAG_PROMPT_OUTCOME if on_outcome is not None else 0
         if destination is None:
-            record = encode_write(job_id, conn_id, "tcp", "", 0, data)
+            record = encode_write(job_id, conn_id, "tcp", "", 0, data, flags=flags)
         else:
             try:
                 host = self._resolve(destination.host, destination.port)
@@ -106,8 +108,12 @@ class Worker:
                 reason = f"cannot resolve {destination.host!r}: {error}"
                 self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, reason)
                 return job_id
-            server_name = destination.server_name or (destination.host if host != destination.host else "")
-            record = encode_write(job_id, 0, destination.transport, host, destination.port, data, server_name)
+            try:
+                server_name = _server_name(destination, host)
+            except ValueError as error:
+                self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, str(error))
+                return job_id
+            record = encode_write(job_id, 0, destination.transport, host, destination.port, data, server_name, flags)
         if on_outcome is not None:
             self._callbacks[job_id] = on_outcome
         channel.out.append(record)
@@ -251,6 +257,20 @@ class Worker:
                     channel.sock.sendall(data)
                 except OSError:
                     self._close_channel(channel)
+
+
+def _server_name(destination: Destination, address: str) -> str:
+    """The TLS name to send and check: explicit, else the host when it was a name; ASCII (IDNA)."""
+    name = destination.server_name or (destination.host if address != destination.host.strip("[]") else "")
+    if not name:
+        return ""
+    try:
+        encoded = name.encode("idna").decode("ascii")
+    except UnicodeError as error:
+        raise ValueError(f"server name {name!r} is not a valid host name: {error}") from error
+    if len(encoded) > 253:
+        raise ValueError(f"server name {name[:40]!r}... is longer than 253 characters")
+    return encoded
 
 
 def main(argv: list[str] | None = None) -> int:
