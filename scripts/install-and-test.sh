@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it:
-# Debian packages (sipp as the real SIP peer), the Python package with its test
+# Debian packages (sipp as the real SIP peer, stunnel to put TLS under it), the Python package with its test
 # extras, the linters, and pytest. Run as root or with sudo available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
-DEBIAN_PACKAGES=(sip-tester)
+DEBIAN_PACKAGES=(sip-tester stunnel4)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

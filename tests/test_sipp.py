@@ -13,17 +13,15 @@ or answered with an error.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, RunningTransport
+from tests.conftest import RunningTransport, run_ctl
 from tests.sipp import SIPP, Sipp, SippResult, run_sipp
 
 pytestmark = [
@@ -44,6 +42,8 @@ BAD_COUNTER_PREFIXES = (
     "closed_idle",
 )
 SETTLE_SECONDS = 5.0
+#: Time for thread 0 to accept and hand over new connections with no control request running.
+QUIET_SECONDS = 0.3
 
 
 def settled_counters(transport: RunningTransport, expected: dict[str, int]) -> dict[str, int]:
@@ -82,6 +82,8 @@ def assert_counters(transport: RunningTransport, *, messages_in: int, sent: int,
     assert bad == {}, context
     failed_writes = {n: v for n, v in counters.items() if n.startswith("write.") and n != "write.sent" and v}
     assert failed_writes == {}, context
+    log_errors = [line for line in transport.log_text().splitlines() if " ERROR " in line or "Traceback" in line]
+    assert log_errors == [], context
     return counters
 
 
@@ -123,76 +125,108 @@ def test_options_scenario(start_transport: StartTransport, tmp_path: Path, mode:
     assert_counters(transport, messages_in=calls, sent=calls, accepted=expected_accepts(mode, calls))
 
 
-def ctl_threads(transport: RunningTransport, size: int) -> dict[str, object]:
+def ctl_threads(transport: RunningTransport, size: int) -> dict[str, Any]:
     """``sipwire ctl threads N --json``, the operator's way to resize the pool."""
-    state_dir = transport.control_path.parent.parent
-    instance = transport.control_path.parent.name
-    command = [
-        sys.executable, "-m", "sipwire.cli", "ctl", "--instance", instance, "--state-dir", str(state_dir),
-        "threads", str(size), "--json",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=20, cwd=REPO, env=env, check=False)
+    done = run_ctl(transport, "threads", str(size), "--json")
     assert done.returncode == 0, f"ctl threads {size}: rc {done.returncode}\n{done.stdout}\n{done.stderr}"
-    state: dict[str, object] = json.loads(done.stdout)
+    state: dict[str, Any] = json.loads(done.stdout)
     return state
+
+
+def connections_by_remote(transport: RunningTransport) -> dict[str, dict[str, Any]]:
+    return {info["remote"]: info for info in transport.control("connections")["connections"]}
+
+
+def wait_for_connections(transport: RunningTransport, count: int) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + 5.0
+    while True:
+        infos = connections_by_remote(transport)
+        if len(infos) >= count or time.monotonic() > deadline:
+            return infos
+        time.sleep(0.02)
 
 
 def test_resize_under_load(start_transport: StartTransport, tmp_path: Path) -> None:
     """Resize the I/O pool 4 -> 1 -> 8 -> 2 while sipp sends OPTIONS over t1 and tn at the same time.
 
-    Shrinking moves every connection (the t1 one included) to the threads
-    that stay; growing spreads new (tn) connections over the new threads.
-    Not one call may fail and both ends must count the same messages.
+    Three idle connections opened first take threads 0-2, so sipp's t1
+    connection lands on thread 3 and has to move, mid-traffic, when the
+    pool shrinks to 1. Growing to 8 spreads the new tn connections over the
+    new threads; shrinking to 2 moves those still open. Not one call may
+    fail and both ends must count the same messages.
     """
     seconds = 12
     t1_rate, tn_rate = 400, 150
     t1_calls, tn_calls = t1_rate * seconds, tn_rate * seconds
     transport = start_transport(workers=2, threads=4)
-    sizes_seen: list[int] = []
-    with (
-        Sipp(
+    # New connections go to the thread with the fewest connections plus inbox jobs, so no control
+    # request (each one posts a job to every thread) may run while they are being accepted.
+    placeholders = [transport.connect() for _ in range(3)]
+    try:
+        time.sleep(QUIET_SECONDS)
+        idle = wait_for_connections(transport, 3)
+        with Sipp(
             transport.host, transport.port, tmp_path / "sipp-t1",
             scenario="options_uac.xml", transport="t1", calls=t1_calls, rate=t1_rate, timeout=seconds + 15,
-        ) as sipp_t1,
-        Sipp(
-            transport.host, transport.port, tmp_path / "sipp-tn",
-            scenario="options_uac.xml", transport="tn", calls=tn_calls, rate=tn_rate, timeout=seconds + 15,
-        ) as sipp_tn,
-    ):  # fmt: skip
-        started = time.monotonic()
-        for at, size in ((2.5, 1), (5.5, 8), (8.5, 2)):
-            time.sleep(max(0.0, started + at - time.monotonic()))
-            assert sipp_t1.process.poll() is None and sipp_tn.process.poll() is None, "sipp ended before the resize"
-            state = ctl_threads(transport, size)
-            assert state["size"] == size, state
-            sizes_seen.append(size)
-        # Wait for both concurrently so neither one's deadline is eaten by the other.
-        results: dict[str, SippResult | BaseException] = {}
-
-        def wait(name: str, sipp: Sipp) -> None:
-            try:
-                results[name] = sipp.wait()
-            except BaseException as error:
-                results[name] = error
-
-        waiters = [threading.Thread(target=wait, args=item) for item in (("t1", sipp_t1), ("tn", sipp_tn))]
-        for waiter in waiters:
-            waiter.start()
-        for waiter in waiters:
-            waiter.join()
-    assert sizes_seen == [1, 8, 2]
+        ) as sipp_t1:  # fmt: skip
+            time.sleep(QUIET_SECONDS)
+            t1_conn = [info for remote, info in wait_for_connections(transport, 4).items() if remote not in idle]
+            placement = f"placeholders {sorted(i['thread'] for i in idle.values())}, t1 {t1_conn}"
+            assert len(t1_conn) == 1 and t1_conn[0]["thread"] != 0, f"t1 must sit on a retiring thread: {placement}"
+            t1_remote = t1_conn[0]["remote"]
+            with Sipp(
+                transport.host, transport.port, tmp_path / "sipp-tn",
+                scenario="options_uac.xml", transport="tn", calls=tn_calls, rate=tn_rate, timeout=seconds + 15,
+            ) as sipp_tn:  # fmt: skip
+                results = drive_resizes(transport, sipp_t1, sipp_tn, t1_remote)
+    finally:
+        for sock in placeholders:
+            sock.close()
     t1, tn = results["t1"], results["tn"]
-    if isinstance(t1, BaseException):
-        raise t1
-    if isinstance(tn, BaseException):
-        raise tn
     assert_clean_sipp(t1, t1_calls)
     assert_clean_sipp(tn, tn_calls)
-    assert (t1.requests_sent, tn.requests_sent) == (t1_calls, tn_calls), t1.describe() + "\n" + tn.describe()
-    assert (t1.received(200), tn.received(200)) == (t1_calls, tn_calls), t1.describe() + "\n" + tn.describe()
+    both = t1.describe() + "\n" + tn.describe()
+    assert (t1.requests_sent, tn.requests_sent) == (t1_calls, tn_calls), both
+    assert (t1.received(200), tn.received(200)) == (t1_calls, tn_calls), both
     requests = t1.requests_sent + tn.requests_sent
     answers = t1.received(200) + tn.received(200)
-    assert_counters(transport, messages_in=requests, sent=answers, accepted=1 + tn_calls)
+    assert_counters(transport, messages_in=requests, sent=answers, accepted=len(placeholders) + 1 + tn_calls)
     final = transport.control("threads")
     assert final["size"] == 2, final
+
+
+def drive_resizes(transport: RunningTransport, sipp_t1: Sipp, sipp_tn: Sipp, t1_remote: str) -> dict[str, SippResult]:
+    """Resize a few seconds apart while both sipps run, then wait for both (concurrently)."""
+    started = time.monotonic()
+    t1_messages: list[int] = []
+    for at, size in ((2.5, 1), (5.5, 8), (8.5, 2)):
+        time.sleep(max(0.0, started + at - time.monotonic()))
+        assert sipp_t1.process.poll() is None, "sipp t1 ended before the resize"
+        assert sipp_tn.process.poll() is None, "sipp tn ended before the resize"
+        state = ctl_threads(transport, size)
+        assert state["size"] == size, state
+        t1_info = connections_by_remote(transport).get(t1_remote)
+        assert t1_info is not None, f"the t1 connection {t1_remote} is gone after resizing to {size}"
+        assert t1_info["thread"] < size, t1_info
+        t1_messages.append(t1_info["messages_in"])
+    # the t1 connection kept receiving across the resizes
+    assert t1_messages == sorted(t1_messages) and t1_messages[0] < t1_messages[-1], t1_messages
+    results: dict[str, SippResult | BaseException] = {}
+
+    def wait(name: str, sipp: Sipp) -> None:
+        try:
+            results[name] = sipp.wait()
+        except BaseException as error:
+            results[name] = error
+
+    waiters = [threading.Thread(target=wait, args=item) for item in (("t1", sipp_t1), ("tn", sipp_tn))]
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.join()
+    finished: dict[str, SippResult] = {}
+    for name, outcome in results.items():
+        if isinstance(outcome, BaseException):
+            raise outcome
+        finished[name] = outcome
+    return finished
