@@ -90,3 +90,12 @@ def test_cli_reports_bad_configuration_with_exit_code_2() -> None:
     )
     assert result.returncode == 2
     assert "configuration error: threads: 0 is outside 1..64" in result.stderr
+
+
+def test_workers_never_import_openssl() -> None:
+    """SSL objects stay in the transport: a worker process must not even load OpenSSL."""
+    code = (
+        "import sys, transport.worker, transport.routers.proxy; print(sorted(m for m in sys.modules if 'OpenSSL' in m))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert result.stdout.strip() == "[]"

@@ -41,6 +41,7 @@ from transport.framing import PONG, Event, FramerLimits, FramingError, FramingEr
 from transport.hub import DestinationKey, Hub
 from transport.outcome import WriteResult
 from transport.ratelog import RateLimitedLog
+from transport.readbuffer import ReadBuffer
 from transport.sip import response_for_unparsable
 from transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
 from transport.tls import TlsVerifyError, connection_info, verify_server_name
@@ -143,6 +144,7 @@ class IOThread:
         self._parked: list[tuple[int, list[bytes]]] = []  # messages waiting for any live worker
         self._listeners: list[socket.socket] = []
         self._tls = hub.tls
+        self._reader = ReadBuffer(RECV_BYTES)
         self._now = time.monotonic()
         self._next_tick = self._now + TICK_SECONDS
         self._busy = 0.0
@@ -263,7 +265,7 @@ class IOThread:
     def _read(self, conn: Connection) -> None:
         stream = conn.stream
         try:
-            data = stream.recv(RECV_BYTES)
+            data = stream.recv(self._reader)
         except StreamError as error:
             self._close(conn, error.reason, error.result)
             return
@@ -375,7 +377,7 @@ class IOThread:
 
     def _read_channel(self, channel: WorkerChannel) -> None:
         try:
-            data = channel.sock.recv(RECV_BYTES)
+            data = self._reader.recv(channel.sock)
         except BlockingIOError:
             return
         except OSError:
@@ -646,12 +648,17 @@ class IOThread:
             target = hub.least_loaded_thread()
             hub.owners[conn.id] = target
             if target is self:
-                self.adopt(conn)
+                self.adopt(conn, True)
             else:
-                target.post("adopt", conn)
+                target.post("adopt", conn, True)
 
-    def adopt(self, conn: Connection) -> None:
-        """Inbox job: take ownership of a new or moved connection, buffers and jobs included."""
+    def adopt(self, conn: Connection, accepted: bool = False) -> None:
+        """Inbox job: take ownership of a new or moved connection, buffers and jobs included.
+
+        A just-accepted connection is read at once: clients send right after
+        connecting, so its first bytes (request or ClientHello) are usually
+        there already, and this saves a selector round trip.
+        """
         if conn.state is ConnState.CLOSED:
             return
         self.conns[conn.id] = conn
@@ -660,6 +667,11 @@ class IOThread:
         if conn.out_chunks and (conn.state is ConnState.OPEN or conn.state is ConnState.CLOSING):
             self._dirty_conns[conn.id] = conn
         self._update_events(conn)
+        if accepted:
+            if conn.state is ConnState.HANDSHAKE:
+                self._handshake(conn)
+            else:
+                self._read(conn)
 
     def _connect(
         self, key: DestinationKey, server_name: str, job_id: int, worker: int, payload: bytes, prompt: bool

@@ -38,6 +38,7 @@ from typing import Final
 from OpenSSL import SSL
 
 from transport.outcome import WriteResult
+from transport.readbuffer import ReadBuffer
 from transport.tls import describe_ssl_error
 
 #: Records read per :meth:`TlsStream.recv` at most, to bound one connection's turn.
@@ -81,10 +82,10 @@ class TcpStream:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
-    def recv(self, size: int) -> bytes | None:
+    def recv(self, reader: ReadBuffer) -> bytes | None:
         """Bytes read, ``b""`` at end of stream, None when nothing is available."""
         try:
-            return self.sock.recv(size)
+            return reader.recv(self.sock)
         except BlockingIOError:
             return None
         except OSError as error:
@@ -146,31 +147,36 @@ class TlsStream:
         self.wants = 0
         return 0
 
-    def recv(self, size: int) -> bytes | None:
-        chunks: list[bytes] = []
+    def recv(self, reader: ReadBuffer) -> bytes | None:
+        """Decrypted bytes (several records at most), ``b""`` at end of stream, None if none yet."""
+        view = reader.view
+        size = len(view)
+        total = 0
         self.wants &= ~WRITE_EVENT
         for _ in range(TLS_RECORDS_PER_READ):
+            if total == size:
+                break
             try:
-                chunk = self.ssl.recv(size)
+                count = self.ssl.recv_into(view[total:], size - total)
             except SSL.WantReadError:
                 break
             except SSL.WantWriteError:
                 self.wants |= WRITE_EVENT
                 break
             except SSL.ZeroReturnError:
-                return b"".join(chunks) if chunks else b""  # close_notify: end of stream
+                return view[:total].tobytes()  # close_notify: end of stream (after what came before)
             except SSL.SysCallError as error:
                 if error.args and error.args[0] == -1:
-                    return b"".join(chunks) if chunks else b""  # EOF without close_notify
+                    return view[:total].tobytes()  # EOF without close_notify
                 raise StreamError(f"TLS read failed: {describe_ssl_error(error)}", WriteResult.RESET) from error
             except SSL.Error as error:
                 raise StreamError(f"TLS read failed: {describe_ssl_error(error)}", WriteResult.RESET) from error
             except OSError as error:
                 raise _os_error("read", error) from error
-            chunks.append(chunk)
-            if not chunk:
+            if not count:
                 break
-        return b"".join(chunks) if chunks else None
+            total += count
+        return view[:total].tobytes() if total else None
 
     def send(self, data: bytes) -> int:
         total = 0

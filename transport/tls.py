@@ -113,6 +113,8 @@ def build_contexts(settings: Settings) -> TlsContexts:
     else:
         cert_path, key_path = ensure_dev_certificate(settings.runtime_dir / "tls")
     server = _base_context()
+    _check_readable(cert_path, "the certificate chain")
+    _check_readable(key_path, "the private key")
     try:
         server.use_certificate_chain_file(str(cert_path))
     except (OSError, SSL.Error) as error:
@@ -120,6 +122,10 @@ def build_contexts(settings: Settings) -> TlsContexts:
     try:
         server.use_privatekey_file(str(key_path))
     except (OSError, SSL.Error) as error:
+        if isinstance(error, SSL.Error) and _describe(error) == "key values mismatch":
+            # OpenSSL checks a key of the certificate's type as it loads it; one of another type is
+            # caught by check_privatekey below. Both are the same operator error: say so, once.
+            raise TlsConfigError(f"private key {key_path} does not match certificate {cert_path}") from error
         raise TlsConfigError(f"cannot load the private key {key_path}: {_describe(error)}") from error
     try:
         server.check_privatekey()
@@ -152,7 +158,17 @@ def _base_context() -> SSL.Context:
     return context
 
 
+def _check_readable(path: Path | str, what: str) -> None:
+    """Name the OS error for a missing or unreadable file (OpenSSL 3 only says "system lib")."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise TlsConfigError(f"cannot load {what} {path}: {error.strerror or error}") from error
+
+
 def _load_ca(context: SSL.Context, ca_path: str) -> None:
+    _check_readable(ca_path, "CA bundle")
     try:
         context.load_verify_locations(ca_path)
     except (OSError, SSL.Error) as error:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from sipwire.config import Settings
 from transport.outcome import WriteResult
+from transport.readbuffer import ReadBuffer
 from transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
 from transport.sip import SipParseError, parse, response_for_unparsable
 from transport.tlsinfo import TlsInfo
@@ -82,6 +83,7 @@ class Worker:
         self._dns_cache: dict[tuple[str, int], tuple[str, float]] = {}
         self._running = True
         self._route_errors = 0
+        self._reader = ReadBuffer(RECV_BYTES)
 
     # -- the Sender protocol used by RouteContext ------------------------------------------
 
@@ -185,7 +187,7 @@ class Worker:
 
     def _read_channel(self, channel: _Channel) -> None:
         try:
-            data = channel.sock.recv(RECV_BYTES)
+            data = self._reader.recv(channel.sock)
         except OSError:
             data = b""
         if not data:
