@@ -46,6 +46,13 @@ SETTLE_SECONDS = 5.0
 QUIET_SECONDS = 0.3
 
 
+def observed_counter(counters: dict[str, int], name: str) -> int:
+    """A counter's value; ``accepted`` sums its per-protocol split (``accepted.tcp``, ``accepted.tls``)."""
+    if name == "accepted":
+        return sum(value for key, value in counters.items() if key == name or key.startswith("accepted."))
+    return counters.get(name, 0)
+
+
 def settled_counters(transport: RunningTransport, expected: dict[str, int]) -> dict[str, int]:
     """The transport's counters once they reach ``expected`` (or after SETTLE_SECONDS).
 
@@ -56,7 +63,8 @@ def settled_counters(transport: RunningTransport, expected: dict[str, int]) -> d
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
         counters = transport.counters()
-        if all(counters.get(name, 0) == value for name, value in expected.items()) or time.monotonic() > deadline:
+        settled = all(observed_counter(counters, name) == value for name, value in expected.items())
+        if settled or time.monotonic() > deadline:
             return counters
         time.sleep(0.1)
 
@@ -76,7 +84,7 @@ def assert_counters(transport: RunningTransport, *, messages_in: int, sent: int,
     expected = {"messages_in": messages_in, "write.sent": sent, "accepted": accepted, "closed": accepted}
     counters = settled_counters(transport, expected)
     context = f"transport counters: {counters}\ntransport log (tail):\n{transport.log_text()[-3000:]}"
-    observed = {name: counters.get(name, 0) for name in expected}
+    observed = {name: observed_counter(counters, name) for name in expected}
     assert observed == expected, context
     bad = {name: value for name, value in counters.items() if name.startswith(BAD_COUNTER_PREFIXES) and value}
     assert bad == {}, context

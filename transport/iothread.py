@@ -192,6 +192,7 @@ class IOThread:
     def _loop(self) -> None:
         monotonic = time.monotonic
         select = self.selector.select
+        conns = self.conns
         while self._running:
             timeout = max(0.0, self._next_tick - monotonic())
             events = select(timeout)
@@ -199,6 +200,8 @@ class IOThread:
             for key, mask in events:
                 kind, target = key.data
                 if kind == _CONN:
+                    if conns.get(target.id) is not target:
+                        continue  # moved away (retire) or closed earlier in this same pass
                     if target.state is ConnState.HANDSHAKE:
                         self._handshake(target)
                         continue
@@ -834,8 +837,6 @@ class IOThread:
         for job in conn.jobs:
             self._outcome(job.worker, job.job_id, conn.id, result, reason)
         conn.jobs.clear()
-        if result is WriteResult.TIMEOUT and conn.outbound and not conn.sent_total:
-            self.counters["connect_failed.timeout"] += 1
         log.debug("connection %d %s:%d closed: %s", conn.id, conn.remote[0], conn.remote[1], reason)
 
     # -- timers --------------------------------------------------------------------------------
@@ -864,6 +865,7 @@ class IOThread:
                     timeout = (
                         f"connect to {conn.remote[0]}:{conn.remote[1]} timed out after {settings.connect_timeout}s"
                     )
+                    self.counters["connect_failed.timeout"] += 1
                     self._close(conn, timeout, WriteResult.TIMEOUT)
             elif conn.write_progress and now - conn.write_progress > send_timeout:
                 self.counters["closed_send_timeout"] += 1
