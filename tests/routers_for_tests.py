@@ -16,6 +16,8 @@ Request headers drive them:
 * ``X-Gate``, ``X-Report-Port`` (``gated_reply``): wait until the file
   ``X-Gate`` exists, reply on the request's own connection, and send the
   reply's outcome label to the test's listener at 127.0.0.1:PORT.
+* (``tls_facts``): no header; answers ``200`` with the TLS facts of the
+  envelope (version, cipher, SNI, peer subject) in ``X-Tls-*`` headers.
 """
 
 from __future__ import annotations
@@ -96,3 +98,21 @@ def gated_reply(message: SipMessage, ctx: RouteContext) -> None:
         ctx.send(Destination("tcp", LOOPBACK, report_port), line)
 
     ctx.reply(build_response(message, 200, "OK", via_source=ctx.envelope.remote), on_outcome=report)
+
+
+def tls_facts(message: SipMessage, ctx: RouteContext) -> None:
+    """Answer 200 with the TLS facts the worker got in the envelope (``X-Tls-*`` headers)."""
+    if not message.is_request or message.method == "ACK":
+        return
+    envelope = ctx.envelope
+    tls = envelope.tls
+    facts = [
+        ("X-Transport", envelope.transport),
+        ("X-Tls", "yes" if tls is not None else "no"),
+        ("X-Tls-Version", tls.version if tls else ""),
+        ("X-Tls-Cipher", tls.cipher if tls else ""),
+        ("X-Tls-Server-Name", tls.server_name if tls else ""),
+        ("X-Tls-Peer-Subject", tls.peer_subject if tls else ""),
+        ("X-Tls-Peer-Not-After", tls.peer_not_after if tls else ""),
+    ]
+    ctx.reply(build_response(message, 200, "OK", extra_headers=facts, via_source=envelope.remote))

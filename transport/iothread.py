@@ -200,15 +200,16 @@ class IOThread:
             for key, mask in events:
                 kind, target = key.data
                 if kind == _CONN:
-                    if conns.get(target.id) is not target:
+                    conn: Connection = target
+                    if conns.get(conn.id) is not conn:
                         continue  # moved away (retire) or closed earlier in this same pass
-                    if target.state is ConnState.HANDSHAKE:
-                        self._handshake(target)
+                    if conn.state is ConnState.HANDSHAKE:
+                        self._handshake(conn)
                         continue
                     if mask & READ:
-                        self._read(target)
-                    if mask & WRITE and target.state is not ConnState.CLOSED:
-                        self._writable(target)
+                        self._read(conn)
+                    if mask & WRITE and conn.state is not ConnState.CLOSED:
+                        self._writable(conn)
                 elif kind == _CHANNEL:
                     if mask & READ:
                         self._read_channel(target)
