@@ -816,3 +816,11 @@ def test_status_code_is_three_ascii_digits(code: str) -> None:
         with pytest.raises(SipParseError) as caught:
             parse(raw)
         assert caught.value.detail == f"invalid status code {code!r}"
+
+
+def test_ack_is_never_answered_even_when_broken() -> None:
+    ack = (
+        b"ACK sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bKa\r\nFrom: <sip:a@b>;tag=1\r\n"
+        b"To: <sip:b@c>;tag=2\r\nCall-ID: x\r\nCSeq: 1 ACK\r\nContent-Length: zz\r\n\r\n"
+    )
+    assert response_for_unparsable(ack, 400, "Bad Request") is None

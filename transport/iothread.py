@@ -315,7 +315,11 @@ class IOThread:
         count = len(records)
         conn.messages_in += count
         self.counters["messages_in"] += count
-        worker = conn.worker if conn.in_flight and self.channels[conn.worker] is not None else self._least_busy_worker()
+        # Keep a connection's messages on the worker that holds its earlier ones (or parked
+        # behind them while no worker is alive), so they are processed in arrival order.
+        worker = conn.worker
+        if not conn.in_flight or (worker >= 0 and self.channels[worker] is None):
+            worker = self._least_busy_worker()
         if worker < 0:
             self._park(conn, records)
             return

@@ -351,7 +351,8 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
     """
     text = header_block.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
-    if not lines or lines[0].startswith("SIP/") or " SIP/2.0" not in lines[0]:
+    if not lines or lines[0].startswith(("SIP/", "ACK ")) or " SIP/2.0" not in lines[0]:
+        # Responses are never answered, and neither is ACK (RFC 3261 section 17.1.1.1).
         return None
     wanted: dict[str, list[str]] = {}
     current: list[str] | None = None  # values of the wanted header the last line belonged to
