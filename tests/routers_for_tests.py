@@ -16,8 +16,8 @@ Request headers drive them:
 * ``X-Gate``, ``X-Report-Port`` (``gated_reply``): wait until the file
   ``X-Gate`` exists, reply on the request's own connection, and send the
   reply's outcome label to the test's listener at 127.0.0.1:PORT.
-* (``tls_facts``): no header; answers ``200`` with the TLS facts of the
-  envelope (version, cipher, SNI, peer subject) in ``X-Tls-*`` headers.
+* ``tls_facts`` (no request header): answer ``200`` with the envelope's TLS
+  facts (version, cipher, SNI, peer subject and expiry) in ``X-Tls-*`` headers.
 """
 
 from __future__ import annotations
