@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""sipbench: SIP OPTIONS load, latency, CPU and idle-connection memory for a SIP-over-TCP server.
+"""sipbench: SIP OPTIONS load, latency, CPU and idle-connection memory for a SIP-over-TCP/TLS server.
 
 One *exchange* is one OPTIONS request answered by ``200 OK`` (bench/scenarios/options_uac.xml),
-driven by sipp over TCP on 127.0.0.1. Latency comes from sipp's ``-trace_rtt`` file with
-microsecond resolution (bench/fineclock.c is built on demand and preloaded into sipp); CPU is
-read from /proc for the server's whole process tree. Standard library only.
+driven by sipp over TCP on 127.0.0.1; for ``--transport tls`` sipp talks plain TCP to a local
+stunnel in client mode that carries each connection to the server's TLS port (sipp has no TLS).
+Latency comes from sipp's ``-trace_rtt`` file with microsecond resolution (bench/fineclock.c is
+built on demand and preloaded into sipp); CPU is read from /proc for the server's whole process
+tree (and stunnel's, apart). Standard library only (plus the sipp, stunnel and openssl programs).
 
 Fixed run, ramp and idle-connection modes can be combined; they run in that order::
 
@@ -12,6 +14,8 @@ Fixed run, ramp and idle-connection modes can be combined; they run in that orde
     bench/sipbench.py --target 127.0.0.1:5060 --server-pid PID --ramp --rates 2000,4000,8000,16000
     bench/sipbench.py --start-sipwire --threads 1 --workers 1 --conn t1,tn --rate 500 --calls 5000 \\
         --ramp --idle-connections 10000
+    bench/sipbench.py --start-sipwire --transport tls --cert-type rsa --conn tn --rate 200 --calls 2000 \\
+        --set-tw-buckets --threads-sweep 1,2,4
 
 See bench/README.md for what each figure means and the pitfalls.
 """
@@ -52,6 +56,7 @@ TW_WANTED = 4096
 LOOPBACK = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
 SIPP_MAX_SOCKET = 16000
+TCP_LISTEN = "0A"  # socket state in /proc/net/tcp
 
 
 class BenchError(Exception):
@@ -326,6 +331,147 @@ def build_shim(work: Path) -> Path | None:
     return lib
 
 
+# --------------------------------------------------------------------------- TLS: certificate and stunnel
+
+
+def generate_cert(work: Path, kind: str) -> tuple[Path, Path]:
+    """A self-signed server certificate (RSA-2048 or ECDSA P-256) in WORK/certs, reused if present.
+
+    Made with `openssl req` so that sipwire and any other server (Kamailio, OpenSIPS) can be given
+    the very same files; SAN IP:127.0.0.1 and DNS:localhost, key mode 0600.
+    """
+    certs = work / "certs"
+    cert, key = certs / f"server-{kind}.crt", certs / f"server-{kind}.key"
+    if cert.exists() and key.exists():
+        return cert, key
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise BenchError("--cert-type needs the openssl program (Debian: apt-get install openssl)")
+    certs.mkdir(parents=True, exist_ok=True)
+    newkey = ["-newkey", "rsa:2048"] if kind == "rsa" else ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    cmd = [openssl, "req", "-x509", *newkey, "-nodes", "-sha256", "-days", "825"]
+    cmd += ["-keyout", str(key), "-out", str(cert), "-subj", f"/CN=sipbench {kind} test server"]
+    cmd += ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BenchError(f"openssl req failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+    key.chmod(0o600)
+    return cert, key
+
+
+def cert_summary(cert: Path) -> str:
+    """One line about a certificate's key (for the log): e.g. 'RSA 2048 bit' or 'EC P-256'."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return "?"
+    cmd = [openssl, "x509", "-in", str(cert), "-noout", "-text"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    algo = re.search(r"Public Key Algorithm: (\S+)", out.stdout)
+    size = re.search(r"Public-Key: \((\d+) bit\)", out.stdout)
+    curve = re.search(r"NIST CURVE: (\S+)", out.stdout)
+    names = {"rsaEncryption": "RSA", "id-ecPublicKey": "ECDSA"}
+    kind = names.get(algo.group(1), algo.group(1)) if algo else "?"
+    parts = [kind, f"{size.group(1)} bit" if size else "", curve.group(1) if curve else ""]
+    return " ".join(p for p in parts if p)
+
+
+def tcp_listening(port: int, host: str = LOOPBACK) -> bool:
+    """Is some socket listening on host:port? Read from /proc/net/tcp (connecting would start a TLS handshake)."""
+    want = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:{port:04X}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[1] == want and fields[3] == TCP_LISTEN:
+                return True
+    return False
+
+
+class Stunnel:
+    """stunnel in client mode for one run: plain TCP from sipp on a free 127.0.0.1 port -> TLS to the server.
+
+    Settings (see bench/README.md): TLS 1.2 minimum, no certificate verification (self-signed test
+    certificates), ``sessionResume = no`` so every new connection is a FULL handshake (``--tls-resume``:
+    yes), ``TIMEOUTclose = 0`` (no thread per closed connection waiting for close_notify), ``debug = 3``
+    (errors only: the default logs every connection, which costs CPU at hundreds of connections/s),
+    foreground (its PID is the one we started; it gets PR_SET_PDEATHSIG like every child).
+    """
+
+    def __init__(self, rundir: Path, connect: str, resume: bool) -> None:
+        exe = shutil.which("stunnel") or shutil.which("stunnel4")
+        if exe is None:
+            raise BenchError("--transport tls needs stunnel (Debian: apt-get install stunnel4)")
+        self.exe = exe
+        self.rundir = rundir
+        self.port = free_port()
+        self.accept = f"{LOOPBACK}:{self.port}"
+        self.conf = rundir / "stunnel.conf"
+        self.log_path = rundir / "stunnel.log"
+        self.conf.write_text(
+            "; written by sipbench for one run: sipp (plain TCP) -> this stunnel (client) -> server TLS port\n"
+            "foreground = yes\n"
+            "pid =\n"
+            "syslog = no\n"
+            "debug = 3\n"
+            f"output = {self.log_path}\n"
+            "[sipbench]\n"
+            "client = yes\n"
+            f"accept = {self.accept}\n"
+            f"connect = {connect}\n"
+            "sslVersionMin = TLSv1.2\n"
+            "verifyChain = no\n"
+            f"sessionResume = {'yes' if resume else 'no'}\n"
+            "TIMEOUTclose = 0\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 10.0) -> None:
+        with open(self.rundir / "stunnel.stderr", "wb") as err:
+            self.proc = spawn(
+                [self.exe, str(self.conf)],
+                cwd=self.rundir,
+                stdout=err,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if tcp_listening(self.port):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise BenchError(f"stunnel did not listen on {self.accept} (rc {self.proc.returncode}): {self.tail()!r}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, 5)
+
+    def tail(self, size: int = 600) -> str:
+        text = ""
+        for path in (self.rundir / "stunnel.stderr", self.log_path):
+            with contextlib.suppress(OSError):
+                text += path.read_bytes()[-size:].decode("latin-1", "replace")
+        return text.strip()[-size:]
+
+    # Logged at error level but expected: no CA file (verifyChain = no), and one line per connection
+    # that TIMEOUTclose = 0 closes without waiting for the server's close_notify.
+    BENIGN = ("No trusted certificates found", "TIMEOUTclose exceeded")
+
+    def error_lines(self) -> list[str]:
+        """What stunnel logged during the run (debug = 3: errors only), minus the expected lines."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        return [ln for ln in lines if re.search(r" LOG[0-3]\[", ln) and not any(b in ln for b in self.BENIGN)]
+
+
 # --------------------------------------------------------------------------- sipp runs
 
 
@@ -352,6 +498,7 @@ class LoadResult:
     conn: str
     rate: int
     calls: int
+    transport: str = "tcp"
     sipp_rc: int | None = None
     outgoing: int = 0
     successful: int = 0
@@ -363,15 +510,30 @@ class LoadResult:
     wall_s: float = 0.0
     server_cpu_s: float = 0.0
     sipp_cpu_s: float = 0.0
+    stunnel_cpu_s: float = 0.0
     machine_busy_pct: float = 0.0
     server_pids: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     rundir: str = ""
     verdict: str = ""
+    # sipwire only (--start-sipwire, tls): its handshake histogram and counters, difference over this run
+    server_tls: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conn_label(self) -> str:
+        return f"{self.transport}/{self.conn}"
 
     @property
     def server_cpu_pct(self) -> float:
         return 100.0 * self.server_cpu_s / self.wall_s if self.wall_s else math.nan
+
+    @property
+    def stunnel_cpu_pct(self) -> float:
+        return 100.0 * self.stunnel_cpu_s / self.wall_s if self.wall_s else math.nan
+
+    @property
+    def stunnel_us_per_exchange(self) -> float:
+        return 1e6 * self.stunnel_cpu_s / self.successful if self.successful else math.nan
 
     @property
     def sipp_cpu_pct(self) -> float:
@@ -381,6 +543,7 @@ class LoadResult:
     def others_cpu_pct(self) -> float:
         """CPU used by everything else on the host during the run, in % of one core (a busy-host warning)."""
         others = self.machine_busy_pct * (os.cpu_count() or 1) - self.server_cpu_pct - self.sipp_cpu_pct
+        others -= self.stunnel_cpu_pct if self.transport == "tls" else 0.0
         return max(0.0, others)
 
     @property
@@ -432,9 +595,58 @@ def looks_quantised(rtts: list[float], tick_ms: float = 4.0) -> bool:
     return all(abs(v / tick_ms - round(v / tick_ms)) < 1e-6 for v in rtts[:: max(1, len(rtts) // 500)])
 
 
+def handshake_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """sipwire's TLS handshake histogram and counters over one run: `ctl stats` after minus before.
+
+    The histogram (``tls_handshake_ms``: cumulative buckets with upper bounds ``le`` in ms, from accept
+    to handshake done, measured by the server) only has bucket resolution, so a percentile here is
+    the upper bound of the first bucket that holds it: "p99 5" means 99 % of handshakes took <= 5 ms.
+    """
+    hist_b, hist_a = before.get("tls_handshake_ms"), after.get("tls_handshake_ms")
+    if not isinstance(hist_a, dict) or not isinstance(hist_b, dict):
+        return {"error": str(after.get("error") or before.get("error") or "no tls_handshake_ms in ctl stats")}
+    old = {str(b["le"]): b["count"] for b in hist_b.get("buckets", [])}
+    buckets = [{"le": b["le"], "count": b["count"] - old.get(str(b["le"]), 0)} for b in hist_a.get("buckets", [])]
+    total = buckets[-1]["count"] if buckets else 0
+    out: dict[str, Any] = {"count": total, "buckets": buckets}
+    for name, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        rank = math.ceil(fraction * total)
+        out[name] = next((b["le"] for b in buckets if total and b["count"] >= rank), None)
+    counters_b, counters_a = before.get("counters", {}), after.get("counters", {})
+    out["handshakes"] = counters_a.get("tls_handshakes", 0) - counters_b.get("tls_handshakes", 0)
+    out["failed"] = {
+        name.split(".", 1)[1]: value - counters_b.get(name, 0)
+        for name, value in sorted(counters_a.items())
+        if name.startswith("tls_handshake_failed.") and value - counters_b.get(name, 0)
+    }
+    return out
+
+
+def bound(value: Any) -> str:
+    """A histogram upper bound for printing: 2.0 -> '<=2', '+Inf' -> '>last'."""
+    if value is None:
+        return "-"
+    if isinstance(value, int | float):
+        return f"<={value:g}"
+    return f"{value}"
+
+
+def handshake_line(r: LoadResult) -> str:
+    tls = r.server_tls
+    if not tls:
+        return ""
+    if "error" in tls:
+        return f"ctl stats failed: {tls['error']}"
+    failed = ", ".join(f"{k} {v}" for k, v in tls["failed"].items()) or "none"
+    return (
+        f"{tls['count']} handshakes, p50 {bound(tls['p50'])} ms, p95 {bound(tls['p95'])} ms, "
+        f"p99 {bound(tls['p99'])} ms; failed handshakes: {failed}"
+    )
+
+
 @dataclass
 class Context:
-    target: str
+    target: str  # the server's address for this transport (tls: its TLS port)
     server_pid: int | None
     work: Path
     shim: Path | None
@@ -442,17 +654,23 @@ class Context:
     profile: str | None = None
     profile_rate: int = 100
     runs: int = 0
+    transport: str = "tcp"
+    tls_resume: bool = False
+    sipwire: Sipwire | None = None  # started by us: read its TLS handshake histogram around each tls run
+    prefix: str = ""  # run directory prefix (one per --threads-sweep session)
 
 
 def run_load(ctx: Context, conn: str, rate: int, calls: int, label: str, profile: bool = False) -> LoadResult:
-    """One bounded sipp run: `calls` OPTIONS exchanges at `rate`/s over t1 or tn."""
+    """One bounded sipp run: `calls` OPTIONS exchanges at `rate`/s over t1 or tn (tls: through stunnel)."""
     ctx.runs += 1
-    rundir = ctx.work / f"{ctx.runs:02d}-{label}"
+    rundir = ctx.work / f"{ctx.prefix}{ctx.runs:02d}-{label}"
     rundir.mkdir(parents=True)
-    res = LoadResult(label=label, conn=conn, rate=rate, calls=calls, rundir=str(rundir))
+    res = LoadResult(label=label, conn=conn, rate=rate, calls=calls, transport=ctx.transport, rundir=str(rundir))
     sipp = shutil.which("sipp")
     if sipp is None:
         raise BenchError("sipp not found (Debian: apt-get install sip-tester)")
+    tls = ctx.transport == "tls"
+    stunnel = Stunnel(rundir, ctx.target, ctx.tls_resume) if tls else None
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     max_socket = max(64, min(SIPP_MAX_SOCKET, nofile - 200))  # sipp refuses -max_socket >= ulimit -n
     budget_s = calls / rate + 30  # sipp's own global timeout: the run is bounded even if the server stalls
@@ -474,33 +692,54 @@ def run_load(ctx: Context, conn: str, rate: int, calls: int, label: str, profile
         "-error_file": "errors.log",
         "-max_log_size": "1000000",
     }
+    # The Request-URI and To name the server even when sipp's peer is the local stunnel; the Via says TLS
+    # because that is the transport of the hop that reaches the server.
+    keys = {"server": ctx.target, "via_transport": ctx.transport.upper(), "contact_transport": ctx.transport}
     flags = ["-nostdin", "-trace_rtt", "-trace_stat", "-trace_err"]
-    cmd = [sipp, ctx.target, *(item for pair in options.items() for item in pair), *flags]
-    (rundir / "cmd.txt").write_text(" ".join(cmd) + "\n")
+    flags += [item for name, value in keys.items() for item in ("-key", name, value)]
     env = dict(os.environ)
     if ctx.shim is not None:
         env["LD_PRELOAD"] = f"{ctx.shim} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(ctx.shim)
     spy = None
-    with open(rundir / "sipp.out", "wb") as out:
-        proc = spawn(cmd, cwd=rundir, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        groups = {"sipp": proc.pid}
-        if ctx.server_pid:
-            groups["server"] = ctx.server_pid
-        meter = TreeCpu(groups, from_zero=("sipp",)).start()
-        if profile and ctx.profile and ctx.server_pid:
-            spy = start_profile(ctx, rundir)
-        try:
-            proc.wait(budget_s + 30)
-        except subprocess.TimeoutExpired:
-            res.notes.append("sipp overran its own -timeout: killed")
-        finally:
-            stop_process(proc, signal.SIGTERM, 5)
-            meter.stop()
-            if spy is not None:
-                finish_profile(spy, rundir)
+    tls_before = ctx.sipwire.ctl("stats") if tls and ctx.sipwire is not None else None
+    try:
+        sipp_peer = ctx.target
+        if stunnel is not None:
+            stunnel.start()
+            sipp_peer = stunnel.accept
+        cmd = [sipp, sipp_peer, *(item for pair in options.items() for item in pair), *flags]
+        (rundir / "cmd.txt").write_text(" ".join(cmd) + "\n")
+        with open(rundir / "sipp.out", "wb") as out:
+            proc = spawn(cmd, cwd=rundir, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            groups = {"sipp": proc.pid}
+            if ctx.server_pid:
+                groups["server"] = ctx.server_pid
+            if stunnel is not None:
+                groups["stunnel"] = stunnel.pid  # idle since its start: counted from here, like the server
+            meter = TreeCpu(groups, from_zero=("sipp",)).start()
+            if profile and ctx.profile and ctx.server_pid:
+                spy = start_profile(ctx, rundir)
+            try:
+                proc.wait(budget_s + 30)
+            except subprocess.TimeoutExpired:
+                res.notes.append("sipp overran its own -timeout: killed")
+            finally:
+                stop_process(proc, signal.SIGTERM, 5)
+                meter.stop()
+                if spy is not None:
+                    finish_profile(spy, rundir)
+    finally:
+        if stunnel is not None:
+            stunnel.stop()
     res.sipp_rc = proc.returncode
     res.wall_s = meter.wall
     res.sipp_cpu_s = meter.seconds("sipp")
+    if stunnel is not None:
+        res.stunnel_cpu_s = meter.seconds("stunnel")
+        if problems := stunnel.error_lines():
+            res.notes.append(f"stunnel logged {len(problems)} error lines ({stunnel.log_path}), last: {problems[-1]!r}")
+    if tls_before is not None and ctx.sipwire is not None:
+        res.server_tls = handshake_delta(tls_before, ctx.sipwire.ctl("stats"))
     if ctx.server_pid:
         res.server_cpu_s = meter.seconds("server")
         res.server_pids = meter.pids("server")
@@ -548,7 +787,7 @@ def run_load(ctx: Context, conn: str, rate: int, calls: int, label: str, profile
 
 COLUMNS = (
     ("run", 16),
-    ("conn", 4),
+    ("conn", 6),
     ("rate", 6),
     ("calls", 6),
     ("ok", 6),
@@ -566,17 +805,26 @@ COLUMNS = (
     ("host busy%", 10),
     ("others%", 7),
 )
+TLS_COLUMNS = (("stunnel CPU%", 12), ("stunnel us/exch", 15))  # after us/exch, for tables with tls runs
+TLS_AT = [name for name, _ in COLUMNS].index("us/exch") + 1
 
 
 def fmt(value: float, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def result_row(r: LoadResult) -> list[str]:
+def table_columns(with_tls: bool) -> list[tuple[str, int]]:
+    columns = list(COLUMNS)
+    if with_tls:
+        columns[TLS_AT:TLS_AT] = TLS_COLUMNS
+    return columns
+
+
+def result_row(r: LoadResult, with_tls: bool = False) -> list[str]:
     lat = r.latency_ms
-    return [
+    row = [
         r.label,
-        r.conn,
+        r.conn_label,
         str(r.rate),
         str(r.outgoing),
         str(r.successful),
@@ -590,27 +838,52 @@ def result_row(r: LoadResult) -> list[str]:
         fmt(r.machine_busy_pct, 1),
         fmt(r.others_cpu_pct, 0),
     ]
+    if with_tls:
+        tls = r.transport == "tls"
+        row[TLS_AT:TLS_AT] = [
+            fmt(r.stunnel_cpu_pct, 1) if tls else "-",
+            fmt(r.stunnel_us_per_exchange, 0) if tls else "-",
+        ]
+    return row
 
 
-def print_table(results: list[LoadResult], title: str, extra: Callable[[LoadResult], str] | None = None) -> None:
-    heads = [name for name, _ in COLUMNS] + (["verdict"] if extra else [])
-    widths = [width for _, width in COLUMNS] + ([7] if extra else [])
-    rows = [result_row(r) + ([extra(r)] if extra else []) for r in results]
+def print_rows(heads: list[str], widths: list[int], rows: list[list[str]]) -> None:
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    print(f"\n{title}  (latency ms from sipp -trace_rtt; CPU % of ONE core; us/exch = server CPU us per exchange)")
     print("  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def print_table(results: list[LoadResult], title: str, extra: Callable[[LoadResult], str] | None = None) -> None:
+    with_tls = any(r.transport == "tls" for r in results)
+    columns = table_columns(with_tls)
+    heads = [name for name, _ in columns] + (["verdict"] if extra else [])
+    widths = [width for _, width in columns] + ([7] if extra else [])
+    rows = [result_row(r, with_tls) + ([extra(r)] if extra else []) for r in results]
+    print(f"\n{title}  (latency ms from sipp -trace_rtt; CPU % of ONE core; us/exch = CPU us per exchange)")
+    print_rows(heads, widths, rows)
     for r in results:
         for note in r.notes:
             print(f"  note [{r.label}]: {note}")
         if r.failure_kinds:
             print(f"  failures [{r.label}]: {r.failure_kinds}")
+    if any(r.server_tls for r in results):
+        print(
+            "  sipwire TLS handshake time per run (server side, accept -> handshake done, from its ctl stats "
+            "histogram; the percentiles are BUCKET UPPER BOUNDS, not exact values):"
+        )
+        for r in results:
+            if r.server_tls:
+                print(f"    {r.label}: {handshake_line(r)}")
     sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- ramp
+
+
+def run_tag(transport: str, conn: str) -> str:
+    return conn if transport == "tcp" else f"{transport}-{conn}"
 
 
 def parse_rates(text: str) -> list[int]:
@@ -623,14 +896,18 @@ def run_ramp(ctx: Context, args: argparse.Namespace) -> tuple[list[LoadResult], 
     best, first_fail = 0, None
 
     def step(rate: int) -> bool:
-        r = run_load(ctx, args.ramp_conn, rate, rate * args.step, f"ramp-{args.ramp_conn}-{rate}")
+        label = f"ramp-{run_tag(ctx.transport, args.ramp_conn)}-{rate}"
+        r = run_load(ctx, args.ramp_conn, rate, rate * args.step, label)
         ok = r.passes(args.p99_max)
         r.verdict = "PASS" if ok else "FAIL"
         results.append(r)
+        stunnel = f", stunnel CPU {fmt(r.stunnel_cpu_pct, 0)} %" if r.transport == "tls" else ""
         log(
             f"ramp step {rate}/s: {r.verdict} (failed {r.failed}, rc {r.sipp_rc}, achieved {r.achieved:.0f}/s, "
-            f"p99 {fmt(r.latency_ms.get('p99', math.nan))} ms, server CPU {fmt(r.server_cpu_pct, 0)} %)"
+            f"p99 {fmt(r.latency_ms.get('p99', math.nan))} ms, server CPU {fmt(r.server_cpu_pct, 0)} %{stunnel})"
         )
+        if r.server_tls:
+            log(f"  sipwire handshakes (ms, bucket upper bounds): {handshake_line(r)}")
         time.sleep(args.pause)
         return ok
 
@@ -877,13 +1154,27 @@ def summarise_profile(path: Path, root_pid: int | None, top: int = 12) -> str:
 class Sipwire:
     """`sipwire transport` on a free 127.0.0.1 port, torn down by PID with nothing left behind."""
 
-    def __init__(self, work: Path, threads: int, workers: int, env_extra: dict[str, str], extra_args: list[str]):
+    def __init__(
+        self,
+        work: Path,
+        threads: int,
+        workers: int,
+        env_extra: dict[str, str],
+        extra_args: list[str],
+        tls: bool = False,
+        cert: tuple[Path, Path] | None = None,
+        log_name: str = "sipwire.log",
+    ):
         self.work = work
         self.instance = f"sipbench-{os.getpid()}"
         self.state_dir = work / "sipwire-state"
-        self.log_path = work / "sipwire.log"
+        self.log_path = work / log_name
+        self.tls = tls
         exe = shutil.which("sipwire")
         base = [exe] if exe else [sys.executable, "-m", "sipwire.cli"]
+        tls_args = ["--tls", f"{LOOPBACK}:0"] if tls else []
+        if tls and cert is not None:
+            tls_args += ["--tls-cert", str(cert[0]), "--tls-key", str(cert[1])]
         self.cmd = [
             *base,
             "transport",
@@ -897,16 +1188,21 @@ class Sipwire:
             self.instance,
             "--state-dir",
             str(self.state_dir),
+            *tls_args,
             *extra_args,
         ]
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH", "")) if p)
-        # TCP only: sipwire's TLS listener defaults to 127.0.0.1:5061, which a reference server (or a
-        # second sipwire) may hold. Export SIPWIRE_TLS=127.0.0.1:0 to have it listen anyway.
-        self.env.setdefault("SIPWIRE_TLS", "")
+        # tcp runs: sipwire's TLS listener defaults to 127.0.0.1:5061, which a reference server (or a
+        # second sipwire) may hold: off unless SIPWIRE_TLS is exported. tls runs: --tls 127.0.0.1:0 (the
+        # flag wins over the variable) and the chosen port is read from the log.
+        if not tls:
+            self.env.setdefault("SIPWIRE_TLS", "")
         self.env.update(env_extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.tls_address = ""
+        self.certificate = ""
         self.known: set[tuple[int, int]] = set()
 
     @property
@@ -921,8 +1217,16 @@ class Sipwire:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")
-            if (m := re.search(r"listening on tcp (\S+)", text)) and "transport ready" in text:
-                self.address = m.group(1)
+            tcp = re.search(r"listening on tcp (\S+)", text)
+            tls = re.search(r"listening on tls (\S+)", text)
+            if tcp and "transport ready" in text:
+                if self.tls and not tls:
+                    self.stop()
+                    raise BenchError(f"sipwire started without a TLS listener (log {self.log_path})")
+                self.address = tcp.group(1)
+                self.tls_address = tls.group(1) if tls else ""
+                if cert := re.search(r"TLS certificate (.+?), SHA-256", text):
+                    self.certificate = cert.group(1)
                 break
             if self.proc.poll() is not None:
                 raise BenchError(f"sipwire exited with {self.proc.returncode}:\n{text[-2000:]}")
@@ -931,7 +1235,8 @@ class Sipwire:
             self.stop()
             raise BenchError(f"sipwire did not become ready in {timeout:.0f}s (log {self.log_path})")
         self.remember()
-        log(f"sipwire pid {self.pid} listening on {self.address}, processes {sorted(p for p, _ in self.known)}")
+        where = self.address + (f", tls {self.tls_address} (certificate {self.certificate})" if self.tls else "")
+        log(f"sipwire pid {self.pid} listening on tcp {where}, processes {sorted(p for p, _ in self.known)}")
 
     def remember(self) -> None:
         stats = all_proc_stats()
@@ -987,13 +1292,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tgt = p.add_argument_group("server under test")
-    tgt.add_argument("--target", metavar="HOST:PORT", help="SIP TCP address of the server (127.0.0.1 only)")
+    tgt.add_argument(
+        "--target", metavar="HOST:PORT", help="the server's TCP address, or its TLS address with --transport tls"
+    )
     tgt.add_argument("--server-pid", type=int, help="root PID of the server: its whole process tree is accounted")
     tgt.add_argument("--rss-pid", type=int, help="process whose VmRSS the idle test reads (default: --server-pid)")
     tgt.add_argument("--start-sipwire", action="store_true", help="start `sipwire transport` on a free port, stop it")
     tgt.add_argument("--threads", type=int, default=1, help="--start-sipwire: I/O threads")
+    tgt.add_argument(
+        "--threads-sweep",
+        metavar="N,N,..",
+        help="--start-sipwire: repeat the fixed run(s)/ramp once per I/O thread count (sipwire restarted each "
+        "time, --threads ignored) and print one summary table",
+    )
     tgt.add_argument("--workers", type=int, default=1, help="--start-sipwire: worker processes")
     tgt.add_argument("--sipwire-arg", action="append", default=[], help="--start-sipwire: extra argument (repeat)")
+    tls = p.add_argument_group("TLS (sipp -> local stunnel client -> the server's TLS port)")
+    tls.add_argument("--transport", choices=("tcp", "tls"), default="tcp", help="transport of the fixed runs and ramp")
+    tls.add_argument(
+        "--tls-resume",
+        action="store_true",
+        help="stunnel sessionResume = yes (default no: every connection is a FULL handshake)",
+    )
+    tls.add_argument("--cert", type=Path, metavar="FILE", help="--start-sipwire: PEM certificate (sipwire --tls-cert)")
+    tls.add_argument("--key", type=Path, metavar="FILE", help="--start-sipwire: PEM key of --cert (--tls-key)")
+    tls.add_argument(
+        "--cert-type",
+        choices=("rsa", "ecdsa"),
+        help="generate a self-signed RSA-2048 or ECDSA P-256 certificate in WORK/certs (reused if there), give it "
+        "to the started sipwire and print its paths for other servers; alone (with --work-dir): only generate it. "
+        "Default for sipwire: its own generated ECDSA P-256 dev certificate",
+    )
     fixed = p.add_argument_group("fixed run(s)")
     fixed.add_argument("--conn", help="t1 (one connection) or tn (new connection per exchange); 't1,tn' runs both")
     fixed.add_argument("--rate", type=int, default=500, help="exchanges per second")
@@ -1018,23 +1347,224 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     misc.add_argument("--work-dir", type=Path, help="raw sipp files go here (default: a new temp directory)")
     misc.add_argument("--json", type=Path, metavar="FILE", help="write every result as JSON")
     args = p.parse_args(argv)
-    if not (args.conn or args.ramp or args.idle_connections):
-        p.error("nothing to do: give --conn (fixed run), --ramp and/or --idle-connections")
-    if args.start_sipwire == bool(args.target):
-        p.error("give either --target HOST:PORT (with --server-pid) or --start-sipwire")
-    if args.target and not args.target.startswith(LOOPBACK + ":"):
-        p.error("loopback only: --target must be 127.0.0.1:PORT")
     conns = [c for c in re.split(r"[,\s]+", args.conn or "") if c]
     if any(c not in ("t1", "tn") for c in conns):
         p.error("--conn takes t1, tn or t1,tn")
     args.conns = conns
+    args.load = bool(conns or args.ramp or args.idle_connections)
+    if not args.load and not args.cert_type:
+        p.error("nothing to do: give --conn (fixed run), --ramp and/or --idle-connections (or only --cert-type)")
+    if args.load and args.start_sipwire == bool(args.target):
+        p.error("give either --target HOST:PORT (with --server-pid) or --start-sipwire")
+    if args.target and not args.target.startswith(LOOPBACK + ":"):
+        p.error("loopback only: --target must be 127.0.0.1:PORT")
     if args.rate <= 0 or args.calls <= 0 or args.step <= 0:
         p.error("--rate, --calls and --step must be positive")
+    if bool(args.cert) != bool(args.key):
+        p.error("--cert and --key go together")
+    if args.cert and args.cert_type:
+        p.error("give either --cert/--key or --cert-type")
+    if args.cert and not args.start_sipwire:
+        p.error("--cert/--key are for --start-sipwire (a server you started yourself has its own certificate)")
+    for path in (args.cert, args.key):
+        if path is not None and not path.is_file():
+            p.error(f"no such file: {path}")
+    if args.tls_resume and args.transport != "tls":
+        p.error("--tls-resume needs --transport tls")
+    if args.idle_connections and args.transport == "tls" and not args.start_sipwire:
+        p.error("the idle test opens plain TCP connections: run it against the server's TCP --target separately")
+    args.sweep = []
+    if args.threads_sweep:
+        if not args.start_sipwire:
+            p.error("--threads-sweep needs --start-sipwire")
+        try:
+            args.sweep = [int(v) for v in re.split(r"[,\s]+", args.threads_sweep.strip()) if v]
+        except ValueError:
+            p.error("--threads-sweep takes I/O thread counts, e.g. 1,2,4")
+        if not args.sweep or min(args.sweep) < 1:
+            p.error("--threads-sweep takes I/O thread counts >= 1, e.g. 1,2,4")
     return args
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@dataclass
+class Session:
+    """Everything run against one server (one sipwire start when sipbench starts it)."""
+
+    threads: int | None
+    fixed: list[LoadResult] = field(default_factory=list)
+    ramp: list[LoadResult] = field(default_factory=list)
+    best: int = 0
+    first_fail: int | None = None
+
+
+def run_session(
+    args: argparse.Namespace,
+    work: Path,
+    shim: Path | None,
+    cert: tuple[Path, Path] | None,
+    threads: int | None,
+    report: dict[str, Any],
+) -> Session:
+    """Fixed runs, ramp and idle test against one server; starts and stops sipwire around them if asked."""
+    session = Session(threads=threads)
+    sweep = bool(args.sweep)
+    tls = args.transport == "tls"
+    target, server_pid, tcp_address = args.target, args.server_pid, args.target
+    sipwire = None
+    try:
+        if args.start_sipwire:
+            env_extra = {}
+            if args.idle_connections:
+                env_extra["SIPWIRE_MAX_CONNECTIONS"] = str(max(2048, args.idle_connections + 2000))
+            sipwire = Sipwire(
+                work,
+                threads or args.threads,
+                args.workers,
+                env_extra,
+                args.sipwire_arg,
+                tls=tls,
+                cert=cert,
+                log_name=f"sipwire-threads{threads}.log" if sweep else "sipwire.log",
+            )
+            sipwire.start()
+            tcp_address, server_pid = sipwire.address, sipwire.pid
+            target = sipwire.tls_address if tls else sipwire.address
+            report["sipwire"] = {
+                "cmd": sipwire.cmd,
+                "pid": sipwire.pid,
+                "tcp": sipwire.address,
+                "tls": sipwire.tls_address,
+                "certificate": sipwire.certificate,
+            }
+        if server_pid is None:
+            log("no --server-pid: server CPU is not measured")
+        elif proc_stat(server_pid) is None:
+            raise BenchError(f"no process {server_pid}")
+        ctx = Context(
+            target=target,
+            server_pid=server_pid,
+            work=work,
+            shim=shim,
+            recv_timeout_ms=args.recv_timeout,
+            profile="yes" if args.profile else None,
+            profile_rate=args.profile_rate,
+            transport=args.transport,
+            tls_resume=args.tls_resume,
+            sipwire=sipwire,
+            prefix=f"threads{threads}-" if sweep else "",
+        )
+        where = f"{target} ({args.transport}" + (f", sipwire --threads {threads})" if sweep else ")")
+        for conn in args.conns:
+            label = f"{run_tag(args.transport, conn)}-{args.rate}"
+            r = run_load(ctx, conn, args.rate, args.calls, label, profile=args.profile)
+            session.fixed.append(r)
+            log(f"{r.label}: {r.successful} ok, {r.failed} failed, sipp rc {r.sipp_rc}; raw files {r.rundir}")
+            if r.server_tls:
+                log(f"  sipwire handshakes (ms, bucket upper bounds): {handshake_line(r)}")
+            time.sleep(args.pause)
+        if session.fixed:
+            print_table(session.fixed, f"fixed runs against {where}")
+            if args.profile:
+                for r in session.fixed:
+                    prof = Path(r.rundir) / "profile.speedscope.json"
+                    if prof.exists():
+                        print(f"\npy-spy profile of {r.label} ({prof}):")
+                        print(summarise_profile(prof, server_pid))
+        report["fixed"] = [asdict(r) | derived(r) for r in session.fixed]
+        if args.ramp:
+            session.ramp, session.best, session.first_fail = run_ramp(ctx, args)
+            print_table(session.ramp, f"ramp {args.ramp_conn} against {where}", extra=lambda r: r.verdict)
+            print(
+                f"\nhighest passing rate: {session.best}/s"
+                + (
+                    f" (first failing rate {session.first_fail}/s)"
+                    if session.first_fail
+                    else " (every step passed: raise --rates)"
+                )
+                + f"; PASS = 0 failed, sipp rc 0, achieved >= 95 % of target, p99 <= {args.p99_max:g} ms, "
+                f"{args.step} s steps"
+            )
+            report["ramp"] = {
+                "steps": [asdict(r) | derived(r) for r in session.ramp],
+                "best": session.best,
+                "first_fail": session.first_fail,
+            }
+        if args.idle_connections:
+            if server_pid is None:
+                raise BenchError("--idle-connections needs --server-pid (or --start-sipwire)")
+            time.sleep(args.pause)
+            host, port = tcp_address.rsplit(":", 1)
+            idle = run_idle(host, int(port), args.idle_connections, args.rss_pid or server_pid, server_pid)
+            print_idle(idle, args.idle_target_kib)
+            report["idle"] = asdict(idle) | {
+                "per_conn_kib": idle.per_conn_kib,
+                "pss_per_conn_kib": idle.pss_per_conn_kib,
+            }
+    finally:
+        if sipwire is not None:
+            if sipwire.proc is not None and sipwire.proc.poll() is None:
+                report["sipwire_stats"] = stats = sipwire.ctl("stats")
+                if "error" in stats:
+                    print(f"\nsipwire ctl stats failed at the end: {stats['error']}")
+                else:
+                    print(f"\nsipwire counters at the end: {json.dumps(stats.get('counters'), sort_keys=True)}")
+                if tls and isinstance(stats.get("tls_handshake_ms"), dict):
+                    hist = stats["tls_handshake_ms"]
+                    print(
+                        f"sipwire TLS handshakes over its whole life: {hist.get('count')}, "
+                        f"p50 {bound(hist.get('p50'))} p95 {bound(hist.get('p95'))} p99 {bound(hist.get('p99'))} ms "
+                        "(bucket upper bounds)"
+                    )
+            report["sipwire_leftovers"] = sipwire.stop()
+            problems = sipwire.log_problems()
+            report["sipwire_log_problems"] = problems
+            print(f"sipwire log ({sipwire.log_path}): {len(problems)} warning/error lines")
+            for line in problems:
+                print(f"  {line}")
+    return session
+
+
+def print_sweep(sessions: list[Session], args: argparse.Namespace) -> None:
+    """One table for --threads-sweep: a row per thread count and fixed run, plus the ramp's best step."""
+    with_tls = args.transport == "tls"
+    columns = table_columns(with_tls)
+    heads = ["threads"] + [name for name, _ in columns]
+    widths = [7] + [width for _, width in columns]
+    if with_tls:
+        heads += ["hs p50", "hs p95", "hs p99"]
+        widths += [6, 6, 6]
+    with_ramp = any(session.ramp for session in sessions)
+    if with_ramp:
+        heads.append("ramp")
+        widths.append(4)
+    rows = []
+
+    def row(session: Session, r: LoadResult, ramp: str) -> list[str]:
+        cells = [str(session.threads), *result_row(r, with_tls)]
+        if with_tls:
+            cells += [bound(r.server_tls.get(k)) if r.server_tls else "-" for k in ("p50", "p95", "p99")]
+        return [*cells, ramp] if with_ramp else cells
+
+    for session in sessions:
+        rows += [row(session, r, "") for r in session.fixed]
+        if session.ramp:
+            best = next((r for r in session.ramp if r.rate == session.best and r.verdict == "PASS"), None)
+            fail = f", first fail {session.first_fail}/s" if session.first_fail else ", all passed"
+            if best is not None:
+                rows.append(row(session, best, f"best {session.best}/s{fail}"))
+            else:
+                rows.append(row(session, session.ramp[0], f"no step passed{fail}"))
+    print(
+        f"\n--threads-sweep {args.threads_sweep}: sipwire restarted per I/O thread count, --workers {args.workers}, "
+        f"{args.transport}  (latency ms; CPU % of ONE core; hs = sipwire TLS handshake ms, bucket upper bounds; "
+        "ramp rows show the highest passing step)"
+    )
+    print_rows(heads, widths, rows)
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1048,71 +1578,34 @@ def main(argv: list[str] | None = None) -> int:
     if load1 > 0.5:
         log("NOTE: the machine is not idle: treat the figures as indicative")
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "started": time.time()}
-    sipwire = None
-    results: list[LoadResult] = []
+    sessions: list[Session] = []
+    session_reports: list[dict[str, Any]] = []
     rc = 0
     try:
-        if args.start_sipwire:
-            env_extra = {}
-            if args.idle_connections:
-                env_extra["SIPWIRE_MAX_CONNECTIONS"] = str(max(2048, args.idle_connections + 2000))
-            sipwire = Sipwire(work, args.threads, args.workers, env_extra, args.sipwire_arg)
-            sipwire.start()
-            args.target, args.server_pid = sipwire.address, sipwire.pid
-        if args.server_pid is None:
-            log("no --server-pid: server CPU is not measured")
-        elif proc_stat(args.server_pid) is None:
-            raise BenchError(f"no process {args.server_pid}")
-        ctx = Context(
-            target=args.target,
-            server_pid=args.server_pid,
-            work=work,
-            shim=build_shim(work),
-            recv_timeout_ms=args.recv_timeout,
-            profile="yes" if args.profile else None,
-            profile_rate=args.profile_rate,
-        )
+        cert = (args.cert, args.key) if args.cert else None
+        if args.cert_type:
+            cert = generate_cert(work, args.cert_type)
+            report["certificate"] = {"type": args.cert_type, "cert": str(cert[0]), "key": str(cert[1])}
+            log(
+                f"{args.cert_type} test certificate ({cert_summary(cert[0])}, self-signed, SAN 127.0.0.1):\n"
+                f"    certificate {cert[0]}\n    key         {cert[1]}\n"
+                "  give the same two files to any other server you compare (e.g. Kamailio tls.cfg "
+                "certificate/private_key)"
+            )
+        elif cert is not None:
+            log(f"certificate {cert[0]} ({cert_summary(cert[0])}), key {cert[1]}")
+        elif args.start_sipwire and args.transport == "tls":
+            log("certificate: sipwire's own generated development certificate (ECDSA P-256)")
+        if not args.load:
+            return 0
+        shim = build_shim(work)
         needs_tn = "tn" in args.conns or (args.ramp and args.ramp_conn == "tn")
         with tw_buckets(args.set_tw_buckets) if needs_tn else contextlib.nullcontext():
-            for conn in args.conns:
-                r = run_load(ctx, conn, args.rate, args.calls, f"{conn}-{args.rate}", profile=args.profile)
-                results.append(r)
-                log(f"{r.label}: {r.successful} ok, {r.failed} failed, sipp rc {r.sipp_rc}; raw files {r.rundir}")
-                time.sleep(args.pause)
-            if results:
-                print_table(results, f"fixed runs against {args.target}")
-                if args.profile:
-                    for r in results:
-                        prof = Path(r.rundir) / "profile.speedscope.json"
-                        if prof.exists():
-                            print(f"\npy-spy profile of {r.label} ({prof}):")
-                            print(summarise_profile(prof, args.server_pid))
-            report["fixed"] = [asdict(r) | derived(r) for r in results]
-            if args.ramp:
-                steps, best, first_fail = run_ramp(ctx, args)
-                print_table(steps, f"ramp {args.ramp_conn} against {args.target}", extra=lambda r: r.verdict)
-                print(
-                    f"\nhighest passing rate: {best}/s"
-                    + (f" (first failing rate {first_fail}/s)" if first_fail else " (every step passed: raise --rates)")
-                    + f"; PASS = 0 failed, sipp rc 0, achieved >= 95 % of target, p99 <= {args.p99_max:g} ms, "
-                    f"{args.step} s steps"
-                )
-                report["ramp"] = {
-                    "steps": [asdict(r) | derived(r) for r in steps],
-                    "best": best,
-                    "first_fail": first_fail,
-                }
-        if args.idle_connections:
-            if args.server_pid is None:
-                raise BenchError("--idle-connections needs --server-pid (or --start-sipwire)")
-            time.sleep(args.pause)
-            host, port = args.target.rsplit(":", 1)
-            idle = run_idle(host, int(port), args.idle_connections, args.rss_pid or args.server_pid, args.server_pid)
-            print_idle(idle, args.idle_target_kib)
-            report["idle"] = asdict(idle) | {
-                "per_conn_kib": idle.per_conn_kib,
-                "pss_per_conn_kib": idle.pss_per_conn_kib,
-            }
+            for threads in args.sweep or [args.threads if args.start_sipwire else None]:
+                session_reports.append({"threads": threads})
+                sessions.append(run_session(args, work, shim, cert, threads, session_reports[-1]))
+                if args.sweep and threads != args.sweep[-1]:
+                    time.sleep(args.pause)
     except BenchError as error:
         log(f"ERROR: {error}")
         rc = 1
@@ -1120,17 +1613,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"interrupted ({stop}): cleaning up")
         rc = 130
     finally:
-        if sipwire is not None:
-            if sipwire.proc is not None and sipwire.proc.poll() is None:
-                report["sipwire_stats"] = sipwire.ctl("stats")
-                counters = report["sipwire_stats"].get("counters")
-                print(f"\nsipwire counters at the end: {json.dumps(counters, sort_keys=True)}")
-            report["sipwire_leftovers"] = sipwire.stop()
-            problems = sipwire.log_problems()
-            report["sipwire_log_problems"] = problems
-            print(f"sipwire log ({sipwire.log_path}): {len(problems)} warning/error lines")
-            for line in problems:
-                print(f"  {line}")
+        if args.sweep and sessions:
+            print_sweep(sessions, args)
+        if args.sweep:
+            report["sweep"] = session_reports
+        elif session_reports:
+            report |= session_reports[0]
         if args.json:
             args.json.write_text(json.dumps(report, indent=2, default=str))
             log(f"results written to {args.json}")
@@ -1142,6 +1630,8 @@ def derived(r: LoadResult) -> dict[str, float]:
         "server_cpu_pct": r.server_cpu_pct,
         "us_per_exchange": r.us_per_exchange,
         "sipp_cpu_pct": r.sipp_cpu_pct,
+        "stunnel_cpu_pct": r.stunnel_cpu_pct,
+        "stunnel_us_per_exchange": r.stunnel_us_per_exchange,
         "others_cpu_pct": r.others_cpu_pct,
     }
 
