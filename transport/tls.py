@@ -155,6 +155,9 @@ def _base_context() -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     context.set_cipher_list(CIPHERS_TLS12)
+    # Free a connection's read/write buffers (~34 KiB) while it is idle: most SIP
+    # connections are idle most of the time, and thousands of them are held open.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     return context
 
 
