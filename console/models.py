@@ -1,0 +1,160 @@
+"""Pydantic models of every REST request and answer body (they are also the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Health(BaseModel):
+    """Transport up or down; when down, since when and why."""
+
+    status: Literal["up", "down"]
+    pid: int | None = Field(default=None, description="transport pid (the last one seen when down)")
+    uptime: float | None = Field(default=None, description="seconds since the transport started")
+    listening: dict[str, str] = Field(default_factory=dict, description='e.g. {"tcp": "127.0.0.1:5060"}')
+    threads: int | None = None
+    workers: int | None = None
+    instance: str
+    down_since: float | None = Field(default=None, description="UNIX time the console saw it go down")
+    down_for: float | None = Field(default=None, description="seconds it has been down")
+    error: str | None = Field(default=None, description="why it counts as down")
+    reads_from: str = Field(description='"stats block" or "control socket"')
+
+
+class ThreadInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    index: int
+    connections: int
+    load: float = Field(description="busy fraction of the last interval, 0..1")
+    queue_depth: int = Field(description="jobs waiting in the thread's inbox")
+    jobs: int = Field(description="inbox jobs done since the thread started")
+    loop_lag_ms: float | None = None
+
+
+class ThreadsState(BaseModel):
+    size: int
+    wanted: int | None = None
+    max: int
+    threads: list[ThreadInfo]
+
+
+class ThreadsResize(BaseModel):
+    """Resize the I/O pool to ``size`` threads (1..max_threads)."""
+
+    size: int = Field(ge=1, description="wanted I/O pool size, 1..max_threads")
+
+
+class Connection(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    state: str
+    transport: str
+    local: str
+    remote: str
+    thread: int
+    outbound: bool
+    age: float
+    idle: float
+    bytes_in: int
+    bytes_out: int
+    messages_in: int
+    messages_out: int
+    pending_write_bytes: int
+    in_flight: int = 0
+    tls_version: str = ""
+    tls_cipher: str = ""
+    tls_handshake_ms: float = 0.0
+    tls_server_name: str = ""
+    tls_peer_subject: str = ""
+
+
+class ConnectionList(BaseModel):
+    total: int = Field(description="connections matching the filters (before limit)")
+    connections: list[Connection]
+
+
+class Closed(BaseModel):
+    closed: int
+
+
+class Worker(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    index: int
+    pid: int
+    alive: bool
+    restarts: int
+    in_flight: int
+    done: int | None = None
+    heartbeat_age: float | None = None
+
+
+class HistogramBucket(BaseModel):
+    le: float | Literal["+Inf"]
+    count: int
+
+
+class Histogram(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    count: int
+    sum_ms: float | None = None
+    buckets: list[HistogramBucket]
+    p50: float | Literal["+Inf"] | None = None
+    p95: float | Literal["+Inf"] | None = None
+    p99: float | Literal["+Inf"] | None = None
+
+
+class Stats(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    connections: int
+    max_connections: int
+    pending_write_bytes: int
+    inbox_depth: int
+    dispatch_in_flight: int
+    counters: dict[str, int]
+    tls_handshake_ms: Histogram
+    workers: list[Worker]
+    threads: list[dict[str, Any]]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class TraceSpan(BaseModel):
+    span_id: str
+    parent_id: str
+    name: str
+    kind: str
+    service: str
+    start_ns: int
+    end_ns: int
+    status: str
+    status_message: str
+    attributes: dict[str, str]
+
+
+class TraceSummary(BaseModel):
+    trace_id: str
+    received_at: float
+    root: str = Field(description="name of the root span")
+    services: list[str]
+    span_count: int
+    duration_ms: float
+    error: bool
+
+
+class TraceList(BaseModel):
+    held: int
+    capacity: int
+    traces: list[TraceSummary]
+
+
+class TraceDetail(TraceSummary):
+    spans: list[TraceSpan]

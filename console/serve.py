@@ -1,0 +1,72 @@
+"""Running the console under uvicorn: ``sipwire console`` (and the console half of ``sipwire run``).
+
+The listening socket is bound here, before uvicorn starts, so a port of 0
+is resolved at once and the chosen address is logged, as the transport
+does. Startup problems (address in use, htmx not installed, token file
+not writable) end the process with exit status 1 and one sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+from console.assets import AssetsMissingError
+from console.auth import AuthSetupError
+from sipwire.config import Settings
+
+log = logging.getLogger("sipwire.console")
+
+LISTEN_BACKLOG = 128
+
+
+class ConsoleStartupError(Exception):
+    """The console cannot start; the message says why."""
+
+
+def bind(settings: Settings) -> socket.socket:
+    host, port = settings.console_address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ConsoleStartupError(f"cannot listen on {settings.console_listen}: {error.strerror}") from error
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM; the exit status for the command line."""
+    from console.app import create_app  # noqa: PLC0415 - keeps `sipwire transport` free of web imports
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s console[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        app = create_app(settings)
+        sock = bind(settings)
+    except (AssetsMissingError, AuthSetupError, ConsoleStartupError) as error:
+        log.error("cannot start the console: %s", error)
+        return 1
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    log.info("console listening on http://%s/ (API docs at /docs), transport instance %s", shown, settings.instance)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        server_header=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
