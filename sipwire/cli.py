@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +21,11 @@ from sipwire.config import ConfigError, Settings, descriptions, load
 from transport.control import ControlClient, ControlError
 from transport.routing import RouterLoadError, load_router
 from transport.server import StartupError, TransportServer
+from transport.statsblock import HISTOGRAM_NAMES, StatsError, StatsReader, connections_view, stats_view
+
+#: ``ctl stats`` and ``ctl connections`` wait this long for figures written after the command
+#: started (I/O threads write every 0.25 s); past it they print older ones and say how old.
+FRESH_WAIT_SECONDS = 1.0
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sipwire", description="Observable SIP-over-TCP transport.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("run", "run the transport and its workers on embedded defaults"),
+        ("run", "run the transport, its workers and the console together, on embedded defaults"),
         ("transport", "run the transport process and its worker pool"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         _add_common(command)
         _add_transport_flags(command)
+        if name == "run":
+            command.add_argument("--listen", dest="console_listen", metavar="HOST:PORT", help="console address")
+    console = commands.add_parser("console", help="run the ops console (web pages, REST API, /metrics)")
+    _add_common(console)
+    console.add_argument("--listen", dest="console_listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
+    console.add_argument("--state-dir", metavar="DIR", help="directory of the transport's control socket")
+    console.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     config = commands.add_parser("config", help="print every setting: value and description")
     _add_common(config)
     config.add_argument("--markdown", action="store_true", help="print the settings reference (docs/CONFIGURATION.md)")
@@ -87,6 +102,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "upstream",
             "state_dir",
             "log_level",
+            "console_listen",
         )
     }
     return load(args.config, overrides)
@@ -99,14 +115,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"sipwire: configuration error: {error}", file=sys.stderr)
         return 2
-    if args.command in ("run", "transport"):
+    if args.command == "run":
+        return _run_all(settings, args)
+    if args.command == "console":
+        from console.serve import serve  # noqa: PLC0415 - the transport needs no web framework
+
+        return serve(settings)
+    if args.command == "transport":
         return _run_transport(settings)
     if args.command == "config":
         print(settings_reference() if args.markdown else _settings_text(settings))
         return 0
     try:
         return _ctl(settings, args)
-    except ControlError as error:
+    except (ControlError, StatsError) as error:
         print(f"sipwire ctl: {error}", file=sys.stderr)
         return 1
 
@@ -151,23 +173,72 @@ def _run_transport(settings: Settings) -> int:
     return 0
 
 
+def _run_all(settings: Settings, args: argparse.Namespace) -> int:
+    """``sipwire run``: the console as a child process, the transport (and its workers) in this one.
+
+    Ctrl-C reaches the whole foreground process group, so both stop on it; the
+    console is also stopped here when the transport ends for any other reason.
+    A console that cannot start (htmx not installed: run ``npm ci``) is
+    reported and the transport runs on without it.
+    """
+    command = [sys.executable, "-m", "sipwire.cli", "console", "--instance", settings.instance]
+    command += ["--listen", settings.console_listen, "--log-level", settings.log_level]
+    if args.config:
+        command += ["--config", args.config]
+    if settings.state_dir:
+        command += ["--state-dir", settings.state_dir]
+    console = subprocess.Popen(command)
+    try:
+        return _run_transport(settings)
+    finally:
+        if console.poll() is None:
+            console.send_signal(signal.SIGTERM)
+        try:
+            console.wait(CONSOLE_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            console.kill()
+            console.wait()
+
+
+#: How long ``sipwire run`` waits for the console to stop before killing it.
+CONSOLE_STOP_SECONDS = 5.0
+
+
 def _ctl(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action in ("stats", "connections"):
+        return _ctl_from_block(settings, args)
     with ControlClient(settings.control_path) as client:
         if args.action == "threads":
             result = client.request("threads", **({"size": args.size} if args.size is not None else {}))
             _print(result, args.json, _threads_table)
-        elif args.action == "stats":
-            _print(client.request("stats"), args.json, _stats_text)
         elif args.action == "health":
             _print(client.request("health"), args.json, _health_text)
-        elif args.action == "connections":
-            request: dict[str, Any] = {"limit": args.limit}
-            if args.state:
-                request["state"] = args.state
-            _print(client.request("connections", **request), args.json, _connections_table)
         elif args.action == "close":
             client.request("close", id=args.id)
             print(f"connection {args.id} closed")
+    return 0
+
+
+def _ctl_from_block(settings: Settings, args: argparse.Namespace) -> int:
+    """``stats`` and ``connections`` read the shared-memory stats block: nothing is asked of the
+    transport, so they answer while it is saturated (the control socket would queue behind it)."""
+    if args.action == "connections" and args.limit < 1:
+        raise ControlError(f"limit {args.limit} must be at least 1")
+    since = time.monotonic()
+    with StatsReader.for_settings(settings) as reader:
+        fresh = reader.wait_fresh(since, FRESH_WAIT_SECONDS)
+        header = reader.require_live(allow_stale=True)
+        if args.action == "stats":
+            _print(stats_view(reader), args.json, _stats_text)
+        else:
+            _print(connections_view(reader.connections(), state=args.state, limit=args.limit), args.json,
+                   _connections_table)  # fmt: skip
+    if not fresh:
+        print(
+            f"sipwire ctl: the transport (pid {header.writer_pid}) last updated its stats {header.age:.1f}s ago: "
+            "it is busy or stuck; these figures are that old",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -189,6 +260,12 @@ def _stats_text(result: dict[str, Any]) -> str:
         "counters:",
     ]
     lines += [f"  {name} {value}" for name, value in result["counters"].items()]
+    for name in HISTOGRAM_NAMES:
+        histogram = result[name]
+        lines.append(
+            f"{name}: {histogram['count']} observed, p50 <= {histogram['p50']}, p95 <= {histogram['p95']}, "
+            f"p99 <= {histogram['p99']}"
+        )
     lines.append("workers:")
     lines += [
         f"  {w['index']}: pid {w['pid']} {'up' if w['alive'] else 'DOWN'}, "

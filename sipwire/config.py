@@ -108,6 +108,20 @@ class Settings:
     )
     shutdown_grace: float = _setting(2.0, "Seconds to flush queued writes and finish in-flight messages on shutdown.")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
+    console_listen: str = _setting(
+        "127.0.0.1:8080", "Ops console listen address HOST:PORT (loopback by default; port 0 picks a free port)."
+    )
+    console_token_file: str = _setting(
+        "",
+        "File the console writes its generated admin token to (mode 0600) when SIPWIRE_ADMIN_TOKEN is not set; "
+        "empty means console-token in the runtime directory.",
+    )
+    console_jaeger_url: str = _setting(
+        "", "Jaeger UI base URL, e.g. http://127.0.0.1:16686; when set, the traces page links each trace there."
+    )
+    console_trace_capacity: int = _setting(
+        256, "Traces the console's own OTLP receiver keeps (a ring buffer: the oldest trace goes first)."
+    )
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -116,6 +130,14 @@ class Settings:
     @property
     def tls_address(self) -> tuple[str, int] | None:
         return parse_host_port(self.tls, "tls") if self.tls else None
+
+    @property
+    def console_address(self) -> tuple[str, int]:
+        return parse_host_port(self.console_listen, "console_listen")
+
+    @property
+    def console_token_path(self) -> Path:
+        return Path(self.console_token_file) if self.console_token_file else self.runtime_dir / "console-token"
 
     @property
     def insecure_destinations(self) -> frozenset[tuple[str, int]]:
@@ -243,6 +265,11 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             f"max_header_bytes: {settings.max_header_bytes} exceeds max_message_bytes {settings.max_message_bytes}"
         )
+    parse_host_port(settings.console_listen, "console_listen")
+    if settings.console_jaeger_url and not settings.console_jaeger_url.startswith(("http://", "https://")):
+        raise ConfigError(f"console_jaeger_url: {settings.console_jaeger_url!r} is not an http(s) URL")
+    if not 1 <= settings.console_trace_capacity <= 100_000:
+        raise ConfigError(f"console_trace_capacity: {settings.console_trace_capacity} is outside 1..100000")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: {settings.log_level!r} is not debug, info, warning or error")
     if not settings.instance or "/" in settings.instance or settings.instance.startswith("."):

@@ -61,6 +61,7 @@ def encode(record: Record) -> bytes:
             record.payload,
             record.server_name,
             record.flags,
+            record.trace_context,
         )
     return encode_done(record.conn_id, record.messages)
 
@@ -100,6 +101,9 @@ RECORDS: list[Record] = [
     WriteRecord(47, 9, "tcp", "", 0, SIP, "", FLAG_PROMPT_OUTCOME),
     WriteRecord(48, 0, "tls", "192.0.2.5", 5061, SIP, "sip.example.com", FLAG_PROMPT_OUTCOME),
     WriteRecord(2**64 - 1, 2**64 - 1, "tls", "h", 65535, b"", "n", 0xFF),
+    WriteRecord(49, 9, "tcp", "", 0, SIP, "", 0, TRACE),
+    WriteRecord(50, 0, "tls", "192.0.2.5", 5061, SIP, "sip.example.com", FLAG_PROMPT_OUTCOME, TRACE),
+    WriteRecord(51, 0, "tls", "h" * 255, 5061, b"", "n" * 255, 0xFF, "t" * 255),
     DoneRecord(9, 1),
     DoneRecord(2**64 - 1, 2**32 - 1),
     DoneRecord(0, 0),
@@ -145,13 +149,13 @@ def test_header_layout() -> None:
         b"\x02\x00\x00\x00\x12" + (1).to_bytes(8, "big") + (2).to_bytes(8, "big") + b"\x02" + b"t"
     )
     assert encode_write(1, 2, "tls", "h", 5061, b"P") == (
-        b"\x03\x00\x00\x00\x18"
+        b"\x03\x00\x00\x00\x19"
         + (1).to_bytes(8, "big")
         + (2).to_bytes(8, "big")
         + b"\x00"  # flags
         + b"\x02"
         + (5061).to_bytes(2, "big")
-        + b"\x01\x00"
+        + b"\x01\x00\x00"  # host, server name and trace context lengths
         + b"h"
         + b"P"
     )
@@ -161,13 +165,13 @@ def test_write_layout_with_server_name() -> None:
     # Host, then server name, then payload; both lengths in the fixed part.
     assert encode_write(1, 0, "tls", "10.0.0.1", 5061, b"PAY", "sip.example.com") == (
         b"\x03"
-        + (22 + 8 + 15 + 3).to_bytes(4, "big")
+        + (23 + 8 + 15 + 3).to_bytes(4, "big")
         + (1).to_bytes(8, "big")
         + (0).to_bytes(8, "big")
         + b"\x00"  # flags
         + b"\x02"
         + (5061).to_bytes(2, "big")
-        + b"\x08\x0f"
+        + b"\x08\x0f\x00"
         + b"10.0.0.1"
         + b"sip.example.com"
         + b"PAY"
@@ -221,13 +225,13 @@ def test_message_layout_with_tls_facts() -> None:
 def test_write_layout_with_flags() -> None:
     # The flags byte sits between the conn id and the transport code.
     assert encode_write(1, 2, "tcp", "h", 5060, b"P", "", FLAG_PROMPT_OUTCOME) == (
-        b"\x03\x00\x00\x00\x18"
+        b"\x03\x00\x00\x00\x19"
         + (1).to_bytes(8, "big")
         + (2).to_bytes(8, "big")
         + b"\x01"  # flags
         + b"\x01"
         + (5060).to_bytes(2, "big")
-        + b"\x01\x00"
+        + b"\x01\x00\x00"
         + b"h"
         + b"P"
     )
@@ -278,6 +282,27 @@ def test_tls_fields_default_to_empty() -> None:
     assert decoded_write.server_name == ""
 
 
+def test_write_trace_context_sits_after_the_server_name() -> None:
+    # Host, server name, trace context, payload; the trace context length is the last byte of the fixed part.
+    data = encode_write(1, 0, "tls", "10.0.0.1", 5061, b"PAY", "sip.example.com", 0, TRACE)
+    fixed = struct.calcsize("!QQBBHBBB")
+    assert fixed == 23
+    assert data[HEADER_SIZE + fixed - 3 : HEADER_SIZE + fixed] == bytes((8, 15, len(TRACE)))
+    assert data[HEADER_SIZE + fixed :] == b"10.0.0.1" + b"sip.example.com" + TRACE.encode() + b"PAY"
+    [decoded] = RecordReader().feed(data)
+    assert isinstance(decoded, WriteRecord)
+    assert decoded.trace_context == TRACE
+    assert decoded.payload == b"PAY"
+
+
+def test_write_trace_context_defaults_to_empty() -> None:
+    assert WriteRecord(1, 0, "tcp", "h", 1, b"x").trace_context == ""
+    assert encode_write(1, 0, "tcp", "h", 1, b"x") == encode_write(1, 0, "tcp", "h", 1, b"x", "", 0, "")
+    [decoded] = RecordReader().feed(encode_write(1, 0, "tcp", "h", 1, b"x"))
+    assert isinstance(decoded, WriteRecord)
+    assert decoded.trace_context == ""
+
+
 def test_tls_info_survives_the_wire() -> None:
     info = TlsInfo("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256", 3.25, "", "CN=José Müller,O=Çà", "")
     prefix = message_prefix(5, "tls", ("::1", 5061), ("::1", 50000), info.encode())
@@ -324,8 +349,10 @@ def test_largest_allowed_length_waits_for_its_body() -> None:
 
 
 def test_largest_record_round_trips() -> None:
-    payload_room = MAX_RECORD_BYTES - struct.calcsize("!QQBBHBB") - len("192.0.2.1") - len("sip.example.com")
-    record = WriteRecord(1, 0, "tls", "192.0.2.1", 5061, b"p" * payload_room, "sip.example.com")
+    payload_room = (
+        MAX_RECORD_BYTES - struct.calcsize("!QQBBHBBB") - len("192.0.2.1") - len("sip.example.com") - len(TRACE)
+    )
+    record = WriteRecord(1, 0, "tls", "192.0.2.1", 5061, b"p" * payload_room, "sip.example.com", 0, TRACE)
     data = encode(record)
     assert len(data) == HEADER_SIZE + MAX_RECORD_BYTES
     assert RecordReader().feed(data) == [record]
@@ -348,37 +375,49 @@ CORRUPT_BODIES: list[tuple[str, int, bytes, str]] = [
     ("outcome_unknown_result", KIND_OUTCOME, struct.pack("!QQB", 1, 2, 200), "unknown write result code 200"),
     ("outcome_bad_utf8", KIND_OUTCOME, struct.pack("!QQB", 1, 2, 0) + b"\xff", "undecodable record of kind 2"),
     ("write_short", KIND_WRITE, b"\x00" * 10, "undecodable record of kind 3"),
-    # The old 21-byte fixed part (no flags byte) is one byte short of the new one.
-    ("write_old_fixed_part", KIND_WRITE, struct.pack("!QQBHBB", 1, 0, 1, 1, 0, 0), "undecodable record of kind 3"),
+    # The older 22-byte fixed part (no trace context length) is one byte short of the new one.
+    ("write_old_fixed_part", KIND_WRITE, struct.pack("!QQBBHBB", 1, 0, 0, 1, 1, 0, 0), "undecodable record of kind 3"),
     (
         "write_unknown_transport",
         KIND_WRITE,
-        struct.pack("!QQBBHBB", 1, 0, 0, 9, 1, 0, 0),
+        struct.pack("!QQBBHBBB", 1, 0, 0, 9, 1, 0, 0, 0),
         "undecodable record of kind 3",
     ),
-    ("write_non_ascii_host", KIND_WRITE, struct.pack("!QQBBHBB", 1, 0, 0, 1, 1, 1, 0) + b"\xe9", "kind 3"),
+    ("write_non_ascii_host", KIND_WRITE, struct.pack("!QQBBHBBB", 1, 0, 0, 1, 1, 1, 0, 0) + b"\xe9", "kind 3"),
     (
         "write_host_overruns",
         KIND_WRITE,
-        struct.pack("!QQBBHBB", 1, 0, 0, 1, 1, 9, 0) + b"abc",
-        "WRITE host of 9 bytes overruns its 25-byte record body",
+        struct.pack("!QQBBHBBB", 1, 0, 0, 1, 1, 9, 0, 0) + b"abc",
+        "WRITE host of 9 bytes overruns its 26-byte record body",
     ),
     (
         "write_server_name_overruns",
         KIND_WRITE,
-        struct.pack("!QQBBHBB", 1, 0, 0, 2, 1, 1, 4) + b"h" + b"abc",
-        "WRITE server name of 4 bytes overruns its 26-byte record body",
+        struct.pack("!QQBBHBBB", 1, 0, 0, 2, 1, 1, 4, 0) + b"h" + b"abc",
+        "WRITE server name of 4 bytes overruns its 27-byte record body",
     ),
     (
         "write_server_name_overruns_far",
         KIND_WRITE,
-        struct.pack("!QQBBHBB", 1, 0, 0, 2, 1, 0, 255) + SIP,
+        struct.pack("!QQBBHBBB", 1, 0, 0, 2, 1, 0, 255, 0) + SIP,
         "WRITE server name of 255 bytes",
+    ),
+    (
+        "write_trace_context_overruns",
+        KIND_WRITE,
+        struct.pack("!QQBBHBBB", 1, 0, 0, 1, 1, 1, 0, 55) + b"h" + b"00-abc",
+        "WRITE trace context of 55 bytes overruns its 30-byte record body",
+    ),
+    (
+        "write_non_ascii_trace_context",
+        KIND_WRITE,
+        struct.pack("!QQBBHBBB", 1, 0, 0, 1, 1, 0, 0, 1) + b"\x80" + SIP,
+        "undecodable record of kind 3",
     ),
     (
         "write_non_ascii_server_name",
         KIND_WRITE,
-        struct.pack("!QQBBHBB", 1, 0, 0, 2, 1, 0, 2) + "é".encode(),
+        struct.pack("!QQBBHBBB", 1, 0, 0, 2, 1, 0, 2, 0) + "é".encode(),
         "undecodable record of kind 3",
     ),
     ("message_empty", KIND_MESSAGE, b"", "undecodable record of kind 1"),
@@ -471,16 +510,18 @@ def test_trace_and_host_exactly_filling_the_body_are_fine() -> None:
     assert RecordReader().feed(raw_record(KIND_MESSAGE, message)) == [
         MessageRecord(1, "tcp", ("", 5060), ("", 5061), 0.0, "abc", b"")
     ]
-    write = struct.pack("!QQBBHBB", 1, 0, 0, 2, 7, 3, 0) + b"abc"
+    write = struct.pack("!QQBBHBBB", 1, 0, 0, 2, 7, 3, 0, 0) + b"abc"
     assert RecordReader().feed(raw_record(KIND_WRITE, write)) == [WriteRecord(1, 0, "tls", "abc", 7, b"")]
+    traced = struct.pack("!QQBBHBBB", 1, 0, 0, 2, 7, 1, 0, 3) + b"h" + b"abc"
+    assert RecordReader().feed(raw_record(KIND_WRITE, traced)) == [WriteRecord(1, 0, "tls", "h", 7, b"", "", 0, "abc")]
 
 
 def test_server_name_exactly_filling_the_body_is_fine() -> None:
-    write = struct.pack("!QQBBHBB", 1, 0, 0, 2, 7, 1, 3) + b"h" + b"abc"
+    write = struct.pack("!QQBBHBBB", 1, 0, 0, 2, 7, 1, 3, 0) + b"h" + b"abc"
     assert RecordReader().feed(raw_record(KIND_WRITE, write)) == [WriteRecord(1, 0, "tls", "h", 7, b"", "abc")]
     # One byte more in the name length overruns.
-    with pytest.raises(WireError, match="WRITE server name of 4 bytes overruns its 26-byte record body"):
-        RecordReader().feed(raw_record(KIND_WRITE, struct.pack("!QQBBHBB", 1, 0, 0, 2, 7, 1, 4) + b"h" + b"abc"))
+    with pytest.raises(WireError, match="WRITE server name of 4 bytes overruns its 27-byte record body"):
+        RecordReader().feed(raw_record(KIND_WRITE, struct.pack("!QQBBHBBB", 1, 0, 0, 2, 7, 1, 4, 0) + b"h" + b"abc"))
 
 
 def test_tls_facts_exactly_before_the_time_are_fine() -> None:
@@ -520,7 +561,7 @@ def test_tls_facts_length_beyond_a_real_record_overruns(extra: int) -> None:
 def test_server_name_length_beyond_a_real_record_overruns(extra: int) -> None:
     data = encode(WriteRecord(1, 0, "tls", "192.0.2.1", 5061, b"xy", "sip.example.com"))
     body = bytearray(data[HEADER_SIZE:])
-    rest = len(body) - struct.calcsize("!QQBBHBB") - len("192.0.2.1")
+    rest = len(body) - struct.calcsize("!QQBBHBBB") - len("192.0.2.1")
     claimed = min(rest + extra, 0xFF)
     struct.pack_into("!B", body, struct.calcsize("!QQBBHB"), claimed)
     with pytest.raises(WireError, match=f"WRITE server name of {claimed} bytes overruns"):
@@ -544,6 +585,11 @@ def test_encoders_reject_what_the_layout_cannot_hold() -> None:
         encode_write(1, 0, "tcp", "h", 1, b"", "", 256)
     with pytest.raises(struct.error):
         encode_write(1, 0, "tcp", "h", 1, b"", "", -1)
+    # The trace context is ASCII (a W3C traceparent) and its length is one byte.
+    with pytest.raises(UnicodeEncodeError):
+        encode_write(1, 0, "tcp", "h", 1, b"", "", 0, "00-é")
+    with pytest.raises(struct.error):
+        encode_write(1, 0, "tcp", "h", 1, b"", "", 0, "t" * 256)
 
 
 def _decoded_tls(tls: str) -> tuple[int, str]:
@@ -623,6 +669,7 @@ _TLS_FACTS = st.one_of(
     st.builds(lambda head, tail: head * 4096 + tail, st.sampled_from(["x", "é", "€", "🔐"]), st.text(max_size=4)),
 )
 _SERVER_NAME = st.one_of(st.just(""), _HOST)
+_TRACE = st.one_of(st.just(""), st.just(TRACE), _HOST)
 _FLAGS = st.one_of(st.just(0), st.just(FLAG_PROMPT_OUTCOME), st.integers(min_value=0, max_value=255))
 
 _RECORDS = st.one_of(
@@ -638,7 +685,7 @@ _RECORDS = st.one_of(
         _TLS_FACTS,
     ),
     st.builds(OutcomeRecord, _U64, _U64, st.sampled_from(list(WriteResult)), st.text(max_size=30)),
-    st.builds(WriteRecord, _U64, _U64, _TRANSPORT, _HOST, _PORT, st.binary(max_size=200), _SERVER_NAME, _FLAGS),
+    st.builds(WriteRecord, _U64, _U64, _TRANSPORT, _HOST, _PORT, st.binary(max_size=200), _SERVER_NAME, _FLAGS, _TRACE),
     st.builds(DoneRecord, _U64, st.integers(min_value=0, max_value=2**32 - 1)),
 )
 

@@ -18,12 +18,15 @@ import socket
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from transport.framing import Framer, FramerLimits
 from transport.streams import Stream
 from transport.tlsinfo import TlsInfo
 from transport.wire import message_prefix
+
+if TYPE_CHECKING:
+    from otel.recorder import ConnTrace, WriteTrace
 
 
 class ConnState(Enum):
@@ -55,6 +58,8 @@ class PendingJob:
     worker: int
     end: int
     prompt: bool  # the worker waits for this outcome: report it at once
+    trace: WriteTrace | None = None  # the job's sip.write span, when its message is traced
+    queued_at: float = 0.0  # monotonic time the owning thread queued it (write-job latency histogram)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +115,11 @@ class Connection:
         "sent_total",
         "sock",
         "state",
+        "stats_mark",
+        "stats_slot",
         "stream",
         "tls",
+        "trace",
         "transport",
         "worker",
         "write_progress",
@@ -163,6 +171,9 @@ class Connection:
         self.messages_out = 0
         self.write_progress = 0.0  # last time queued bytes moved; 0: nothing queued
         self.registered_events = 0  # selector events this connection is registered for
+        self.stats_slot = -1  # its slot in the stats block; -1: none yet, -2: refused one (asks again)
+        self.stats_mark: tuple[object, ...] | None = None  # what its slot last showed (see IOThread._write_stats)
+        self.trace: ConnTrace | None = None  # the tcp.connect or tls.handshake span open on it, if traced
 
     @property
     def pending_bytes(self) -> int:

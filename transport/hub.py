@@ -17,9 +17,11 @@ import threading
 from typing import TYPE_CHECKING
 
 from sipwire.config import Settings
+from transport.statsblock import FreeList, StatsWriter
 from transport.tls import TlsContexts
 
 if TYPE_CHECKING:
+    from otel.recorder import SpanRecorder
     from transport.iothread import IOThread
 
 DestinationKey = tuple[str, str, int]
@@ -30,9 +32,15 @@ class Hub:
 
     def __init__(self, settings: Settings, worker_count: int, tls: TlsContexts | None = None) -> None:
         self.settings = settings
+        #: The shared-memory stats block (None: not published; see :meth:`set_stats`).
+        self.stats: StatsWriter | None = None
+        self.slots = FreeList(0)
+        self.thread_records = FreeList(0)
         self.worker_count = worker_count
         #: Built once at start; SSL objects made from them never leave this process.
         self.tls = tls
+        #: Telemetry's I/O-thread side (set before the threads start); None when telemetry is off.
+        self.recorder: SpanRecorder | None = None
         #: Active I/O threads, index 0 first; replaced (never mutated) on resize.
         self.threads: tuple[IOThread, ...] = ()
         self.owners: dict[int, IOThread] = {}
@@ -49,6 +57,24 @@ class Hub:
     def connection_count(self) -> int:
         """Open connections plus those on their way to a new owner."""
         return len(self.owners)
+
+    def set_stats(self, stats: StatsWriter) -> None:
+        """Publish to ``stats`` (before any I/O thread exists). Connection slots and thread records
+        come from two free lists, the only locks the stats writers ever take."""
+        self.stats = stats
+        self.slots = FreeList(stats.capacities.slots)
+        self.thread_records = FreeList(stats.capacities.threads)
+
+    def alloc_slot(self, first_try: bool = True) -> int:
+        """A free connection slot in the stats block, or -1 (none left, or no block).
+
+        A connection refused a slot is counted once (``first_try``) and asks again on later ticks.
+        """
+        return self.slots.take(first_try)
+
+    def free_slot(self, slot: int) -> None:
+        """Give back a slot its owner has already cleared."""
+        self.slots.give(slot)
 
     def pending_write_bytes(self) -> int:
         return sum(thread.pending_write_bytes for thread in self.threads)

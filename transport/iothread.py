@@ -36,6 +36,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final
 
+from otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, SpanRecorder, WriteTrace, traceparent
 from transport.connection import Connection, ConnectionInfo, ConnState, PendingJob
 from transport.framing import PONG, Event, FramerLimits, FramingError, FramingErrorReason, Ping
 from transport.hub import DestinationKey, Hub
@@ -43,6 +44,7 @@ from transport.outcome import WriteResult
 from transport.ratelog import RateLimitedLog
 from transport.readbuffer import ReadBuffer
 from transport.sip import response_for_unparsable
+from transport.statsblock import LATENCY_BUCKETS_MS, THREAD_ACTIVE, THREAD_RETIRING
 from transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
 from transport.tls import TlsVerifyError, connection_info, verify_server_name
 from transport.wire import (
@@ -95,10 +97,25 @@ class ThreadStatistics:
     handshake_buckets: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ThreadTotals:
+    """Copies of one thread's cumulative figures, for the supervisor's stats-block writes."""
+
+    counters: dict[str, int]
+    handshake_buckets: list[int]
+    dispatch_buckets: list[int]
+    dispatch_ms: float
+    write_buckets: list[int]
+    write_ms: float
+    done_by_worker: list[int]
+    outstanding: list[int]
+    inbox_depth: int
+
+
 class WorkerChannel:
     """This thread's end of its socketpair with one worker."""
 
-    __slots__ = ("backlog", "events", "out", "reader", "sock", "worker")
+    __slots__ = ("backlog", "events", "out", "reader", "sent_at", "sock", "worker")
 
     def __init__(self, worker: int, sock: socket.socket) -> None:
         self.worker = worker
@@ -106,6 +123,9 @@ class WorkerChannel:
         self.reader = RecordReader()
         self.out: list[bytes] = []
         self.backlog = bytearray()  # bytes the kernel did not take on the last send
+        # (monotonic time, message count) per batch sent, oldest first: the worker answers a
+        # channel's messages in order, so DONE counts consume it from the left (dispatch latency).
+        self.sent_at: deque[tuple[float, int]] = deque()
         self.events = READ
 
     @property
@@ -141,9 +161,22 @@ class IOThread:
         self._dirty_channels: set[WorkerChannel] = set()
         self._lazy_channels: set[WorkerChannel] = set()  # hold outcomes nobody waits for
         self._handshake_buckets = [0] * (len(HANDSHAKE_BUCKETS_MS) + 1)
+        # Stats block (transport/statsblock.py): this thread's record, written from _tick, and the
+        # latency histograms the supervisor sums (see stats_totals).
+        self._stats = hub.stats
+        self.stats_record = hub.thread_records.take() if hub.stats is not None else -1
+        self._started = time.monotonic()
+        self.done_by_worker = [0] * hub.worker_count
+        self._dispatch_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self._dispatch_ms = 0.0
+        self._write_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self._write_ms = 0.0
         self._parked: list[tuple[int, list[bytes]]] = []  # messages waiting for any live worker
         self._listeners: list[socket.socket] = []
         self._tls = hub.tls
+        # Telemetry (None when off): the recorder, and the same object only when traces are recorded.
+        self._recorder: SpanRecorder | None = hub.recorder
+        self._tracing = hub.recorder if hub.recorder is not None and hub.recorder.tracing else None
         self._reader = ReadBuffer(RECV_BYTES)
         self._now = time.monotonic()
         self._next_tick = self._now + TICK_SECONDS
@@ -268,6 +301,7 @@ class IOThread:
 
     def _read(self, conn: Connection) -> None:
         stream = conn.stream
+        read_ns = time.time_ns() if self._tracing is not None else 0  # a sip.receive span starts at its read
         try:
             data = stream.recv(self._reader)
         except StreamError as error:
@@ -289,27 +323,37 @@ class IOThread:
             events = framer.feed(data)
         except FramingError as error:
             if error.events:  # good messages pipelined ahead of the bad one still count
-                self._dispatch(conn, error.events)
+                self._dispatch(conn, error.events, read_ns)
             self._framing_error(conn, error)
             return
         if events:
-            self._dispatch(conn, events)
+            self._dispatch(conn, events, read_ns)
         if framer.buffered_bytes and framer.in_message:
             if events or not conn.message_started:
                 conn.message_started = self._now  # completed events consumed the old partial: a new one began
         else:
             conn.message_started = 0.0
 
-    def _dispatch(self, conn: Connection, events: list[Event]) -> None:
+    def _dispatch(self, conn: Connection, events: list[Event], read_ns: int = 0) -> None:
         received_at = time.time()
         records: list[bytes] = []
         prefix = conn.prefix
+        tracing = self._tracing
+        traced: list[tuple[int, int]] = []  # (trace id, span id) of the sampled messages
         for event in events:
             if isinstance(event, Ping):
                 self.counters["keepalive_pings"] += 1
                 self._enqueue(conn, PONG, 0, -1)
-            else:
+            elif tracing is None:
                 records.append(encode_message(prefix, received_at, b"", event))
+            else:
+                trace_id = tracing.root_trace_id()
+                context = b""
+                if trace_id:
+                    span_id = tracing.new_span_id()
+                    traced.append((trace_id, span_id))
+                    context = traceparent(trace_id, span_id)
+                records.append(encode_message(prefix, received_at, context, event))
         if not records:
             return
         count = len(records)
@@ -322,17 +366,33 @@ class IOThread:
             worker = self._least_busy_worker()
         if worker < 0:
             self._park(conn, records)
+            if traced:
+                self._received(conn, traced, read_ns, "")
             return
         channel = self.channels[worker]
         assert channel is not None
         if channel.backlog_bytes > self.settings.dispatch_backlog_bytes:
             self._reject_overload(conn, events)
+            if traced:
+                self._received(conn, traced, read_ns, "overload")
             return
         channel.out.extend(records)
         self._dirty_channels.add(channel)
         conn.worker = worker
         conn.in_flight += count
         self.outstanding[worker] += count
+        channel.sent_at.append((time.monotonic(), count))
+        if traced:
+            self._received(conn, traced, read_ns, "")
+
+    def _received(self, conn: Connection, traced: list[tuple[int, int]], read_ns: int, error: str) -> None:
+        """Record the ``sip.receive`` spans of the sampled messages of one read."""
+        tracing = self._tracing
+        assert tracing is not None
+        end_ns = time.time_ns()
+        start_ns = read_ns or end_ns
+        for trace_id, span_id in traced:
+            tracing.receive(trace_id, span_id, start_ns, end_ns, conn, error)
 
     def _least_busy_worker(self) -> int:
         best = -1
@@ -400,12 +460,34 @@ class IOThread:
             self._drop_channel(channel, lost_reason="corrupt channel")
             return
         worker = channel.worker
+        finished = 0
         for record in records:
             if type(record) is WriteRecord:
                 self._write_job(worker, record)
             elif type(record) is DoneRecord:
                 self.outstanding[worker] -= record.messages
+                finished += record.messages
                 self._done(record.conn_id, record.messages)
+        if finished:
+            self._dispatch_done(channel, finished)
+
+    def _dispatch_done(self, channel: WorkerChannel, finished: int) -> None:
+        """Dispatch latency of ``finished`` messages: the oldest ones sent on ``channel``."""
+        self.done_by_worker[channel.worker] += finished
+        now = time.monotonic()
+        sent_at = channel.sent_at
+        buckets = self._dispatch_buckets
+        while finished and sent_at:
+            sent, count = sent_at[0]
+            taken = min(count, finished)
+            if taken == count:
+                sent_at.popleft()
+            else:
+                sent_at[0] = (sent, count - taken)
+            elapsed_ms = (now - sent) * 1000.0
+            buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += taken
+            self._dispatch_ms += elapsed_ms * taken
+            finished -= taken
 
     def _send_channel(self, channel: WorkerChannel) -> None:
         if self.channels[channel.worker] is not channel:
@@ -477,6 +559,7 @@ class IOThread:
             channel.out.extend(records)
             conn.worker = worker
             self.outstanding[worker] += len(records)
+            channel.sent_at.append((self._now, len(records)))
         if channel.out:
             self._dirty_channels.add(channel)
 
@@ -495,61 +578,83 @@ class IOThread:
 
     def _write_job(self, worker: int, record: WriteRecord) -> None:
         prompt = bool(record.flags & FLAG_PROMPT_OUTCOME)
+        trace = None  # the job's sip.write span, open until its outcome
+        if record.trace_context and self._tracing is not None:
+            trace = self._tracing.start_write(record.trace_context)
         if record.conn_id:
-            self._write_to(record.conn_id, record.job_id, worker, record.payload, prompt)
+            self._write_to(record.conn_id, record.job_id, worker, record.payload, prompt, trace)
             return
+        if trace is not None:
+            trace.transport = record.transport
+            trace.remote = (record.host, record.port)
         try:
             host = str(ipaddress.ip_address(record.host))
         except ValueError:
-            self._outcome(
-                worker, record.job_id, 0, WriteResult.BAD_DESTINATION, f"host {record.host!r} is not an IP address"
-            )
+            reason = f"host {record.host!r} is not an IP address"
+            self._outcome(worker, record.job_id, 0, WriteResult.BAD_DESTINATION, reason, trace=trace)
             return
         if not 0 < record.port < 65536:
-            self._outcome(worker, record.job_id, 0, WriteResult.BAD_DESTINATION, f"port {record.port} is out of range")
+            reason = f"port {record.port} is out of range"
+            self._outcome(worker, record.job_id, 0, WriteResult.BAD_DESTINATION, reason, trace=trace)
             return
         key = (record.transport, host, record.port)
         conn_id = self.hub.destination(key)
         if conn_id is None:
-            self._connect(key, record.server_name, record.job_id, worker, record.payload, prompt)
+            self._connect(key, record.server_name, record.job_id, worker, record.payload, prompt, trace)
         else:
-            self._write_to(conn_id, record.job_id, worker, record.payload, prompt)
+            self._write_to(conn_id, record.job_id, worker, record.payload, prompt, trace)
 
-    def _write_to(self, conn_id: int, job_id: int, worker: int, payload: bytes, prompt: bool) -> None:
+    def _write_to(
+        self, conn_id: int, job_id: int, worker: int, payload: bytes, prompt: bool, trace: WriteTrace | None = None
+    ) -> None:
         conn = self.conns.get(conn_id)
         if conn is None:
             owner = self.hub.owner(conn_id)
             if owner is not None and owner is not self:
-                owner.post("_write_to", conn_id, job_id, worker, payload, prompt)
+                owner.post("_write_to", conn_id, job_id, worker, payload, prompt, trace)
             else:
-                self._outcome(worker, job_id, conn_id, WriteResult.CONNECTION_GONE, f"connection {conn_id} is closed")
+                reason = f"connection {conn_id} is closed"
+                self._outcome(worker, job_id, conn_id, WriteResult.CONNECTION_GONE, reason, trace=trace)
             return
-        self._enqueue(conn, payload, job_id, worker, prompt)
+        self._enqueue(conn, payload, job_id, worker, prompt, trace)
 
-    def _enqueue(self, conn: Connection, payload: bytes, job_id: int, worker: int, prompt: bool = True) -> None:
+    def _enqueue(
+        self,
+        conn: Connection,
+        payload: bytes,
+        job_id: int,
+        worker: int,
+        prompt: bool = True,
+        trace: WriteTrace | None = None,
+    ) -> None:
         """Queue bytes on a connection owned here; ``job_id`` 0 is the transport's own write."""
+        if trace is not None:
+            trace.transport = conn.transport
+            trace.local = conn.local
+            trace.remote = conn.remote
         if conn.state is ConnState.CLOSED:
-            self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, f"connection {conn.id} is closing")
+            reason = f"connection {conn.id} is closing"
+            self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, reason, trace=trace)
             return
         size = len(payload)
         limit = self.settings.write_queue_bytes
         if job_id and conn.pending_bytes + size > limit:
             reason = f"connection {conn.id} has {conn.pending_bytes} bytes queued; limit {limit}"
             self.ratelog.log(logging.WARNING, "queue_full", "write job refused: %s", reason)
-            self._outcome(worker, job_id, conn.id, WriteResult.QUEUE_FULL, reason)
+            self._outcome(worker, job_id, conn.id, WriteResult.QUEUE_FULL, reason, trace=trace)
             return
         global_limit = self.settings.global_write_queue_bytes
         if job_id and self.hub.pending_write_bytes() + size > global_limit:
             reason = f"{global_limit} bytes queued over all connections"
             self.ratelog.log(logging.WARNING, "global_queue_full", "write job refused: %s", reason)
-            self._outcome(worker, job_id, conn.id, WriteResult.LIMIT_REACHED, reason)
+            self._outcome(worker, job_id, conn.id, WriteResult.LIMIT_REACHED, reason, trace=trace)
             return
         conn.out_chunks.append(payload)
         conn.queued_total += size
         self.pending_write_bytes += size
         if job_id:
             conn.messages_out += 1
-            conn.jobs.append(PendingJob(job_id, worker, conn.queued_total, prompt))
+            conn.jobs.append(PendingJob(job_id, worker, conn.queued_total, prompt, trace, self._now))
         if conn.state is ConnState.OPEN or conn.state is ConnState.CLOSING:
             self._dirty_conns[conn.id] = conn
 
@@ -577,7 +682,8 @@ class IOThread:
             jobs = conn.jobs
             while jobs and jobs[0].end <= conn.sent_total:
                 job = jobs.popleft()
-                self._outcome(job.worker, job.job_id, conn.id, WriteResult.SENT, "", job.prompt)
+                self._write_done(job.queued_at)
+                self._outcome(job.worker, job.job_id, conn.id, WriteResult.SENT, "", job.prompt, job.trace)
         if not conn.out_chunks and conn.state is ConnState.CLOSING and not conn.in_flight:
             self._close(conn, "closed after flush", WriteResult.CONNECTION_GONE)
             return
@@ -592,10 +698,22 @@ class IOThread:
         self._flush(conn)
 
     def _outcome(
-        self, worker: int, job_id: int, conn_id: int, result: WriteResult, reason: str, prompt: bool = True
+        self,
+        worker: int,
+        job_id: int,
+        conn_id: int,
+        result: WriteResult,
+        reason: str,
+        prompt: bool = True,
+        trace: WriteTrace | None = None,
     ) -> None:
-        """Report a job's outcome to its worker; a ``sent`` nobody waits for rides with later records."""
+        """Report a job's outcome to its worker; a ``sent`` nobody waits for rides with later records.
+
+        A traced job's ``sip.write`` span ends here, with ``error.type`` the outcome's label on failure.
+        """
         self.counters[f"write.{result.label}"] += 1
+        if trace is not None and self._tracing is not None:
+            self._tracing.end_write(trace, conn_id, "" if result is WriteResult.SENT else result.label, reason)
         if not job_id or worker < 0:
             return
         channel = self.channels[worker]
@@ -653,6 +771,8 @@ class IOThread:
             )
             if transport == "tls":
                 conn.deadline = self._now + self.settings.tls_handshake_timeout
+                if self._tracing is not None:
+                    conn.trace = self._tracing.start_connection(SPAN_HANDSHAKE, None)
             target = hub.least_loaded_thread()
             hub.owners[conn.id] = target
             if target is self:
@@ -682,26 +802,39 @@ class IOThread:
                 self._read(conn)
 
     def _connect(
-        self, key: DestinationKey, server_name: str, job_id: int, worker: int, payload: bytes, prompt: bool
+        self,
+        key: DestinationKey,
+        server_name: str,
+        job_id: int,
+        worker: int,
+        payload: bytes,
+        prompt: bool,
+        trace: WriteTrace | None = None,
     ) -> None:
         transport, host, port = key
         if transport == "tls" and self._tls is None:
-            self._outcome(worker, job_id, 0, WriteResult.BAD_DESTINATION, "TLS is not enabled on this transport")
+            reason = "TLS is not enabled on this transport"
+            self._outcome(worker, job_id, 0, WriteResult.BAD_DESTINATION, reason, trace=trace)
             return
         if self.hub.connection_count() >= self.settings.max_connections:
             reason = f"max_connections {self.settings.max_connections} reached"
-            self._outcome(worker, job_id, 0, WriteResult.LIMIT_REACHED, reason)
+            self._outcome(worker, job_id, 0, WriteResult.LIMIT_REACHED, reason, trace=trace)
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The tcp.connect span: child of the job's write span, or a root of its own.
+        connect_trace = self._tracing.start_connection(SPAN_CONNECT, trace) if self._tracing is not None else None
         status = sock.connect_ex((host, port))
         if status not in (0, errno.EINPROGRESS):
             sock.close()
             result = ERRNO_RESULTS.get(status, WriteResult.UNREACHABLE)
             self.counters[f"connect_failed.{result.label}"] += 1
-            self._outcome(worker, job_id, 0, result, f"connect to {host}:{port} failed: {os.strerror(status)}")
+            reason = f"connect to {host}:{port} failed: {os.strerror(status)}"
+            if connect_trace is not None and self._tracing is not None:
+                self._tracing.end_unconnected(connect_trace, transport, (host, port), result.label, reason)
+            self._outcome(worker, job_id, 0, result, reason, trace=trace)
             return
         unbound = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         stream: TcpStream | TlsStream = TcpStream(sock)
@@ -721,11 +854,12 @@ class IOThread:
         winner = self.hub.claim_destination(key, conn.id)
         if winner != conn.id:  # another thread opened one first: use it
             sock.close()
-            self._write_to(winner, job_id, worker, payload, prompt)
+            self._write_to(winner, job_id, worker, payload, prompt, trace)
             return
+        conn.trace = connect_trace
         self.counters["connects"] += 1
         self.adopt(conn)
-        self._enqueue(conn, payload, job_id, worker, prompt)
+        self._enqueue(conn, payload, job_id, worker, prompt, trace)
 
     def _connected(self, conn: Connection) -> None:
         status = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -737,6 +871,10 @@ class IOThread:
             return
         conn.set_address(conn.sock.getsockname()[:2])
         conn.last_activity = self._now
+        if conn.trace is not None and self._tracing is not None:
+            self._tracing.end_connection(conn.trace, conn, "", "")
+            tls = isinstance(conn.stream, TlsStream)
+            conn.trace = self._tracing.next_phase(conn.trace, SPAN_HANDSHAKE) if tls else None
         if isinstance(conn.stream, TlsStream):
             conn.transition(ConnState.HANDSHAKE)
             conn.deadline = self._now + self.settings.tls_handshake_timeout
@@ -763,7 +901,12 @@ class IOThread:
             self._tls_failed(conn, "name_mismatch", WriteResult.TLS_FAILED, str(error))
             return
         elapsed_ms = (time.monotonic() - stream.handshake_started) * 1000.0
-        conn.set_tls(connection_info(stream.ssl, round(elapsed_ms, 3)))
+        info = connection_info(stream.ssl, round(elapsed_ms, 3))
+        conn.set_tls(info)
+        if conn.trace is not None:
+            self._end_connection_span(conn, "", "")
+        if self._recorder is not None and self._recorder.metrics:
+            self._recorder.handshake(elapsed_ms / 1000.0, info.version, "")
         conn.transition(ConnState.OPEN)
         conn.last_activity = self._now
         self.counters["tls_handshakes"] += 1
@@ -775,11 +918,21 @@ class IOThread:
 
     def _tls_failed(self, conn: Connection, reason: str, result: WriteResult, detail: str) -> None:
         self.counters[f"tls_handshake_failed.{reason}"] += 1
+        if conn.trace is not None:
+            self._end_connection_span(conn, reason, detail)
+        if self._recorder is not None and self._recorder.metrics and isinstance(conn.stream, TlsStream):
+            self._recorder.handshake(time.monotonic() - conn.stream.handshake_started, "", reason)
         self.ratelog.log(
             logging.WARNING, f"tls.{reason}", "TLS handshake with %s:%d failed: %s",
             conn.remote[0], conn.remote[1], detail,
         )  # fmt: skip
         self._close(conn, f"TLS handshake failed: {detail}", result)
+
+    def _end_connection_span(self, conn: Connection, error: str, detail: str) -> None:
+        """End the connect or handshake span open on ``conn`` (``error``: its error.type, "" when it worked)."""
+        if conn.trace is not None and self._tracing is not None:
+            self._tracing.end_connection(conn.trace, conn, error, detail)
+        conn.trace = None
 
     def _update_events(self, conn: Connection) -> None:
         """Register exactly the selector events the connection's state and stream need."""
@@ -836,11 +989,16 @@ class IOThread:
             return
         conn.transition(ConnState.CLOSED)
         self._release(conn)
+        if conn.stats_slot >= 0:
+            self._free_slot(conn)
         conn.stream.close()
         self.hub.forget(conn.id, conn.destination)
         self.counters["closed"] += 1
+        if conn.trace is not None:  # still connecting or in its TLS handshake
+            self._end_connection_span(conn, result.label, reason)
         for job in conn.jobs:
-            self._outcome(job.worker, job.job_id, conn.id, result, reason)
+            self._write_done(job.queued_at)
+            self._outcome(job.worker, job.job_id, conn.id, result, reason, trace=job.trace)
         conn.jobs.clear()
         log.debug("connection %d %s:%d closed: %s", conn.id, conn.remote[0], conn.remote[1], reason)
 
@@ -896,6 +1054,71 @@ class IOThread:
             drained = not any(self.outstanding) and not any(c.out_chunks for c in self.conns.values())
             if drained or now > self._shutdown_deadline:
                 self._running = False
+        if self._stats is not None:
+            try:
+                self._write_stats(now)
+            except Exception:  # stats must never break traffic: stop publishing from this thread
+                log.exception("I/O thread %d: writing the stats block failed; this thread stops publishing", self.index)
+                self._stats = None
+
+    # -- stats block (layout and rules: transport/statsblock.py) --------------------------------
+
+    def _write_stats(self, now: float) -> None:
+        """This thread's record, and the slots of its connections that changed since last written.
+
+        A connection takes a slot the first time it is written, so one opened and closed
+        between two ticks costs nothing; an unchanged one costs a tuple compare.
+        """
+        stats = self._stats
+        assert stats is not None
+        if self.stats_record >= 0:
+            stats.write_thread(
+                self.stats_record, THREAD_RETIRING if self._retire_deadline else THREAD_ACTIVE, self.index,
+                len(self.conns), self._load, self._lag * 1000.0, len(self.inbox), sum(self.outstanding), self._jobs,
+                self.pending_write_bytes, now, self._started,
+            )  # fmt: skip
+        index = self.index
+        hub = self.hub
+        write = stats.write_connection
+        for conn in self.conns.values():
+            # Everything a slot shows moves with one of these (last_activity with bytes or state).
+            mark = (
+                conn.state, conn.bytes_in, conn.bytes_out, conn.queued_total, conn.messages_out, conn.in_flight, index
+            )  # fmt: skip
+            if mark == conn.stats_mark:
+                continue
+            slot = conn.stats_slot
+            if slot < 0:
+                slot = hub.alloc_slot(first_try=slot == -1)
+                if slot < 0:
+                    conn.stats_slot = -2  # counted once; asks again next tick
+                    continue
+                conn.stats_slot = slot
+            write(slot, conn, index)
+            conn.stats_mark = mark
+
+    def _free_slot(self, conn: Connection) -> None:
+        """Clear a closed connection's slot, then give it back (the next owner writes after us)."""
+        slot = conn.stats_slot
+        conn.stats_slot = -1
+        stats = self.hub.stats
+        if stats is not None:
+            stats.clear_slot(slot)
+        self.hub.free_slot(slot)
+
+    def _write_done(self, queued_at: float) -> None:
+        """Write-job latency: from the owning thread queueing the job to its outcome."""
+        elapsed_ms = (time.monotonic() - queued_at) * 1000.0
+        self._write_buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += 1
+        self._write_ms += elapsed_ms
+
+    def stats_totals(self) -> ThreadTotals:
+        """Cross-thread read for the supervisor: copies made under the GIL (each one atomic), no lock."""
+        return ThreadTotals(
+            dict(self.counters), list(self._handshake_buckets), list(self._dispatch_buckets), self._dispatch_ms,
+            list(self._write_buckets), self._write_ms, list(self.done_by_worker), list(self.outstanding),
+            len(self.inbox),
+        )  # fmt: skip
 
     # -- control jobs (posted by the supervisor) -----------------------------------------------
 

@@ -21,15 +21,32 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from otel.setup import transport_telemetry
 from sipwire.config import Settings
 from transport.connection import ConnectionInfo, format_address
 from transport.control import ControlError, ControlServer
 from transport.hub import Hub
-from transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread, ThreadStatistics
+from transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread, ThreadStatistics, ThreadTotals
+from transport.statsblock import (
+    HISTOGRAM_DISPATCH,
+    HISTOGRAM_TLS,
+    HISTOGRAM_WRITE,
+    LATENCY_BUCKETS_MS,
+    STATUS_RUNNING,
+    SUPERVISOR_INTERVAL_SECONDS,
+    Capacities,
+    HeaderFigures,
+    StatsError,
+    StatsWriter,
+    block_name_for,
+)
 from transport.tls import TlsConfigError, build_contexts
 from transport.workerpool import WorkerPool
+
+if TYPE_CHECKING:
+    from otel.pipeline import Telemetry
 
 log = logging.getLogger("sipwire.transport")
 
@@ -38,6 +55,8 @@ SUPERVISOR_TICK_SECONDS: Final = 0.1
 #: How long a control request waits for the I/O threads to answer.
 SNAPSHOT_TIMEOUT_SECONDS: Final = 2.0
 LISTEN_BACKLOG: Final = 1024
+#: How long stopping waits for the last spans to be exported (a dead collector must not hold the stop).
+TELEMETRY_STOP_SECONDS: Final = 2.0
 
 
 class StartupError(Exception):
@@ -67,11 +86,21 @@ class TransportServer:
         self._stop_requested = False
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._control: ControlServer | None = None
+        # Stats block: the supervisor writes the header, workers, counters and histograms.
+        self.stats: StatsWriter | None = None
+        self._stats_due = 0.0
+        self._stats_failed = False
+        self._retired_totals = _Totals.empty(settings.workers)  # of joined threads, under _retired_lock
+        self._worker_progress = [(0, 0.0)] * settings.workers  # (done, heartbeat) last written
+        self.telemetry: Telemetry | None = None
 
     # -- start ---------------------------------------------------------------------------------
 
     def start(self) -> None:
         listeners = self._bind()
+        self._open_stats(listeners)
+        self.telemetry = transport_telemetry(self.settings.instance, self.statistics)
+        self.hub.recorder = self.telemetry.recorder if self.telemetry is not None else None
         threads = tuple(IOThread(index, self.hub) for index in range(self.settings.threads))
         self.hub.threads = threads
         for listener, transport in listeners:
@@ -132,6 +161,7 @@ class TransportServer:
                 self.workers.reap(self.hub.threads)
                 self._reconcile_threads()
                 self._join_retired()
+                self._write_stats_if_due()
         finally:
             selector.close()
             for sig, handler in previous.items():
@@ -153,6 +183,9 @@ class TransportServer:
         )
         if self._control is not None:
             self._control.close()
+        if self.stats is not None:
+            self._write_stats_if_due(force=True)
+            self.stats.mark_stopping()
         threads = self.hub.threads
         for thread in threads:
             thread.post("shutdown", self.settings.shutdown_grace)
@@ -160,6 +193,11 @@ class TransportServer:
         for thread in threads:
             thread.thread.join(max(0.0, deadline - time.monotonic()))
         self.workers.stop(timeout=2.0)
+        if self.stats is not None:
+            # A thread still running past the grace may write its slots yet: keep the mapping for it.
+            self.stats.unlink(unmap=not any(thread.thread.is_alive() for thread in threads))
+        if self.telemetry is not None:
+            self.telemetry.shutdown(TELEMETRY_STOP_SECONDS)
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("transport stopped")
@@ -209,7 +247,92 @@ class TransportServer:
                     self._retired.remove(thread)
                     for name, value in thread.counters.items():
                         self._retired_counters[name] = self._retired_counters.get(name, 0) + value
+                    self._retired_totals.add(thread.stats_totals())
+                if self.stats is not None and thread.stats_record >= 0:
+                    self.stats.clear_thread(thread.stats_record)  # its writer is gone: ours now
+                    self.hub.thread_records.give(thread.stats_record)
                 log.info("I/O thread %d retired", thread.index)
+
+    # -- stats block (layout and rules: transport/statsblock.py) ---------------------------------
+
+    def _open_stats(self, listeners: list[tuple[socket.socket, str]]) -> None:
+        """Create this instance's stats block (replacing one a dead transport left) before any thread."""
+        settings = self.settings
+        try:
+            stats = StatsWriter.create(
+                block_name_for(settings), Capacities.for_settings(settings), settings.instance,
+                (HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS),
+            )  # fmt: skip
+        except (StatsError, OSError) as error:
+            for sock, _ in listeners:
+                sock.close()
+            raise StartupError(f"stats block: {error}") from error
+        self.stats = stats
+        self.hub.set_stats(stats)
+        log.info("stats block %s (%d bytes)", stats.name, stats.layout.total)
+
+    def _write_stats_if_due(self, force: bool = False) -> None:
+        """Header, workers, counters and histograms, every SUPERVISOR_INTERVAL_SECONDS.
+
+        A failure is logged once and never stops the supervisor (stats must not break traffic).
+        """
+        now = time.monotonic()
+        if self.stats is None or (now < self._stats_due and not force):
+            return
+        self._stats_due = now + SUPERVISOR_INTERVAL_SECONDS
+        try:
+            self._write_stats(self.stats, now)
+        except Exception:
+            if not self._stats_failed:
+                log.exception("writing the stats block failed (logged once)")
+            self._stats_failed = True
+
+    def _write_stats(self, stats: StatsWriter, now: float) -> None:
+        with self._retired_lock:
+            active = self.hub.threads
+            draining = tuple(self._retired)
+            totals = self._retired_totals.copy()
+            counters = dict(self._retired_counters)
+        active_totals = [thread.stats_totals() for thread in active]
+        for thread_totals in active_totals + [thread.stats_totals() for thread in draining]:
+            totals.add(thread_totals)
+            for name, value in thread_totals.counters.items():
+                counters[name] = counters.get(name, 0) + value
+        stats.write_counters(counters)
+        stats.write_histogram(HISTOGRAM_TLS, HANDSHAKE_BUCKETS_MS, totals.handshake, 0.0)
+        stats.write_histogram(HISTOGRAM_DISPATCH, LATENCY_BUCKETS_MS, totals.dispatch, totals.dispatch_ms)
+        stats.write_histogram(HISTOGRAM_WRITE, LATENCY_BUCKETS_MS, totals.write, totals.write_ms)
+        workers = self.workers.statistics()
+        in_flight = [sum(t.outstanding[index] for t in active_totals) for index in range(len(workers))]
+        for worker in workers:
+            done = totals.done_by_worker[worker.index]
+            last_done, heartbeat = self._worker_progress[worker.index]
+            if worker.alive and (not in_flight[worker.index] or done > last_done):
+                heartbeat = now  # idle, or finishing messages: not stuck
+            self._worker_progress[worker.index] = (done, heartbeat)
+            started = now - worker.uptime if worker.alive else 0.0
+            stats.write_worker(
+                worker.index, worker.pid, worker.alive, in_flight[worker.index], done, worker.restarts, heartbeat,
+                started,
+            )  # fmt: skip
+        stats.write_header(
+            HeaderFigures(
+                status=STATUS_RUNNING,
+                threads_wanted=self._desired_threads,
+                threads_running=len(active),
+                workers_wanted=len(workers),
+                workers_alive=sum(1 for worker in workers if worker.alive),
+                max_connections=self.settings.max_connections,
+                connections=self.hub.connection_count(),
+                slots_used=self.hub.slots.used,
+                slots_refused=self.hub.slots.refused,
+                thread_records_refused=self.hub.thread_records.refused,
+                pending_write_bytes=sum(thread.pending_write_bytes for thread in active + draining),
+                inbox_depth=sum(t.inbox_depth for t in active_totals),
+                dispatch_in_flight=sum(in_flight),
+                listening=self.listening,
+            )
+        )
 
     # -- snapshots and control ------------------------------------------------------------------
 
@@ -290,6 +413,7 @@ class TransportServer:
             "tls_handshake_ms": _histogram(handshakes),
             "workers": workers,
             "threads": [dataclasses.asdict(s) for s in stats],
+            "telemetry": self.telemetry.statistics() if self.telemetry is not None else None,
         }
 
     def health(self) -> dict[str, Any]:
@@ -343,6 +467,41 @@ class TransportServer:
         ]  # fmt: skip
         selected.sort(key=lambda info: info.id)
         return {"total": len(selected), "connections": [dataclasses.asdict(info) for info in selected[:limit]]}
+
+
+@dataclasses.dataclass(slots=True)
+class _Totals:
+    """Histogram buckets and per-worker done counts summed over I/O threads."""
+
+    handshake: list[int]
+    dispatch: list[int]
+    dispatch_ms: float
+    write: list[int]
+    write_ms: float
+    done_by_worker: list[int]
+
+    @classmethod
+    def empty(cls, workers: int) -> _Totals:
+        latency = len(LATENCY_BUCKETS_MS) + 1
+        return cls([0] * (len(HANDSHAKE_BUCKETS_MS) + 1), [0] * latency, 0.0, [0] * latency, 0.0, [0] * workers)
+
+    def copy(self) -> _Totals:
+        return _Totals(
+            list(self.handshake), list(self.dispatch), self.dispatch_ms, list(self.write), self.write_ms,
+            list(self.done_by_worker),
+        )  # fmt: skip
+
+    def add(self, thread: ThreadTotals) -> None:
+        for mine, theirs in (
+            (self.handshake, thread.handshake_buckets),
+            (self.dispatch, thread.dispatch_buckets),
+            (self.write, thread.write_buckets),
+            (self.done_by_worker, thread.done_by_worker),
+        ):
+            for index, value in enumerate(theirs):
+                mine[index] += value
+        self.dispatch_ms += thread.dispatch_ms
+        self.write_ms += thread.write_ms
 
 
 def _histogram(buckets: list[int]) -> dict[str, Any]:

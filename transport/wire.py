@@ -17,10 +17,14 @@ Transport to worker
     OUTCOME  ``!QQB`` job id, conn id, result code; the reason (UTF-8).
 
 Worker to transport
-    WRITE    ``!QQBBHBB`` job id, conn id (0: send by destination), flags,
-             transport code, port, host length, server name length; the host
-             (an IP literal); the TLS server name (ASCII: SNI and certificate
-             check, may be empty); the payload. Flag :data:`FLAG_PROMPT_OUTCOME`:
+    WRITE    ``!QQBBHBBB`` job id, conn id (0: send by destination), flags,
+             transport code, port, host length, server name length, trace
+             context length; the host (an IP literal); the TLS server name
+             (ASCII: SNI and certificate check, may be empty); the trace
+             context (W3C ``traceparent`` of the routing span that made the
+             job, ASCII, empty when the message is not traced: the transport
+             makes the job's ``sip.write`` span its child); the payload.
+             Flag :data:`FLAG_PROMPT_OUTCOME`:
              the worker waits on this job's outcome, so report success at once;
              without it a ``sent`` outcome rides along with the next records
              for that worker (failures are always reported at once).
@@ -59,7 +63,7 @@ _HEADER = struct.Struct("!BI")
 _MESSAGE_FIXED = struct.Struct("!QBHHBBH")
 _MESSAGE_TIME = struct.Struct("!dH")
 _OUTCOME = struct.Struct("!QQB")
-_WRITE = struct.Struct("!QQBBHBB")
+_WRITE = struct.Struct("!QQBBHBBB")
 _DONE = struct.Struct("!QI")
 HEADER_SIZE: Final = _HEADER.size
 
@@ -100,6 +104,7 @@ class WriteRecord(NamedTuple):
     payload: bytes
     server_name: str = ""
     flags: int = 0
+    trace_context: str = ""
 
 
 class DoneRecord(NamedTuple):
@@ -155,12 +160,23 @@ def encode_write(
     payload: bytes,
     server_name: str = "",
     flags: int = 0,
+    trace_context: str = "",
 ) -> bytes:
-    """A WRITE record; ``server_name`` must be ASCII (IDNA-encoded) and at most 255 bytes."""
+    """A WRITE record; ``server_name`` and ``trace_context`` must be ASCII and at most 255 bytes each."""
     host_bytes = host.encode("ascii")
     name_bytes = server_name.encode("ascii")
-    fixed = _WRITE.pack(job_id, conn_id, flags, TRANSPORT_CODES[transport], port, len(host_bytes), len(name_bytes))
-    body = fixed + host_bytes + name_bytes
+    trace_bytes = trace_context.encode("ascii")
+    fixed = _WRITE.pack(
+        job_id,
+        conn_id,
+        flags,
+        TRANSPORT_CODES[transport],
+        port,
+        len(host_bytes),
+        len(name_bytes),
+        len(trace_bytes),
+    )
+    body = fixed + host_bytes + name_bytes + trace_bytes
     return _HEADER.pack(KIND_WRITE, len(body) + len(payload)) + body + payload
 
 
@@ -230,13 +246,17 @@ def _decode(kind: int, body: bytes) -> Record:
             tls,
         )
     if kind == KIND_WRITE:
-        job_id, conn_id, flags, transport, port, host_len, name_len = _WRITE.unpack_from(body)
+        job_id, conn_id, flags, transport, port, host_len, name_len, trace_len = _WRITE.unpack_from(body)
         position = _WRITE.size
         host = _take(body, position, host_len, "WRITE host").decode("ascii")
         position += host_len
         server_name = _take(body, position, name_len, "WRITE server name").decode("ascii")
         position += name_len
-        return WriteRecord(job_id, conn_id, TRANSPORT_NAMES[transport], host, port, body[position:], server_name, flags)
+        trace = _take(body, position, trace_len, "WRITE trace context").decode("ascii") if trace_len else ""
+        position += trace_len
+        return WriteRecord(
+            job_id, conn_id, TRANSPORT_NAMES[transport], host, port, body[position:], server_name, flags, trace
+        )
     if kind == KIND_DONE:
         conn_id, count = _DONE.unpack(body)
         return DoneRecord(conn_id, count)

@@ -27,7 +27,9 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from otel.setup import worker_tracing
 from sipwire.config import Settings
 from transport.outcome import WriteResult
 from transport.readbuffer import ReadBuffer
@@ -45,6 +47,9 @@ from transport.wire import (
     encode_write,
 )
 
+if TYPE_CHECKING:
+    from otel.worker import RouteSpan, RouteTracing
+
 log = logging.getLogger("sipwire.worker")
 
 #: Control messages from the transport: ``!BH`` command, thread index.
@@ -53,6 +58,8 @@ CONTROL_ADD_CHANNEL = 1
 CONTROL_STOP = 2
 
 RECV_BYTES = 262144
+#: The transport kills a worker that has not exited 2 s after being told to stop: export what is left before that.
+WORKER_TELEMETRY_STOP_SECONDS = 1.0
 DNS_CACHE_SECONDS = 60.0
 
 
@@ -69,7 +76,7 @@ class _Channel:
 class Worker:
     """Reads channel records, runs the router, writes back jobs and done counts."""
 
-    def __init__(self, index: int, control: socket.socket, route: Router) -> None:
+    def __init__(self, index: int, control: socket.socket, route: Router, tracing: RouteTracing | None = None) -> None:
         self.index = index
         self._control = control
         self._route = route
@@ -84,6 +91,12 @@ class Worker:
         self._running = True
         self._route_errors = 0
         self._reader = ReadBuffer(RECV_BYTES)
+        self._tracing = tracing
+        # While a traced message is routed: its span, and the traceparent its write jobs carry.
+        self._span: RouteSpan | None = None
+        self._trace_context = ""
+        # Traced jobs whose outcome callback is pending: the context its own writes get.
+        self._callback_contexts: dict[int, str] = {}
 
     # -- the Sender protocol used by RouteContext ------------------------------------------
 
@@ -101,8 +114,11 @@ class Worker:
             self._fail_later(job_id, conn_id, on_outcome, WriteResult.SHUTDOWN, "no channel to the transport")
             return job_id
         flags = FLAG_PROMPT_OUTCOME if on_outcome is not None else 0
+        trace_context = self._trace_context
+        if self._span is not None and self._tracing is not None:
+            self._tracing.replied(self._span, data)
         if destination is None:
-            record = encode_write(job_id, conn_id, "tcp", "", 0, data, flags=flags)
+            record = encode_write(job_id, conn_id, "tcp", "", 0, data, flags=flags, trace_context=trace_context)
         else:
             try:
                 host = self._resolve(destination.host, destination.port)
@@ -115,9 +131,13 @@ class Worker:
             except ValueError as error:
                 self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, str(error))
                 return job_id
-            record = encode_write(job_id, 0, destination.transport, host, destination.port, data, server_name, flags)
+            record = encode_write(
+                job_id, 0, destination.transport, host, destination.port, data, server_name, flags, trace_context
+            )
         if on_outcome is not None:
             self._callbacks[job_id] = on_outcome
+            if trace_context:
+                self._callback_contexts[job_id] = trace_context
         channel.out.append(record)
         return job_id
 
@@ -208,12 +228,32 @@ class Worker:
             elif isinstance(record, OutcomeRecord):
                 callback = self._callbacks.pop(record.job_id, None)
                 if callback is not None:
+                    # Writes made by the callback belong to the trace of the job it answers.
+                    if self._callback_contexts:
+                        self._trace_context = self._callback_contexts.pop(record.job_id, "")
                     self._run_callback(callback, Outcome(record.job_id, record.conn_id, record.result, record.reason))
+                    self._trace_context = ""
         self._current = None
         for conn_id, count in done.items():
             channel.out.append(encode_done(conn_id, count))
 
     def _handle_message(self, record: MessageRecord) -> None:
+        tracing = self._tracing
+        span = tracing.start_route(record) if tracing is not None and record.trace_context else None
+        if span is None or tracing is None:
+            self._route_message(record)
+            return
+        self._span = span
+        self._trace_context = span.traceparent
+        try:
+            with tracing.current(span):
+                self._route_message(record)
+        finally:
+            self._span = None
+            self._trace_context = ""
+            tracing.end(span)
+
+    def _route_message(self, record: MessageRecord) -> None:
         envelope = Envelope(
             record.conn_id,
             record.transport,
@@ -227,14 +267,20 @@ class Worker:
         try:
             message = parse(record.raw)
         except SipParseError as error:
+            if self._span is not None and self._tracing is not None:
+                self._tracing.failed(self._span, "sip_parse_error", error.detail)
             if error.is_request:
                 answer = response_for_unparsable(record.raw, 400, f"Bad Request ({error.detail})")
                 if answer is not None:
                     ctx.reply(answer)
             return
+        if self._span is not None and self._tracing is not None:
+            self._tracing.parsed(self._span, message)
         try:
             self._route(message, ctx)
-        except Exception:
+        except Exception as error:
+            if self._span is not None and self._tracing is not None:
+                self._tracing.failed(self._span, type(error).__qualname__, f"router failed: {error}")
             self._route_errors += 1
             log.exception(
                 "worker %d: router failed on %s from conn %d", self.index, message.start_line[:80], record.conn_id
@@ -292,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     if setup is not None:
         setup(settings)
     control = socket.socket(fileno=args.control_fd)
-    Worker(args.index, control, route).run()
+    tracing = worker_tracing(settings.instance, args.index)
+    try:
+        Worker(args.index, control, route, tracing).run()
+    finally:
+        if tracing is not None:
+            tracing.shutdown(WORKER_TELEMETRY_STOP_SECONDS)
     return 0
 
 

@@ -1,0 +1,285 @@
+"""otelbench: what tracing costs sipwire, side by side in one run.
+
+For each mode -- tracing off, 100 % sampling, 10 % sampling -- it runs
+``bench/sipbench.py --start-sipwire`` (a fresh sipwire per mode) as a
+subprocess with the ``OTEL_*`` variables of that mode, and reads its JSON:
+achieved rate, latency percentiles and server CPU per exchange of a fixed
+run (default 500 OPTIONS/s on one connection), and optionally the highest
+passing rate of a ramp. Traced modes export over OTLP/HTTP to a sink run
+here on 127.0.0.1 that answers 200 and counts what it got (requests, bytes,
+spans per service), so the figures include the real export path.
+
+    python3 bench/otelbench.py                        # 500/s x 5000 exchanges per mode
+    python3 bench/otelbench.py --ramp --rates 1000,2000,3000,4000 --step 5 --json /tmp/otel.json
+
+Everything stays on loopback; every run is bounded (sipbench bounds sipp;
+each sipbench run here has a timeout too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SIPBENCH = REPO / "bench" / "sipbench.py"
+LOOPBACK = "127.0.0.1"
+
+#: mode name -> OTEL_* variables (the sink's endpoint is added for traced modes).
+MODES: dict[str, dict[str, str]] = {
+    "off": {},
+    "100%": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+    "10%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+}
+
+
+class Sink:
+    """An OTLP/HTTP endpoint on loopback that discards what it gets, counting requests, bytes and spans."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.bytes = 0
+        self.spans: Counter[str] = Counter()
+        try:
+            from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        except ImportError:  # counting spans is a bonus: requests and bytes are counted anyway
+            decode = None
+        else:
+            decode = ExportTraceServiceRequest.FromString
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                counted: Counter[str] = Counter()
+                if decode is not None and self.path.endswith("/v1/traces"):
+                    for resource_spans in decode(body).resource_spans:
+                        service = next(
+                            (
+                                a.value.string_value
+                                for a in resource_spans.resource.attributes
+                                if a.key == "service.name"
+                            ),
+                            "?",
+                        )
+                        counted[service] += sum(len(scope.spans) for scope in resource_spans.scope_spans)
+                with sink.lock:
+                    sink.requests += 1
+                    sink.bytes += len(body)
+                    sink.spans.update(counted)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.server.server_address[1]}"
+
+    def reset(self) -> dict[str, Any]:
+        with self.lock:
+            counts = {"requests": self.requests, "bytes": self.bytes, "spans": dict(self.spans)}
+            self.requests = 0
+            self.bytes = 0
+            self.spans = Counter()
+        return counts
+
+    @contextmanager
+    def running(self) -> Iterator[Sink]:
+        self.thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    rc: int
+    achieved: float = 0.0
+    successful: int = 0
+    failed: int = 0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    us_per_exchange: float = float("nan")
+    server_cpu_pct: float = float("nan")
+    ramp_best: int | None = None
+    ramp_first_fail: int | None = None
+    sink: dict[str, Any] = field(default_factory=dict)
+    log: str = ""
+
+
+def run_mode(mode: str, args: argparse.Namespace, sink: Sink, work: Path, round_: int = 0) -> ModeResult:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
+    if MODES[mode]:
+        env |= {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            **MODES[mode],
+        }
+    slug = {"off": "off", "100%": "all", "10%": "tenth"}[mode] + (f"-{round_}" if round_ else "")
+    report = work / f"{slug}.json"
+    log_path = work / f"{slug}.log"
+    command = [
+        sys.executable, str(SIPBENCH), "--start-sipwire",
+        "--threads", str(args.threads), "--workers", str(args.workers),
+        "--conn", args.conn, "--rate", str(args.rate), "--calls", str(args.calls),
+        "--work-dir", str(work / slug), "--json", str(report),
+    ]  # fmt: skip
+    if args.ramp:
+        command += ["--ramp", "--ramp-conn", args.conn, "--rates", args.rates, "--step", str(args.step)]
+    budget = args.calls / args.rate + 120.0 + (len(args.rates.split(",")) * 2 + 3) * (args.step + 10) * args.ramp
+    print(f"\n=== {mode}: {' '.join(command[1:])}", flush=True)
+    sink.reset()
+    with open(log_path, "wb") as log_file:
+        try:
+            rc = subprocess.run(
+                command, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=budget, check=False
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = -1
+    time.sleep(1.0)  # the last batches leave sipwire when it stops
+    result = ModeResult(mode, rc, sink=sink.reset(), log=str(log_path))
+    if not report.exists():
+        return result
+    data = json.loads(report.read_text())
+    fixed = (data.get("fixed") or [{}])[0]
+    result.achieved = float(fixed.get("achieved", 0.0))
+    result.successful = int(fixed.get("successful", 0))
+    result.failed = int(fixed.get("failed", 0))
+    result.latency_ms = {k: float(v) for k, v in (fixed.get("latency_ms") or {}).items()}
+    result.us_per_exchange = float(fixed.get("us_per_exchange", float("nan")))
+    result.server_cpu_pct = float(fixed.get("server_cpu_pct", float("nan")))
+    ramp = data.get("ramp") or {}
+    result.ramp_best = ramp.get("best")
+    result.ramp_first_fail = ramp.get("first_fail")
+    return result
+
+
+def print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
+    heads = ["tracing", "ok", "failed", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU us/exch",
+             "CPU %", "spans transport", "spans worker", "export reqs"]  # fmt: skip
+    if args.ramp:
+        heads.append("ramp best/s")
+    rows = []
+    for r in results:
+        lat = r.latency_ms
+        row = [
+            r.mode,
+            str(r.successful),
+            str(r.failed),
+            f"{r.achieved:.0f}",
+            *(f"{lat.get(k, float('nan')):.2f}" for k in ("p50", "p95", "p99", "max")),
+            f"{r.us_per_exchange:.0f}",
+            f"{r.server_cpu_pct:.0f}",
+            str(r.sink.get("spans", {}).get("sipwire-transport", 0)),
+            str(r.sink.get("spans", {}).get("sipwire-worker", 0)),
+            str(r.sink.get("requests", 0)),
+        ]
+        if args.ramp:
+            fail = f" (fail {r.ramp_first_fail})" if r.ramp_first_fail else ""
+            row.append(f"{r.ramp_best}{fail}")
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
+    print(
+        f"\nsipwire --threads {args.threads} --workers {args.workers}, {args.conn}, {args.rate} OPTIONS/s x "
+        f"{args.calls}; CPU = transport + workers, % of one core; spans counted at the OTLP sink"
+    )
+    print("  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    for r in results:
+        if r.rc:
+            print(f"NOTE: {r.mode}: sipbench exited with {r.rc}; see {r.log}")
+
+
+def print_medians(results: list[ModeResult], args: argparse.Namespace) -> None:
+    """Per mode, the median over the rounds of each figure."""
+    print(f"\nmedians over {args.repeat} interleaved rounds")
+    heads = ["tracing", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU us/exch", "CPU %"]
+    print("  ".join(f"{h:>11}" for h in heads))
+    for mode in args.mode_list:
+        runs = [r for r in results if r.mode == mode]
+        cells = [
+            statistics.median(r.achieved for r in runs),
+            *(statistics.median(r.latency_ms.get(k, float("nan")) for r in runs) for k in ("p50", "p95", "p99", "max")),
+            statistics.median(r.us_per_exchange for r in runs),
+            statistics.median(r.server_cpu_pct for r in runs),
+        ]
+        print("  ".join([f"{mode:>11}", *(f"{c:>11.2f}" for c in cells)]))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--modes", default="off,100%,10%", help="comma-separated subset of: " + ", ".join(MODES).replace("%", "%%")
+    )
+    p.add_argument("--rate", type=int, default=500, help="OPTIONS per second of the fixed run")
+    p.add_argument("--calls", type=int, default=5000, help="exchanges per fixed run")
+    p.add_argument("--conn", choices=("t1", "tn"), default="t1", help="one connection, or one per exchange")
+    p.add_argument("--threads", type=int, default=1, help="sipwire I/O threads")
+    p.add_argument("--workers", type=int, default=1, help="sipwire worker processes")
+    p.add_argument("--ramp", action="store_true", help="also find the highest passing rate per mode (sipbench --ramp)")
+    p.add_argument("--rates", default="1000,2000,3000,4000,6000", help="ramp steps")
+    p.add_argument("--step", type=int, default=5, help="seconds per ramp step")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of all modes, interleaved (medians are printed)")
+    p.add_argument("--work-dir", type=Path, help="sipbench files and logs (default: a new temp directory)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    args = p.parse_args(argv)
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.mode_list if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {unknown}: use {', '.join(MODES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="otelbench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir {work}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    results: list[ModeResult] = []
+    with Sink().running() as sink:
+        print(f"OTLP/HTTP sink at {sink.endpoint}", flush=True)
+        # Rounds interleave the modes, so a neighbour's load spreads over all of them alike.
+        for round_ in range(args.repeat):
+            for mode in args.mode_list:
+                results.append(run_mode(mode, args, sink, work, round_ + 1 if args.repeat > 1 else 0))
+                time.sleep(2.0)
+    print_table(results, args)
+    if args.repeat > 1:
+        print_medians(results, args)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+        print(f"results written to {args.json}")
+    return 0 if all(r.rc == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Process entry points: start telemetry as the ``OTEL_*`` variables ask, importing the SDK only then."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from otel.config import load
+
+if TYPE_CHECKING:
+    from otel.pipeline import Telemetry
+    from otel.worker import RouteTracing
+
+log = logging.getLogger("sipwire.telemetry")
+
+
+def transport_telemetry(
+    instance: str, read_statistics: Callable[[], Mapping[str, Any]] | None = None
+) -> Telemetry | None:
+    """The transport's telemetry, started; None (and no SDK import) when nothing is configured.
+
+    ``read_statistics`` (the transport's statistics, see :class:`otel.metrics.TransportMetrics`) feeds the
+    metrics; without it only traces are recorded.
+    """
+    config = load(os.environ)
+    for warning in config.warnings:
+        log.warning("telemetry: %s", warning)
+    if not config.enabled:
+        return None
+    from otel import attributes as attr
+    from otel.metrics import TransportMetrics
+    from otel.pipeline import Telemetry
+    from otel.recorder import SpanRecorder
+    from otel.shipper import ProcessDelivery
+
+    metrics = None
+    if config.metrics and read_statistics is not None:
+        metrics = TransportMetrics.start(config, attr.resource(attr.SERVICE_TRANSPORT, instance), read_statistics)
+    recorder = SpanRecorder(config.root_ratio, config.queue_size, tracing=config.tracing, metrics=metrics is not None)
+    telemetry = Telemetry(recorder, ProcessDelivery(attr.SERVICE_TRANSPORT, instance), metrics)
+    telemetry.start()
+    log.info(
+        "telemetry: traces %s (sampler %s, ratio %g), metrics %s",
+        ",".join(config.traces_exporters) or "off", config.sampler, config.root_ratio,
+        ",".join(config.metrics_exporters) or "off",
+    )  # fmt: skip
+    return telemetry
+
+
+def worker_tracing(instance: str, index: int) -> RouteTracing | None:
+    """A worker's route tracing when traces are configured; None (and no SDK import) otherwise.
+
+    Its tracer provider becomes the process's global one, so routers may make their own spans
+    with the OpenTelemetry API: they nest under ``sip.route``.
+    """
+    config = load(os.environ)
+    if not config.tracing:
+        return None
+    from opentelemetry import trace
+
+    from otel import attributes as attr
+    from otel.pipeline import Telemetry
+    from otel.recorder import SpanRecorder
+    from otel.shipper import ProcessDelivery
+    from otel.worker import RouteTracing
+
+    # The transport sampled already: the worker records every traced message it gets.
+    recorder = SpanRecorder(1.0, config.queue_size)
+    telemetry = Telemetry(recorder, ProcessDelivery(attr.SERVICE_WORKER, f"{instance}-worker-{index}"))
+    telemetry.start()
+    tracing = RouteTracing(telemetry)
+    trace.set_tracer_provider(tracing.provider)
+    return tracing

@@ -1,0 +1,157 @@
+"""The worker's side of a message's trace: the ``sip.route`` span.
+
+The transport decided sampling when the message arrived: a MESSAGE record
+with a trace context is a sampled trace, one without is not traced at all.
+The worker extracts the context with the W3C propagator and times parse
+and routing as the ``sip.route`` span, child of the transport's
+``sip.receive``. Every write job submitted meanwhile carries the route
+span's ``traceparent`` in its WRITE record; the transport makes the job's
+``sip.write`` span its child.
+
+Like the transport's I/O threads, the worker's main loop builds no SDK
+span: it records a tuple (:data:`otel.recorder.SpanRecord`) into a bounded
+queue, and its telemetry thread ships the tuples to the worker's own
+exporter process (:mod:`otel.pipeline`). While a router runs, the route
+span is the current OpenTelemetry context, and the process's global tracer
+provider ships finished API spans the same way, so a router's own spans
+(``opentelemetry.trace.get_tracer(...).start_as_current_span(...)``) nest
+under ``sip.route``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from otel import attributes as attr
+from otel.pipeline import Telemetry
+from otel.recorder import SPAN_ROUTE, SpanRecorder, traceparent
+from transport.sip import SipMessage
+from transport.wire import MessageRecord
+
+#: Call-IDs longer than this are cut in the span attribute (a peer could send a huge one).
+MAX_CALL_ID_CHARS: Final = 256
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+
+
+class RouteSpan:
+    """A ``sip.route`` span in progress: ids, timing, the message's facts and what routing found."""
+
+    __slots__ = ("attributes", "detail", "error", "parent_id", "record", "span_id", "start_ns", "trace_id")
+
+    def __init__(self, trace_id: int, parent_id: int, span_id: int, record: MessageRecord) -> None:
+        self.trace_id = trace_id
+        self.parent_id = parent_id
+        self.span_id = span_id
+        self.start_ns = time.time_ns()
+        self.record = record
+        self.attributes: dict[str, str | int] = {}
+        self.error = ""
+        self.detail = ""
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C ``traceparent`` naming this span, for the WRITE records of its jobs."""
+        return traceparent(self.trace_id, self.span_id).decode("ascii")
+
+
+class ShippingSpanProcessor(SpanProcessor):
+    """Ships spans made with the OpenTelemetry API (a router's own) through the worker's recorder."""
+
+    def __init__(self, recorder: SpanRecorder) -> None:
+        self.recorder = recorder
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return
+        parent = span.parent.span_id if span.parent is not None else 0
+        self.recorder.put(
+            (span.name, span.kind.value, context.trace_id, context.span_id, parent, span.start_time or 0,
+             span.end_time or 0, dict(span.attributes or {}), span.status.status_code.value,
+             span.status.description or "")
+        )  # fmt: skip
+
+
+class RouteTracing:
+    """Makes ``sip.route`` span records; see the module docstring."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.recorder = telemetry.recorder
+        self._propagator = TraceContextTextMapPropagator()
+        #: For routers' own spans: follows the transport's decision, never starts a trace.
+        self.provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF), shutdown_on_exit=False)
+        self.provider.add_span_processor(ShippingSpanProcessor(self.recorder))
+
+    def start_route(self, record: MessageRecord) -> RouteSpan | None:
+        """The ``sip.route`` span of ``record``, child of its receive span; None when it carries no sampled context."""
+        context = self._propagator.extract({"traceparent": record.trace_context})
+        parent = trace.get_current_span(context).get_span_context()
+        if not parent.is_valid or not parent.trace_flags.sampled:
+            return None
+        return RouteSpan(parent.trace_id, parent.span_id, self.recorder.new_span_id(), record)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def current(span: RouteSpan) -> Iterator[None]:
+        """Make ``span`` the current OpenTelemetry span while the router runs (its own spans nest under it)."""
+        context = trace.set_span_in_context(
+            NonRecordingSpan(SpanContext(span.trace_id, span.span_id, is_remote=False, trace_flags=_SAMPLED))
+        )
+        token = otel_context.attach(context)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    @staticmethod
+    def parsed(span: RouteSpan, message: SipMessage) -> None:
+        attributes = span.attributes
+        if message.is_request:
+            attributes[attr.SIP_METHOD] = message.method
+        else:
+            attributes[attr.SIP_STATUS_CODE] = message.status
+            cseq = message.header("cseq")
+            if cseq:
+                attributes[attr.SIP_METHOD] = cseq.rpartition(" ")[2]
+        call_id = message.header("call-id")
+        if call_id:
+            attributes[attr.SIP_CALL_ID] = call_id[:MAX_CALL_ID_CHARS]
+
+    @staticmethod
+    def replied(span: RouteSpan, data: bytes) -> None:
+        """A response sent while routing a request: its status code goes on the span."""
+        if data.startswith(b"SIP/2.0 ") and data[8:11].isdigit():
+            span.attributes[attr.SIP_STATUS_CODE] = int(data[8:11])
+
+    @staticmethod
+    def failed(span: RouteSpan, error_type: str, detail: str) -> None:
+        span.error = error_type
+        span.detail = detail
+
+    def end(self, span: RouteSpan) -> None:
+        record = span.record
+        tls = None
+        if record.tls:
+            facts = record.tls.split("\t", 2)
+            tls = (facts[0], facts[1]) if len(facts) > 1 else None
+        self.recorder.put(
+            (SPAN_ROUTE, span.trace_id, span.span_id, span.parent_id, span.start_ns, time.time_ns(), record.conn_id,
+             record.transport, record.local, record.remote, tls, False, span.error, span.detail,
+             span.attributes or None)
+        )  # fmt: skip
+
+    def shutdown(self, timeout: float) -> None:
+        """Ship what is left and let the exporter process finish, within ``timeout`` seconds."""
+        self.provider.shutdown()
+        self.telemetry.shutdown(timeout)
