@@ -128,6 +128,7 @@ class ModeResult:
     latency_ms: dict[str, float] = field(default_factory=dict)
     us_per_exchange: float = float("nan")
     server_cpu_pct: float = float("nan")
+    steady_ms: dict[str, float] = field(default_factory=dict)  # latency after the warm-up
     ramp_best: int | None = None
     ramp_first_fail: int | None = None
     sink: dict[str, Any] = field(default_factory=dict)
@@ -176,15 +177,43 @@ def run_mode(mode: str, args: argparse.Namespace, sink: Sink, work: Path, round_
     result.latency_ms = {k: float(v) for k, v in (fixed.get("latency_ms") or {}).items()}
     result.us_per_exchange = float(fixed.get("us_per_exchange", float("nan")))
     result.server_cpu_pct = float(fixed.get("server_cpu_pct", float("nan")))
+    result.steady_ms = steady_latency(Path(str(fixed.get("rundir", ""))), args.rate * args.warmup)
     ramp = data.get("ramp") or {}
     result.ramp_best = ramp.get("best")
     result.ramp_first_fail = ramp.get("first_fail")
     return result
 
 
+def steady_latency(rundir: Path, skip: float) -> dict[str, float]:
+    """Percentiles of sipp's per-exchange response times after the first ``skip`` exchanges.
+
+    A sipwire just started is still warming up (imports, the exporter processes starting next
+    to it); the fixed run's own percentiles include that, these leave it out.
+    """
+    files = sorted(rundir.glob("*_rtt.csv")) if rundir.is_dir() else []
+    if not files:
+        return {}
+    times: list[float] = []
+    with open(files[0]) as rtt:
+        next(rtt, None)  # header: Date_ms;response_time_ms;rtd_no
+        for index, line in enumerate(rtt):
+            if index >= skip:
+                fields = line.split(";")
+                if len(fields) > 1:
+                    times.append(float(fields[1]))
+    if not times:
+        return {}
+    times.sort()
+
+    def at(fraction: float) -> float:
+        return times[min(len(times) - 1, int(fraction * len(times)))]
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": times[-1], "count": float(len(times))}
+
+
 def print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
-    heads = ["tracing", "ok", "failed", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU us/exch",
-             "CPU %", "spans transport", "spans worker", "export reqs"]  # fmt: skip
+    heads = ["tracing", "ok", "failed", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "steady p99",
+             "steady max", "CPU us/exch", "CPU %", "spans transport", "spans worker", "export reqs"]  # fmt: skip
     if args.ramp:
         heads.append("ramp best/s")
     rows = []
@@ -196,6 +225,7 @@ def print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
             str(r.failed),
             f"{r.achieved:.0f}",
             *(f"{lat.get(k, float('nan')):.2f}" for k in ("p50", "p95", "p99", "max")),
+            *(f"{r.steady_ms.get(k, float('nan')):.2f}" for k in ("p99", "max")),
             f"{r.us_per_exchange:.0f}",
             f"{r.server_cpu_pct:.0f}",
             str(r.sink.get("spans", {}).get("sipwire-transport", 0)),
@@ -209,7 +239,8 @@ def print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
     print(
         f"\nsipwire --threads {args.threads} --workers {args.workers}, {args.conn}, {args.rate} OPTIONS/s x "
-        f"{args.calls}; CPU = transport + workers, % of one core; spans counted at the OTLP sink"
+        f"{args.calls}; CPU = transport + workers + exporter processes, % of one core; steady = after the "
+        f"first {args.warmup:g} s (warm-up); spans counted at the OTLP sink"
     )
     print("  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
     for row in rows:
@@ -222,13 +253,15 @@ def print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
 def print_medians(results: list[ModeResult], args: argparse.Namespace) -> None:
     """Per mode, the median over the rounds of each figure."""
     print(f"\nmedians over {args.repeat} interleaved rounds")
-    heads = ["tracing", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU us/exch", "CPU %"]
+    heads = ["tracing", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "steady p99", "steady max",
+             "CPU us/exch", "CPU %"]  # fmt: skip
     print("  ".join(f"{h:>11}" for h in heads))
     for mode in args.mode_list:
         runs = [r for r in results if r.mode == mode]
         cells = [
             statistics.median(r.achieved for r in runs),
             *(statistics.median(r.latency_ms.get(k, float("nan")) for r in runs) for k in ("p50", "p95", "p99", "max")),
+            *(statistics.median(r.steady_ms.get(k, float("nan")) for r in runs) for k in ("p99", "max")),
             statistics.median(r.us_per_exchange for r in runs),
             statistics.median(r.server_cpu_pct for r in runs),
         ]
@@ -248,6 +281,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ramp", action="store_true", help="also find the highest passing rate per mode (sipbench --ramp)")
     p.add_argument("--rates", default="1000,2000,3000,4000,6000", help="ramp steps")
     p.add_argument("--step", type=int, default=5, help="seconds per ramp step")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds left out of the steady percentiles")
     p.add_argument("--repeat", type=int, default=1, help="rounds of all modes, interleaved (medians are printed)")
     p.add_argument("--work-dir", type=Path, help="sipbench files and logs (default: a new temp directory)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")

@@ -11,16 +11,23 @@ One trace per received message::
         sip.write (transport: one per write job, ends with the job's outcome)
           tcp.connect, tls.handshake (when the job opened a connection)
 
-The transport's I/O threads never build spans: :class:`otel.recorder.SpanRecorder`
-only decides sampling, makes ids and appends plain tuples to a bounded
-queue; a telemetry thread (:mod:`otel.pipeline`) turns them into SDK spans
-and hands them to a batch span processor. A full queue drops and counts;
-exporter failures are logged once and never reach SIP traffic.
+No process that carries SIP builds or exports an SDK span. The transport's
+I/O threads (and the worker's loop) only decide sampling, make ids and
+append plain tuples to a bounded queue (:class:`otel.recorder.SpanRecorder`);
+a telemetry thread ships them in batches to an exporter process, one per
+sipwire process, niced, where the SDK builds, batches and exports the spans
+over OTLP. Every queue is bounded and drops and counts when full; exporter
+failures are logged once per outage and never reach SIP traffic.
 
 Modules:
     config    -- the OTEL_* settings, read once (no SDK import)
     recorder  -- the I/O threads' side: sampling, ids, traceparent, the bounded queue (no SDK import)
+    pipeline  -- the telemetry thread, and records to SDK spans (SpanAssembler)
+    shipper   -- the pipe to the exporter process
+    exporter  -- the exporter process (python -m otel.exporter)
     export    -- span and metric exporters from the settings, guarded so a failing collector is logged once
-    pipeline  -- the transport's telemetry thread: records to spans, metrics of the transport
+    metrics   -- the transport's metrics, read from its own counters
     worker    -- the worker's routing span, context in and out over the W3C propagator
+    attributes-- semantic-convention names and the resource of each process
+    setup     -- entry points for the transport and the worker (import the SDK only when configured)
 """
