@@ -30,6 +30,10 @@ from transport.control import ControlClient, ControlError
 CONTROL_TIMEOUT_SECONDS: Final = 3.0
 #: How long a full connection list is reused by other readers (pages polling at 10,000 connections).
 CONNECTIONS_CACHE_SECONDS: Final = 1.0
+#: Connection records read from the stats block are reused this long. The I/O threads rewrite
+#: their slots every 0.25 s, so this loses no freshness, and at 10,000 connections one read of
+#: every slot is most of a request's time (bench/consolebench.py).
+RECORDS_CACHE_SECONDS: Final = 0.2
 #: Seconds between attempts to attach the stats block while it is missing.
 BLOCK_RETRY_SECONDS: Final = 2.0
 
@@ -69,6 +73,7 @@ class TransportSource:
         self._block: Any = None  # transport.statsblock.StatsReader once attached
         self._block_checked = 0.0
         self._connections_cache: tuple[float, dict[str, Any]] | None = None
+        self._records_cache: tuple[float, Any, list[Any]] | None = None  # (time, reader, records)
 
     # -- liveness ---------------------------------------------------------------------------------
 
@@ -85,6 +90,7 @@ class TransportSource:
             self._liveness = Liveness(True, since, new_pid, "", old.restarts_seen + int(restarted))
             if restarted:
                 self._connections_cache = None
+                self._records_cache = None
 
     def _mark_down(self, error: str) -> None:
         with self._lock:
@@ -92,6 +98,7 @@ class TransportSource:
             since = old.since if not old.up else time.time()
             self._liveness = Liveness(False, since, old.pid, error, old.restarts_seen)
             self._connections_cache = None
+            self._records_cache = None
 
     @property
     def reads_from(self) -> str:
@@ -209,7 +216,7 @@ class TransportSource:
                 if (state is None or c["state"] == state) and (transport is None or c["transport"] == transport)
             ]
             return {"total": len(selected), "connections": selected}
-        from_block = self._from_block(lambda reader: _block_connections(reader, state, transport, limit))
+        from_block = self._from_block(lambda reader: _block_connections(self._records(reader), state, transport, limit))
         if from_block is not None:
             return from_block
         request: dict[str, Any] = {"limit": limit}
@@ -233,12 +240,25 @@ class TransportSource:
         if cached is not None and time.monotonic() - cached[0] < CONNECTIONS_CACHE_SECONDS:
             return cached[1]
         limit = max(self.settings.max_connections, 1)
-        result = self._from_block(lambda reader: _block_connections(reader, None, None, limit))
+        result = self._from_block(lambda reader: _block_connections(self._records(reader), None, None, limit))
         if result is None:
             result = self._control("connections", limit=limit)
         with self._lock:
             self._connections_cache = (time.monotonic(), result)
         return result
+
+    def _records(self, reader: Any) -> list[Any]:
+        """Every connection record of the stats block, reused for RECORDS_CACHE_SECONDS."""
+        with self._lock:
+            cached = self._records_cache
+        now = time.monotonic()
+        if cached is not None and cached[1] is reader and now - cached[0] < RECORDS_CACHE_SECONDS:
+            records: list[Any] = cached[2]
+            return records
+        records = reader.connections()
+        with self._lock:
+            self._records_cache = (now, reader, records)
+        return records
 
     def connection(self, conn_id: int) -> dict[str, Any]:
         result: dict[str, Any] = self._control("connection", id=conn_id)
@@ -254,6 +274,7 @@ class TransportSource:
         result: dict[str, Any] = self._control("close", id=conn_id)
         with self._lock:
             self._connections_cache = None
+            self._records_cache = None
         return result
 
 
@@ -271,8 +292,8 @@ def _block_proto_counts(reader: Any) -> dict[str, int]:
     return counts
 
 
-def _block_connections(reader: Any, state: str | None, transport: str | None, limit: int) -> dict[str, Any]:
+def _block_connections(records: list[Any], state: str | None, transport: str | None, limit: int) -> dict[str, Any]:
     from transport import statsblock  # noqa: PLC0415
 
-    view: dict[str, Any] = statsblock.connections_view(reader.connections(), state, transport, limit)
+    view: dict[str, Any] = statsblock.connections_view(records, state, transport, limit)
     return view
