@@ -71,6 +71,8 @@ def serve(settings: Settings) -> int:
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises SIGINT after its graceful shutdown: Ctrl-C is a normal stop here
     finally:
         sock.close()
     return 0
