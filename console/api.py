@@ -125,7 +125,7 @@ def build_router(console: Console) -> APIRouter:
             if htmx:
                 return await _threads_block(request, f"Invalid size: {errors[0]['msg']}.", 422)
             return _invalid(errors)
-        size = int(data["size"])
+        size = ThreadsResize.model_validate(data).size
         try:
             state = await run_in_threadpool(source.resize, size)
         except TransportDownError as error:

@@ -166,7 +166,7 @@ def _run_transport(settings: Settings) -> int:
         load_router(settings.router)  # fail here, clearly, rather than in every worker
         server = TransportServer(settings)
         server.start()
-    except (StartupError, RouterLoadError, ControlError) as error:
+    except (StartupError, RouterLoadError, ControlError, OSError) as error:
         logging.getLogger("sipwire").error("cannot start: %s", error)
         return 1
     server.serve_forever()

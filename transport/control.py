@@ -79,7 +79,8 @@ class ControlServer:
         self._thread.start()
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever for a loop that never ran
+            self._server.shutdown()
         self._server.server_close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

@@ -821,7 +821,13 @@ class IOThread:
             self._outcome(worker, job_id, 0, WriteResult.LIMIT_REACHED, reason, trace=trace)
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as error:  # out of file descriptors: fail this job, keep the thread
+            self.counters["connect_failed.socket"] += 1
+            self.ratelog.log(logging.ERROR, "socket", "cannot open a socket for %s:%d: %s", host, port, error)
+            self._outcome(worker, job_id, 0, WriteResult.LIMIT_REACHED, f"cannot open a socket: {error}", trace=trace)
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # The tcp.connect span: child of the job's write span, or a root of its own.
@@ -1124,16 +1130,19 @@ class IOThread:
 
     def retire(self, targets: tuple[IOThread, ...], grace: float) -> None:
         """Inbox job: hand every connection to ``targets``, then drain and stop."""
-        for conn in list(self.conns.values()):
-            target = min(targets, key=IOThread.load_hint)
-            self._release(conn)
-            self.hub.owners[conn.id] = target
-            target.post("adopt", conn)
         for conn_id, records in self._parked:
             self.counters["lost_messages"] += len(records)
             log.error(
                 "I/O thread %d retiring: %d parked messages of connection %d lost", self.index, len(records), conn_id
             )
+            conn = self.conns.get(conn_id)
+            if conn is not None:  # they will never be answered: do not let them hold the connection
+                conn.in_flight = max(0, conn.in_flight - len(records))
+        for conn in list(self.conns.values()):
+            target = min(targets, key=IOThread.load_hint)
+            self._release(conn)
+            self.hub.owners[conn.id] = target
+            target.post("adopt", conn)
         self._parked = []
         self._retire_deadline = self._now + grace
         self._next_tick = self._now  # check at once whether anything is outstanding

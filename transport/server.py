@@ -97,7 +97,14 @@ class TransportServer:
     # -- start ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        listeners = self._bind()
+        # The control socket first: it refuses to start when another transport owns this
+        # instance, before anything else is bound or started. It serves only once all is up.
+        self._control = ControlServer(self.settings.control_path, self.handle_control)
+        try:
+            listeners = self._bind()
+        except StartupError:
+            self._control.close()
+            raise
         self._open_stats(listeners)
         self.telemetry = transport_telemetry(self.settings.instance, self.statistics)
         self.hub.recorder = self.telemetry.recorder if self.telemetry is not None else None
@@ -108,7 +115,6 @@ class TransportServer:
         self.workers.start(threads)
         for thread in threads:
             thread.start()
-        self._control = ControlServer(self.settings.control_path, self.handle_control)
         self._control.start()
         for name, address in self.listening.items():
             log.info("listening on %s %s", name, address)

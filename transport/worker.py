@@ -146,7 +146,7 @@ class Worker:
     ) -> None:
         if on_outcome is not None:
             outcome = Outcome(job_id, conn_id, result, reason)
-            self._deferred.append(lambda: on_outcome(outcome))
+            self._deferred.append(lambda: self._run_callback(on_outcome, outcome))
 
     def _resolve(self, host: str, port: int) -> str:
         """Return an IP literal for ``host`` (the transport never resolves names)."""
