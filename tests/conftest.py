@@ -55,17 +55,22 @@ class RunningTransport:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
-def _pid_alive(pid: int) -> bool:
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL; the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -117,9 +122,9 @@ def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]
     for running in started:
         running.stop()
         deadline = time.monotonic() + 5.0
-        while any(_pid_alive(pid) for pid in running.worker_pids) and time.monotonic() < deadline:
+        while any(pid_alive(pid) for pid in running.worker_pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        orphans = [pid for pid in running.worker_pids if _pid_alive(pid)]
+        orphans = [pid for pid in running.worker_pids if pid_alive(pid)]
         assert not orphans, f"worker processes left behind: {orphans}"
 
 

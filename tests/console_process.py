@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import REPO, RunningTransport
+from tests.conftest import REPO, RunningTransport, stop_process
 
 CONSOLE_START_SECONDS = 20.0
 LISTENING = re.compile(r"console listening on http://(\S+?)/")
@@ -45,14 +44,7 @@ class RunningConsole:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 def transport_target(running: RunningTransport) -> tuple[str, Path]:

@@ -17,6 +17,7 @@ from tests.conftest import (
     RunningTransport,
     SipClient,
     SipResponse,
+    pid_alive,
     sip_request,
     wait_for,
     write_config,
@@ -352,14 +353,6 @@ def test_max_connections_refuses_extra_connections(start_transport: Any, tmp_pat
 # -- 3. worker death -----------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_killed_worker_is_restarted_and_its_messages_counted_lost(start_transport: Any) -> None:
     running = start_transport(workers=2, router=SLOW_ROUTER)
     with SipClient.connect(running) as client:
@@ -380,7 +373,7 @@ def test_killed_worker_is_restarted_and_its_messages_counted_lost(start_transpor
 
         replacement = wait_for(restarted, what="the worker to be restarted")
         running.worker_pids.append(replacement["pid"])
-        assert not _pid_alive(victim_pid)
+        assert not pid_alive(victim_pid)
         assert replacement["restarts"] == 1
         wait_for(lambda: running.counters().get("lost_messages") == 3, what="3 lost messages counted")
         assert running.control("stats")["dispatch_in_flight"] == 0
@@ -420,4 +413,4 @@ def test_sigterm_delivers_the_answer_in_flight_then_exits_zero(start_transport: 
     assert "shutting down" in log
     assert "transport stopped" in log
     for pid in running.worker_pids:
-        wait_for(lambda pid=pid: not _pid_alive(pid), what=f"worker {pid} to exit")
+        wait_for(lambda pid=pid: not pid_alive(pid), what=f"worker {pid} to exit")
