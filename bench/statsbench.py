@@ -37,11 +37,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sipwire.config import Settings  # noqa: E402
-from transport.connection import Connection, ConnState  # noqa: E402
-from transport.framing import FramerLimits  # noqa: E402
-from transport.hub import Hub  # noqa: E402
-from transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread  # noqa: E402
-from transport.statsblock import (  # noqa: E402
+from sipwire.transport.connection import Connection, ConnState  # noqa: E402
+from sipwire.transport.framing import FramerLimits  # noqa: E402
+from sipwire.transport.hub import Hub  # noqa: E402
+from sipwire.transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread  # noqa: E402
+from sipwire.transport.statsblock import (  # noqa: E402
     LATENCY_BUCKETS_MS,
     Capacities,
     HeaderFigures,
@@ -51,8 +51,8 @@ from transport.statsblock import (  # noqa: E402
     remove_stale_block,
     stats_view,
 )
-from transport.streams import TcpStream  # noqa: E402
-from transport.tlsinfo import TlsInfo  # noqa: E402
+from sipwire.transport.streams import TcpStream  # noqa: E402
+from sipwire.transport.tlsinfo import TlsInfo  # noqa: E402
 
 
 def per_call_us(function: Callable[[], object], seconds: float) -> tuple[float, int]:
@@ -168,10 +168,10 @@ def bench_writer(writer: StatsWriter, conns: list[Connection], seconds: float) -
 _HAMMER = """
 import select, sys, time
 sys.path.insert(0, sys.argv[2])
-from transport.statsblock import StatsReader, StatsWriter, _SLOT
+from sipwire.transport.statsblock import StatsReader, StatsWriter, _SLOT
 name, slots = sys.argv[1], int(sys.argv[3])
 # Attach as a second writer on purpose (a benchmark only): rewrite every slot in a loop.
-from transport.statsblock import _open_shm, Capacities
+from sipwire.transport.statsblock import _open_shm, Capacities
 reader = StatsReader.open(name)
 writer = StatsWriter(_open_shm(name), reader.capacities)
 fields = [(i + 1, 3, 1, 0, 0, 5060, 10000, 0, 1.0, 2.0, i, i, 1, 1, 0, 0.0, b"127.0.0.1", b"10.0.0.1",

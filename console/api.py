@@ -25,13 +25,22 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from console import metrics, views
-from console.models import Closed, Connection, ConnectionList, Health, Problem, Stats, ThreadsResize, ThreadsState
-from console.render import is_htmx
-from console.source import TransportDownError, TransportRefusedError
+from sipwire.console import metrics, views
+from sipwire.console.models import (
+    Closed,
+    Connection,
+    ConnectionList,
+    Health,
+    Problem,
+    Stats,
+    ThreadsResize,
+    ThreadsState,
+)
+from sipwire.console.render import is_htmx
+from sipwire.console.source import TransportDownError, TransportRefusedError
 
 if TYPE_CHECKING:
-    from console.app import Console
+    from sipwire.console.app import Console
 
 Proto = Literal["tcp", "tls", ""]  # "" (any) is what an HTML form's "any" option sends
 SortKey = Literal[

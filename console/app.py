@@ -25,14 +25,14 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.staticfiles import StaticFiles
 
-from console import api, pages
-from console.assets import Assets, find_assets
-from console.auth import Auth, load_or_generate_token
-from console.history import History
-from console.otlp import TraceStore, build_router
-from console.render import Renderer
-from console.source import TransportSource
 from sipwire.config import Settings
+from sipwire.console import api, pages
+from sipwire.console.assets import Assets, find_assets
+from sipwire.console.auth import Auth, load_or_generate_token
+from sipwire.console.history import History
+from sipwire.console.otlp import TraceStore, build_router
+from sipwire.console.render import Renderer
+from sipwire.console.source import TransportSource
 
 log = logging.getLogger("sipwire.console")
 

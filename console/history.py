@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from console.source import TransportDownError, TransportRefusedError, TransportSource
+from sipwire.console.source import TransportDownError, TransportRefusedError, TransportSource
 
 log = logging.getLogger("sipwire.console")
 

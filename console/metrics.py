@@ -16,8 +16,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from console.otlp import TraceStore
-from console.source import Liveness
+from sipwire.console.otlp import TraceStore
+from sipwire.console.source import Liveness
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

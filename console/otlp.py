@@ -30,8 +30,8 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Path, Request, Response
 from starlette.responses import JSONResponse
 
-from console.models import TraceDetail, TraceList, TraceSpan, TraceSummary
-from console.render import Renderer, is_htmx
+from sipwire.console.models import TraceDetail, TraceList, TraceSpan, TraceSummary
+from sipwire.console.render import Renderer, is_htmx
 
 #: Largest request body, compressed or decompressed (the SDK batches 512 spans, well under 1 MiB).
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024

@@ -14,13 +14,13 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import RedirectResponse, Response
 
-from console import views
-from console.auth import CSRF_FIELD, SESSION_COOKIE, SESSION_SECONDS, same_origin
-from console.otlp import TRACES_LISTED
-from console.source import TransportDownError, TransportRefusedError
+from sipwire.console import views
+from sipwire.console.auth import CSRF_FIELD, SESSION_COOKIE, SESSION_SECONDS, same_origin
+from sipwire.console.otlp import TRACES_LISTED
+from sipwire.console.source import TransportDownError, TransportRefusedError
 
 if TYPE_CHECKING:
-    from console.app import Console
+    from sipwire.console.app import Console
 
 #: The login form's body is one token and a path: anything longer is not a login.
 MAX_LOGIN_BODY: Final = 4096

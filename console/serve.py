@@ -13,9 +13,9 @@ import socket
 
 import uvicorn
 
-from console.assets import AssetsMissingError
-from console.auth import AuthSetupError
 from sipwire.config import Settings
+from sipwire.console.assets import AssetsMissingError
+from sipwire.console.auth import AuthSetupError
 
 log = logging.getLogger("sipwire.console")
 
@@ -46,7 +46,7 @@ def bind(settings: Settings) -> socket.socket:
 
 def serve(settings: Settings) -> int:
     """Serve until SIGINT/SIGTERM; the exit status for the command line."""
-    from console.app import create_app  # noqa: PLC0415 - keeps `sipwire transport` free of web imports
+    from sipwire.console.app import create_app  # noqa: PLC0415 - keeps `sipwire transport` free of web imports
 
     logging.basicConfig(
         level=settings.log_level.upper(),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from sipwire.config import Settings
-from transport.control import ControlClient, ControlError
+from sipwire.transport.control import ControlClient, ControlError
 
 #: Seconds one control request may take before the transport counts as down.
 CONTROL_TIMEOUT_SECONDS: Final = 3.0
@@ -135,7 +135,7 @@ class TransportSource:
         if not self._use_block:
             return None
         try:
-            from transport import statsblock  # noqa: PLC0415 - optional: older transports have no block
+            from sipwire.transport import statsblock  # noqa: PLC0415 - optional: older transports have no block
         except ImportError:
             self._use_block = False
             return None
@@ -170,7 +170,7 @@ class TransportSource:
         reader = self._reader()
         if reader is None:
             return None
-        from transport import statsblock  # noqa: PLC0415
+        from sipwire.transport import statsblock  # noqa: PLC0415
 
         try:
             value = read(reader)
@@ -279,7 +279,7 @@ class TransportSource:
 
 
 def _block_stats(reader: Any) -> dict[str, Any]:
-    from transport import statsblock  # noqa: PLC0415
+    from sipwire.transport import statsblock  # noqa: PLC0415
 
     view: dict[str, Any] = statsblock.stats_view(reader)
     return view
@@ -293,7 +293,7 @@ def _block_proto_counts(reader: Any) -> dict[str, int]:
 
 
 def _block_connections(records: list[Any], state: str | None, transport: str | None, limit: int) -> dict[str, Any]:
-    from transport import statsblock  # noqa: PLC0415
+    from sipwire.transport import statsblock  # noqa: PLC0415
 
     view: dict[str, Any] = statsblock.connections_view(records, state, transport, limit)
     return view

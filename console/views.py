@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from console.history import History, Sample, error_total, sparkline
-from console.source import TransportDownError, TransportRefusedError, TransportSource
+from sipwire.console.history import History, Sample, error_total, sparkline
+from sipwire.console.source import TransportDownError, TransportRefusedError, TransportSource
 
 #: Sparklines show the last this many samples (one a second).
 SPARK_SAMPLES: Final = 180

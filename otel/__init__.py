@@ -24,7 +24,7 @@ Modules:
     recorder  -- the I/O threads' side: sampling, ids, traceparent, the bounded queue (no SDK import)
     pipeline  -- the telemetry thread, and records to SDK spans (SpanAssembler)
     shipper   -- the pipe to the exporter process
-    exporter  -- the exporter process (python -m otel.exporter)
+    exporter  -- the exporter process (python -m sipwire.otel.exporter)
     export    -- span and metric exporters from the settings, guarded so a failing collector is logged once
     metrics   -- the transport's metrics, read from its own counters
     worker    -- the worker's routing span, context in and out over the W3C propagator

@@ -25,7 +25,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from otel.config import TelemetryConfig
+from sipwire.otel.config import TelemetryConfig
 
 log = logging.getLogger("sipwire.telemetry")
 

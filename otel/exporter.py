@@ -1,7 +1,7 @@
 """The exporter process: span records in on stdin, OTLP out. One per sipwire process that traces.
 
 Started by :class:`otel.shipper.ProcessDelivery` as
-``python -m otel.exporter --service NAME --instance ID`` with the parent's
+``python -m sipwire.otel.exporter --service NAME --instance ID`` with the parent's
 environment, so the ``OTEL_*`` settings are the parent's. It reads frames
 (4-byte big-endian length, then a :mod:`marshal` dump of a list of
 records) until stdin closes, builds SDK spans (:class:`otel.pipeline.SpanAssembler`)
@@ -28,10 +28,10 @@ import signal
 import sys
 from typing import TYPE_CHECKING, BinaryIO, Final
 
-from otel.shipper import MAX_FRAME_BYTES
+from sipwire.otel.shipper import MAX_FRAME_BYTES
 
 if TYPE_CHECKING:
-    from otel.pipeline import SpanAssembler
+    from sipwire.otel.pipeline import SpanAssembler
 
 log = logging.getLogger("sipwire.telemetry")
 
@@ -83,7 +83,7 @@ def serve(stream: BinaryIO, assembler: SpanAssembler) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m otel.exporter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sipwire.otel.exporter", description=__doc__)
     parser.add_argument("--service", required=True, help="service.name of the spans (sipwire-transport, ...)")
     parser.add_argument("--instance", required=True, help="service.instance.id prefix")
     args = parser.parse_args(argv)
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from otel import attributes as attr
-    from otel.config import load
-    from otel.export import span_exporters
-    from otel.pipeline import SpanAssembler
+    from sipwire.otel import attributes as attr
+    from sipwire.otel.config import load
+    from sipwire.otel.export import span_exporters
+    from sipwire.otel.pipeline import SpanAssembler
 
     config = load(os.environ)
     processors = [BatchSpanProcessor(exporter) for exporter in span_exporters(config)]

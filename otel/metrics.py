@@ -37,9 +37,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from otel import attributes as attr
-from otel.config import TelemetryConfig
-from otel.export import metric_exporters
+from sipwire.otel import attributes as attr
+from sipwire.otel.config import TelemetryConfig
+from sipwire.otel.export import metric_exporters
 
 #: Handshake duration buckets in seconds (loopback handshakes take about a millisecond).
 HANDSHAKE_BUCKETS_S: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)

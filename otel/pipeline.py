@@ -37,9 +37,9 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from otel import attributes as attr
-from otel.metrics import TransportMetrics
-from otel.recorder import (
+from sipwire.otel import attributes as attr
+from sipwire.otel.metrics import TransportMetrics
+from sipwire.otel.recorder import (
     SPAN_CONNECT,
     SPAN_HANDSHAKE,
     SPAN_NAMES,

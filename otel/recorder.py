@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from transport.connection import Connection
+    from sipwire.transport.connection import Connection
 
 #: Span kinds recorded by the transport (first field of a record).
 SPAN_RECEIVE: Final = 0

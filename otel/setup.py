@@ -7,11 +7,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from otel.config import load
+from sipwire.otel.config import load
 
 if TYPE_CHECKING:
-    from otel.pipeline import Telemetry
-    from otel.worker import RouteTracing
+    from sipwire.otel.pipeline import Telemetry
+    from sipwire.otel.worker import RouteTracing
 
 log = logging.getLogger("sipwire.telemetry")
 
@@ -29,11 +29,11 @@ def transport_telemetry(
         log.warning("telemetry: %s", warning)
     if not config.enabled:
         return None
-    from otel import attributes as attr
-    from otel.metrics import TransportMetrics
-    from otel.pipeline import Telemetry
-    from otel.recorder import SpanRecorder
-    from otel.shipper import ProcessDelivery
+    from sipwire.otel import attributes as attr
+    from sipwire.otel.metrics import TransportMetrics
+    from sipwire.otel.pipeline import Telemetry
+    from sipwire.otel.recorder import SpanRecorder
+    from sipwire.otel.shipper import ProcessDelivery
 
     metrics = None
     if config.metrics and read_statistics is not None:
@@ -60,11 +60,11 @@ def worker_tracing(instance: str, index: int) -> RouteTracing | None:
         return None
     from opentelemetry import trace
 
-    from otel import attributes as attr
-    from otel.pipeline import Telemetry
-    from otel.recorder import SpanRecorder
-    from otel.shipper import ProcessDelivery
-    from otel.worker import RouteTracing
+    from sipwire.otel import attributes as attr
+    from sipwire.otel.pipeline import Telemetry
+    from sipwire.otel.recorder import SpanRecorder
+    from sipwire.otel.shipper import ProcessDelivery
+    from sipwire.otel.worker import RouteTracing
 
     # The transport sampled already: the worker records every traced message it gets.
     recorder = SpanRecorder(1.0, config.queue_size)

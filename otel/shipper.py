@@ -1,6 +1,6 @@
 """Hands span records to this process's exporter process over a pipe.
 
-The exporter process (``python -m otel.exporter``) is started with
+The exporter process (``python -m sipwire.otel.exporter``) is started with
 ``subprocess`` (fork and exec: nothing of this multi-threaded process is
 inherited but the pipe) when telemetry starts, so that its imports are
 done before SIP traffic comes. Frames on its stdin are a
@@ -57,7 +57,15 @@ class ProcessDelivery:
         if now - self._started_at < RESTART_SECONDS:
             return False
         self._started_at = now
-        command = [sys.executable, "-m", "otel.exporter", "--service", self.service, "--instance", self.instance]
+        command = [
+            sys.executable,
+            "-m",
+            "sipwire.otel.exporter",
+            "--service",
+            self.service,
+            "--instance",
+            self.instance,
+        ]
         try:
             self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         except OSError as error:

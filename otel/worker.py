@@ -32,11 +32,11 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from otel import attributes as attr
-from otel.pipeline import Telemetry
-from otel.recorder import SPAN_ROUTE, SpanRecorder, traceparent
-from transport.sip import SipMessage
-from transport.wire import MessageRecord
+from sipwire.otel import attributes as attr
+from sipwire.otel.pipeline import Telemetry
+from sipwire.otel.recorder import SPAN_ROUTE, SpanRecorder, traceparent
+from sipwire.transport.sip import SipMessage
+from sipwire.transport.wire import MessageRecord
 
 #: Call-IDs longer than this are cut in the span attribute (a peer could send a huge one).
 MAX_CALL_ID_CHARS: Final = 256

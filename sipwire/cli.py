@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from sipwire.config import ConfigError, Settings, descriptions, load
-from transport.control import ControlClient, ControlError
-from transport.routing import RouterLoadError, load_router
-from transport.server import StartupError, TransportServer
-from transport.statsblock import HISTOGRAM_NAMES, StatsError, StatsReader, connections_view, stats_view
+from sipwire.transport.control import ControlClient, ControlError
+from sipwire.transport.routing import RouterLoadError, load_router
+from sipwire.transport.server import StartupError, TransportServer
+from sipwire.transport.statsblock import HISTOGRAM_NAMES, StatsError, StatsReader, connections_view, stats_view
 
 #: ``ctl stats`` and ``ctl connections`` wait this long for figures written after the command
 #: started (I/O threads write every 0.25 s); past it they print older ones and say how old.
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run_all(settings, args)
     if args.command == "console":
-        from console.serve import serve  # noqa: PLC0415 - the transport needs no web framework
+        from sipwire.console.serve import serve  # noqa: PLC0415 - the transport needs no web framework
 
         return serve(settings)
     if args.command == "transport":

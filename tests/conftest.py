@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from transport.control import ControlClient, ControlError
+from sipwire.transport.control import ControlClient, ControlError
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0

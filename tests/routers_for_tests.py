@@ -25,9 +25,9 @@ from __future__ import annotations
 import os
 import time
 
-from transport.routers import responder
-from transport.routing import Destination, Outcome, RouteContext
-from transport.sip import SipMessage, build_response
+from sipwire.transport.routers import responder
+from sipwire.transport.routing import Destination, Outcome, RouteContext
+from sipwire.transport.sip import SipMessage, build_response
 
 #: Upper bound on any wait a test asks for, so a broken test cannot hang a worker.
 MAX_WAIT_SECONDS = 10.0

@@ -12,14 +12,14 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 from prometheus_client.parser import text_string_to_metric_families
 
-from console import otlp
-from console.assets import AssetsMissingError, find_assets
-from console.auth import TOKEN_ENV, AuthSetupError, load_or_generate_token
-from console.history import error_total, sparkline
-from console.metrics import render
-from console.render import format_bytes, format_duration
-from console.source import Liveness
-from console.views import histogram_bars
+from sipwire.console import otlp
+from sipwire.console.assets import AssetsMissingError, find_assets
+from sipwire.console.auth import TOKEN_ENV, AuthSetupError, load_or_generate_token
+from sipwire.console.history import error_total, sparkline
+from sipwire.console.metrics import render
+from sipwire.console.render import format_bytes, format_duration
+from sipwire.console.source import Liveness
+from sipwire.console.views import histogram_bars
 from tests.conftest import REPO
 
 TRACE = bytes(range(16))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.framing import (
+from sipwire.transport.framing import (
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     PING_EVENT,
@@ -23,7 +23,7 @@ from transport.framing import (
     Ping,
     content_length,
 )
-from transport.sip import SipParseError, parse, response_for_unparsable
+from sipwire.transport.sip import SipParseError, parse, response_for_unparsable
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None)
 

@@ -46,12 +46,13 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from otel import attributes as attr
-from otel.config import load
-from otel.export import GuardedSpanExporter
-from otel.exporter import serve
-from otel.pipeline import LocalDelivery, SpanAssembler, Telemetry, build_span
-from otel.recorder import (
+from sipwire.config import Settings
+from sipwire.otel import attributes as attr
+from sipwire.otel.config import load
+from sipwire.otel.export import GuardedSpanExporter
+from sipwire.otel.exporter import serve
+from sipwire.otel.pipeline import LocalDelivery, SpanAssembler, Telemetry, build_span
+from sipwire.otel.recorder import (
     SPAN_HANDSHAKE,
     SPAN_RECEIVE,
     SpanRecorder,
@@ -59,15 +60,14 @@ from otel.recorder import (
     ratio_bound,
     traceparent,
 )
-from otel.worker import RouteTracing
-from sipwire.config import Settings
+from sipwire.otel.worker import RouteTracing
+from sipwire.transport.hub import Hub
+from sipwire.transport.iothread import IOThread
+from sipwire.transport.routers import responder
+from sipwire.transport.routing import RouteContext, Router
+from sipwire.transport.sip import SipMessage, build_response
+from sipwire.transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP, Worker
 from tests.conftest import REPO, RunningTransport, SipClient, sip_request, wait_for
-from transport.hub import Hub
-from transport.iothread import IOThread
-from transport.routers import responder
-from transport.routing import RouteContext, Router
-from transport.sip import SipMessage, build_response
-from transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP, Worker
 
 StartTransport = Callable[..., RunningTransport]
 
@@ -357,7 +357,7 @@ def test_metrics_read_the_transport_statistics_with_units() -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
 
-    from otel.metrics import TransportMetrics
+    from sipwire.otel.metrics import TransportMetrics
 
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
@@ -429,7 +429,7 @@ def test_metrics_keep_the_last_figures_when_statistics_fail(caplog: pytest.LogCa
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from otel.metrics import TransportMetrics
+    from sipwire.otel.metrics import TransportMetrics
 
     answers: list[dict[str, Any] | None] = [{"connections": 7, "counters": {}}, None, None]
 
@@ -1009,7 +1009,7 @@ def test_tracing_off_loads_no_sdk_in_the_worker_or_the_transport_modules() -> No
     env["PYTHONPATH"] = str(REPO)
     code = (
         "import sys, transport.server, transport.worker; "
-        "from otel.setup import transport_telemetry, worker_tracing; "
+        "from sipwire.otel.setup import transport_telemetry, worker_tracing; "
         "assert transport_telemetry('x') is None and worker_tracing('x', 0) is None; "
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
     )

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from sipwire.transport.framing import Framer
+from sipwire.transport.sip import SipMessage, build_response, parse
 from tests.conftest import RunningTransport
-from transport.framing import Framer
-from transport.sip import SipMessage, build_response, parse
 
 CLIENT_VIA = "SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKclient1;rport"
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.framing import Framer
-from transport.sip import (
+from sipwire.transport.framing import Framer
+from sipwire.transport.sip import (
     COMPACT_FORMS,
     MANDATORY_REQUEST_HEADERS,
     SipMessage,

@@ -21,11 +21,10 @@ from typing import Any
 import pytest
 
 from sipwire.config import Settings
-from tests.conftest import REPO, RunningTransport, SipClient, run_ctl, sip_request, wait_for
-from transport.connection import Connection
-from transport.framing import FramerLimits
-from transport.hub import Hub
-from transport.statsblock import (
+from sipwire.transport.connection import Connection
+from sipwire.transport.framing import FramerLimits
+from sipwire.transport.hub import Hub
+from sipwire.transport.statsblock import (
     HISTOGRAM_NAMES,
     LATENCY_BUCKETS_MS,
     LAYOUT_VERSION,
@@ -51,8 +50,9 @@ from transport.statsblock import (
     block_name,
     remove_stale_block,
 )
-from transport.streams import TcpStream
-from transport.tlsinfo import TlsInfo
+from sipwire.transport.streams import TcpStream
+from sipwire.transport.tlsinfo import TlsInfo
+from tests.conftest import REPO, RunningTransport, SipClient, run_ctl, sip_request, wait_for
 
 #: On x86-64 (TSO) the seqlock alone must catch every torn copy: the CRC never fires.
 TSO = platform.machine() in ("x86_64", "AMD64")
@@ -397,7 +397,7 @@ def test_reader_process_exit_leaves_the_block_alone(name: str) -> None:
     try:
         writer.write_header(_figures(connections=3))
         code = (
-            "import sys; from transport.statsblock import StatsReader\n"
+            "import sys; from sipwire.transport.statsblock import StatsReader\n"
             "r = StatsReader.open(sys.argv[1]); print(r.header().connections)\n"
             "if sys.argv[2] == 'close': r.close()\n"
         )
@@ -483,7 +483,7 @@ _WRITER_PROCESS = """
 import select, sys, time
 sys.path.insert(0, sys.argv[3])
 from tests.test_statsblock import _slot_fields
-from transport.statsblock import Capacities, StatsWriter
+from sipwire.transport.statsblock import Capacities, StatsWriter
 slots = int(sys.argv[2])
 writer = StatsWriter.create(sys.argv[1], Capacities(threads=2, workers=1, slots=slots), "hammer")
 print("ready", flush=True)

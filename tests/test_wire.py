@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.outcome import WriteResult
-from transport.tlsinfo import TlsInfo
-from transport.wire import (
+from sipwire.transport.outcome import WriteResult
+from sipwire.transport.tlsinfo import TlsInfo
+from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     HEADER_SIZE,
     KIND_DONE,

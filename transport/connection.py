@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Final
 
-from transport.framing import Framer, FramerLimits
-from transport.streams import Stream
-from transport.tlsinfo import TlsInfo
-from transport.wire import message_prefix
+from sipwire.transport.framing import Framer, FramerLimits
+from sipwire.transport.streams import Stream
+from sipwire.transport.tlsinfo import TlsInfo
+from sipwire.transport.wire import message_prefix
 
 if TYPE_CHECKING:
-    from otel.recorder import ConnTrace, WriteTrace
+    from sipwire.otel.recorder import ConnTrace, WriteTrace
 
 
 class ConnState(Enum):

@@ -17,12 +17,12 @@ import threading
 from typing import TYPE_CHECKING
 
 from sipwire.config import Settings
-from transport.statsblock import FreeList, StatsWriter
-from transport.tls import TlsContexts
+from sipwire.transport.statsblock import FreeList, StatsWriter
+from sipwire.transport.tls import TlsContexts
 
 if TYPE_CHECKING:
-    from otel.recorder import SpanRecorder
-    from transport.iothread import IOThread
+    from sipwire.otel.recorder import SpanRecorder
+    from sipwire.transport.iothread import IOThread
 
 DestinationKey = tuple[str, str, int]
 

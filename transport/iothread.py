@@ -36,18 +36,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final
 
-from otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, SpanRecorder, WriteTrace, traceparent
-from transport.connection import Connection, ConnectionInfo, ConnState, PendingJob
-from transport.framing import PONG, Event, FramerLimits, FramingError, FramingErrorReason, Ping
-from transport.hub import DestinationKey, Hub
-from transport.outcome import WriteResult
-from transport.ratelog import RateLimitedLog
-from transport.readbuffer import ReadBuffer
-from transport.sip import response_for_unparsable
-from transport.statsblock import LATENCY_BUCKETS_MS, THREAD_ACTIVE, THREAD_RETIRING
-from transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
-from transport.tls import TlsVerifyError, connection_info, verify_server_name
-from transport.wire import (
+from sipwire.otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, SpanRecorder, WriteTrace, traceparent
+from sipwire.transport.connection import Connection, ConnectionInfo, ConnState, PendingJob
+from sipwire.transport.framing import PONG, Event, FramerLimits, FramingError, FramingErrorReason, Ping
+from sipwire.transport.hub import DestinationKey, Hub
+from sipwire.transport.outcome import WriteResult
+from sipwire.transport.ratelog import RateLimitedLog
+from sipwire.transport.readbuffer import ReadBuffer
+from sipwire.transport.sip import response_for_unparsable
+from sipwire.transport.statsblock import LATENCY_BUCKETS_MS, THREAD_ACTIVE, THREAD_RETIRING
+from sipwire.transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
+from sipwire.transport.tls import TlsVerifyError, connection_info, verify_server_name
+from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     DoneRecord,
     RecordReader,

@@ -27,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from transport.outcome import WriteResult
-from transport.tlsinfo import TlsInfo
+from sipwire.transport.outcome import WriteResult
+from sipwire.transport.tlsinfo import TlsInfo
 
 if TYPE_CHECKING:
-    from transport.sip import SipMessage
+    from sipwire.transport.sip import SipMessage
 
 
 class Envelope(NamedTuple):
@@ -111,8 +111,8 @@ class RouteContext:
 Router = Callable[["SipMessage", RouteContext], None]
 
 BUILTIN_ROUTERS = {
-    "responder": "transport.routers.responder:route",
-    "proxy": "transport.routers.proxy:route",
+    "responder": "sipwire.transport.routers.responder:route",
+    "proxy": "sipwire.transport.routers.proxy:route",
 }
 
 

@@ -23,13 +23,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Final
 
-from otel.setup import transport_telemetry
 from sipwire.config import Settings
-from transport.connection import ConnectionInfo, format_address
-from transport.control import ControlError, ControlServer
-from transport.hub import Hub
-from transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread, ThreadStatistics, ThreadTotals
-from transport.statsblock import (
+from sipwire.otel.setup import transport_telemetry
+from sipwire.transport.connection import ConnectionInfo, format_address
+from sipwire.transport.control import ControlError, ControlServer
+from sipwire.transport.hub import Hub
+from sipwire.transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread, ThreadStatistics, ThreadTotals
+from sipwire.transport.statsblock import (
     HISTOGRAM_DISPATCH,
     HISTOGRAM_TLS,
     HISTOGRAM_WRITE,
@@ -42,11 +42,11 @@ from transport.statsblock import (
     StatsWriter,
     block_name_for,
 )
-from transport.tls import TlsConfigError, build_contexts
-from transport.workerpool import WorkerPool
+from sipwire.transport.tls import TlsConfigError, build_contexts
+from sipwire.transport.workerpool import WorkerPool
 
 if TYPE_CHECKING:
-    from otel.pipeline import Telemetry
+    from sipwire.otel.pipeline import Telemetry
 
 log = logging.getLogger("sipwire.transport")
 

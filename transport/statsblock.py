@@ -195,7 +195,7 @@ from zlib import crc32
 
 if TYPE_CHECKING:
     from sipwire.config import Settings
-    from transport.connection import Connection
+    from sipwire.transport.connection import Connection
 
 MAGIC: Final = b"SIPWSTAT"
 #: Bump on any change of the layout above; readers refuse other versions.

@@ -37,9 +37,9 @@ from typing import Final
 
 from OpenSSL import SSL
 
-from transport.outcome import WriteResult
-from transport.readbuffer import ReadBuffer
-from transport.tls import describe_ssl_error
+from sipwire.transport.outcome import WriteResult
+from sipwire.transport.readbuffer import ReadBuffer
+from sipwire.transport.tls import describe_ssl_error
 
 #: Records read per :meth:`TlsStream.recv` at most, to bound one connection's turn.
 TLS_RECORDS_PER_READ: Final = 16

@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from sipwire.config import Settings
-from transport.tlsinfo import TlsInfo
+from sipwire.transport.tlsinfo import TlsInfo
 
 log = logging.getLogger("sipwire.tls")
 

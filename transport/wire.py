@@ -39,7 +39,7 @@ from __future__ import annotations
 import struct
 from typing import Final, NamedTuple
 
-from transport.outcome import WriteResult
+from sipwire.transport.outcome import WriteResult
 
 KIND_MESSAGE: Final = 1
 KIND_OUTCOME: Final = 2

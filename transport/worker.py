@@ -1,6 +1,6 @@
 """A SIP worker process: full parse, routing, write jobs. It never touches a peer socket.
 
-The transport starts each worker as ``python -m transport.worker`` with one
+The transport starts each worker as ``python -m sipwire.transport.worker`` with one
 inherited control socket. Over it the transport passes, with SCM_RIGHTS,
 one channel socket per I/O thread (see :mod:`transport.wire`), and later
 asks the worker to stop. Messages arrive on those channels; a router's
@@ -29,14 +29,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from otel.setup import worker_tracing
 from sipwire.config import Settings
-from transport.outcome import WriteResult
-from transport.readbuffer import ReadBuffer
-from transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
-from transport.sip import SipParseError, parse, response_for_unparsable
-from transport.tlsinfo import TlsInfo
-from transport.wire import (
+from sipwire.otel.setup import worker_tracing
+from sipwire.transport.outcome import WriteResult
+from sipwire.transport.readbuffer import ReadBuffer
+from sipwire.transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
+from sipwire.transport.sip import SipParseError, parse, response_for_unparsable
+from sipwire.transport.tlsinfo import TlsInfo
+from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     MAX_WRITE_PAYLOAD,
     MessageRecord,
@@ -48,7 +48,7 @@ from transport.wire import (
 )
 
 if TYPE_CHECKING:
-    from otel.worker import RouteSpan, RouteTracing
+    from sipwire.otel.worker import RouteSpan, RouteTracing
 
 log = logging.getLogger("sipwire.worker")
 
@@ -322,7 +322,7 @@ def _server_name(destination: Destination, address: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transport.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sipwire.transport.worker", description=__doc__)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--settings", required=True, help="JSON of the transport's Settings")

@@ -1,7 +1,7 @@
 """Starts, connects, restarts and stops the worker processes of the unified pool.
 
 Workers are started with ``subprocess`` (not ``fork``: the transport is
-multi-threaded) as ``python -m transport.worker``, inheriting only their
+multi-threaded) as ``python -m sipwire.transport.worker``, inheriting only their
 control socket. For every (I/O thread, worker) pair the pool makes a
 socketpair, sends one end to the worker over its control socket
 (SCM_RIGHTS) and posts the other to the I/O thread's inbox.
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from sipwire.config import Settings
-from transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP
+from sipwire.transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP
 
 if TYPE_CHECKING:
-    from transport.iothread import IOThread
+    from sipwire.transport.iothread import IOThread
 
 log = logging.getLogger("sipwire.workers")
 
@@ -77,7 +77,7 @@ class WorkerPool:
     def _spawn(self, worker: _WorkerProcess, threads: tuple[IOThread, ...]) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         command = [
-            sys.executable, "-m", "transport.worker",
+            sys.executable, "-m", "sipwire.transport.worker",
             "--index", str(worker.index),
             "--control-fd", str(child_end.fileno()),
             "--settings", self._settings_json,

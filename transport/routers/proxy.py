@@ -29,8 +29,8 @@ import time
 from typing import Final
 
 from sipwire.config import Settings
-from transport.routing import Destination, Outcome, RouteContext
-from transport.sip import (
+from sipwire.transport.routing import Destination, Outcome, RouteContext
+from sipwire.transport.sip import (
     CANONICAL_NAMES,
     SipMessage,
     build_response,
@@ -38,7 +38,7 @@ from transport.sip import (
     header_param,
     split_list_value,
 )
-from transport.sipuri import SipUriError, parse_uri, uri_of
+from sipwire.transport.sipuri import SipUriError, parse_uri, uri_of
 
 CONN_PARAM: Final = "swc"
 DEFAULT_EXPIRES: Final = 3600

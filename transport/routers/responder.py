@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from transport.routing import RouteContext
-from transport.sip import SipMessage, build_response
+from sipwire.transport.routing import RouteContext
+from sipwire.transport.sip import SipMessage, build_response
 
 ALLOWED_METHODS: Final = (
     "INVITE",
