@@ -40,7 +40,7 @@ from sipwire.console.render import is_htmx
 from sipwire.console.source import TransportDownError, TransportRefusedError
 
 if TYPE_CHECKING:
-    from sipwire.console.app import Console
+    from sipwire.console.state import Console
 
 Proto = Literal["tcp", "tls", ""]  # "" (any) is what an HTML form's "any" option sends
 SortKey = Literal[

@@ -17,50 +17,22 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
-from starlette.requests import Request
 from starlette.staticfiles import StaticFiles
 
 from sipwire.config import Settings
 from sipwire.console import api, pages
-from sipwire.console.assets import Assets, find_assets
+from sipwire.console.assets import find_assets
 from sipwire.console.auth import Auth, load_or_generate_token
 from sipwire.console.history import History
 from sipwire.console.otlp import TraceStore, build_router
 from sipwire.console.render import Renderer
 from sipwire.console.source import TransportSource
+from sipwire.console.state import Console
 
 log = logging.getLogger("sipwire.console")
-
-
-@dataclass
-class Console:
-    """Everything the routes use; one per app, no module-level state."""
-
-    settings: Settings
-    assets: Assets
-    source: TransportSource
-    history: History
-    auth: Auth
-    traces: TraceStore
-    renderer: Renderer
-    token_path: Path | None
-
-    def context(self, request: Request, **values: Any) -> dict[str, Any]:
-        """What every template gets: login state, the CSRF token of the session, the current path."""
-        session = self.auth.session(request)
-        return {
-            "logged_in": session is not None,
-            "csrf": session.csrf if session is not None else "",
-            "path": request.url.path,
-            "jaeger_url": self.settings.console_jaeger_url.rstrip("/"),
-            "instance": self.settings.instance,
-            **values,
-        }
 
 
 def create_app(settings: Settings, *, assets_root: Path | None = None, sample_seconds: float = 1.0) -> FastAPI:

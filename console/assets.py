@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from sipwire.errors import ConfigurationError
+
 HTMX_DIST: Final = Path("node_modules") / "htmx.org" / "dist"
 HTMX_FILE: Final = "htmx.min.js"
 
 
-class AssetsMissingError(Exception):
+class AssetsMissingError(ConfigurationError):
     """Templates or htmx are not where the console looks; the message says what to run."""
 
 

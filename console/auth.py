@@ -38,6 +38,8 @@ from typing import Final
 
 from starlette.requests import Request
 
+from sipwire.errors import ConfigurationError
+
 log = logging.getLogger("sipwire.console")
 
 SESSION_COOKIE: Final = "sipwire_session"
@@ -56,7 +58,7 @@ MIN_TOKEN_CHARS: Final = 16
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class AuthSetupError(Exception):
+class AuthSetupError(ConfigurationError):
     """The admin token cannot be set up (token file not writable, token too short)."""
 
 

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse
 
 from sipwire.console.models import TraceDetail, TraceList, TraceSpan, TraceSummary
 from sipwire.console.render import Renderer, is_htmx
+from sipwire.errors import ProtocolError
 
 #: Largest request body, compressed or decompressed (the SDK batches 512 spans, well under 1 MiB).
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
@@ -44,7 +45,7 @@ SPAN_KINDS: Final = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 
 STATUS_CODES: Final = {0: "unset", 1: "ok", 2: "error"}
 
 
-class OtlpDecodeError(Exception):
+class OtlpDecodeError(ProtocolError):
     """The body is not an OTLP trace export; the message says what was wrong."""
 
 
@@ -362,8 +363,8 @@ async def _read_body(request: Request) -> bytes:
     return body
 
 
-class _TooLargeError(Exception):
-    pass
+class _TooLargeError(ProtocolError):
+    """A compressed body inflates past the size limit."""
 
 
 def summary(trace: Trace) -> TraceSummary:

@@ -20,7 +20,7 @@ from sipwire.console.otlp import TRACES_LISTED
 from sipwire.console.source import TransportDownError, TransportRefusedError
 
 if TYPE_CHECKING:
-    from sipwire.console.app import Console
+    from sipwire.console.state import Console
 
 #: The login form's body is one token and a path: anything longer is not a login.
 MAX_LOGIN_BODY: Final = 4096

@@ -16,13 +16,14 @@ import uvicorn
 from sipwire.config import Settings
 from sipwire.console.assets import AssetsMissingError
 from sipwire.console.auth import AuthSetupError
+from sipwire.errors import ConfigurationError
 
 log = logging.getLogger("sipwire.console")
 
 LISTEN_BACKLOG = 128
 
 
-class ConsoleStartupError(Exception):
+class ConsoleStartupError(ConfigurationError):
     """The console cannot start; the message says why."""
 
 

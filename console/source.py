@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from sipwire.config import Settings
-from sipwire.transport.control import ControlClient, ControlError
+from sipwire.errors import ControlError
+from sipwire.transport.control import ControlClient
 
 #: Seconds one control request may take before the transport counts as down.
 CONTROL_TIMEOUT_SECONDS: Final = 3.0
@@ -40,11 +41,11 @@ BLOCK_RETRY_SECONDS: Final = 2.0
 T = TypeVar("T")
 
 
-class TransportDownError(Exception):
+class TransportDownError(ControlError):
     """The transport does not answer: not running, another instance, or stuck; the message says which."""
 
 
-class TransportRefusedError(Exception):
+class TransportRefusedError(ControlError):
     """The transport answered but refused the request (unknown connection id, bad size...)."""
 
 

@@ -44,10 +44,38 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
-if TYPE_CHECKING:
-    from sipwire.transport.connection import Connection
+
+class TlsFacts(Protocol):
+    """The TLS facts a span carries (the transport's ``TlsInfo`` has them)."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def cipher(self) -> str: ...
+
+
+class TracedConnection(Protocol):
+    """What a span reads of a connection; the transport's ``Connection`` has it.
+
+    A protocol rather than an import keeps telemetry below the transport:
+    ``sipwire.otel`` never imports ``sipwire.transport``.
+    """
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def transport(self) -> str: ...
+    @property
+    def local(self) -> tuple[str, int]: ...
+    @property
+    def remote(self) -> tuple[str, int]: ...
+    @property
+    def tls(self) -> TlsFacts | None: ...
+    @property
+    def outbound(self) -> bool: ...
+
 
 #: Span kinds recorded by the transport (first field of a record).
 SPAN_RECEIVE: Final = 0
@@ -219,7 +247,9 @@ class SpanRecorder:
             return
         self.handshakes.append((seconds, version, error))
 
-    def receive(self, trace_id: int, span_id: int, start_ns: int, end_ns: int, conn: Connection, error: str) -> None:
+    def receive(
+        self, trace_id: int, span_id: int, start_ns: int, end_ns: int, conn: TracedConnection, error: str
+    ) -> None:
         """``sip.receive``: the read that completed a message, its framing and dispatch."""
         tls = conn.tls
         self.put(
@@ -250,7 +280,7 @@ class SpanRecorder:
             return None
         return ConnTrace(kind, trace_id, 0, self.new_span_id(), time.time_ns())
 
-    def end_connection(self, trace: ConnTrace, conn: Connection, error: str, detail: str) -> None:
+    def end_connection(self, trace: ConnTrace, conn: TracedConnection, error: str, detail: str) -> None:
         """Close ``trace``'s span with the connection's facts as they are now."""
         tls = conn.tls
         self.put(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -35,12 +35,43 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from sipwire.otel import attributes as attr
 from sipwire.otel.pipeline import Telemetry
 from sipwire.otel.recorder import SPAN_ROUTE, SpanRecorder, traceparent
-from sipwire.transport.sip import SipMessage
-from sipwire.transport.wire import MessageRecord
 
 #: Call-IDs longer than this are cut in the span attribute (a peer could send a huge one).
 MAX_CALL_ID_CHARS: Final = 256
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+
+
+class RoutedRecord(Protocol):
+    """What a route span reads of a received message's envelope (the transport's ``MessageRecord``).
+
+    Protocols rather than imports keep telemetry below the transport: ``sipwire.otel``
+    never imports ``sipwire.transport``.
+    """
+
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def transport(self) -> str: ...
+    @property
+    def local(self) -> tuple[str, int]: ...
+    @property
+    def remote(self) -> tuple[str, int]: ...
+    @property
+    def trace_context(self) -> str: ...
+    @property
+    def tls(self) -> str: ...
+
+
+class RoutedMessage(Protocol):
+    """What a route span reads of the parsed message (the transport's ``SipMessage``)."""
+
+    @property
+    def is_request(self) -> bool: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def status(self) -> int: ...
+    def header(self, name: str) -> str | None: ...
 
 
 class RouteSpan:
@@ -48,7 +79,7 @@ class RouteSpan:
 
     __slots__ = ("attributes", "detail", "error", "parent_id", "record", "span_id", "start_ns", "trace_id")
 
-    def __init__(self, trace_id: int, parent_id: int, span_id: int, record: MessageRecord) -> None:
+    def __init__(self, trace_id: int, parent_id: int, span_id: int, record: RoutedRecord) -> None:
         self.trace_id = trace_id
         self.parent_id = parent_id
         self.span_id = span_id
@@ -93,7 +124,7 @@ class RouteTracing:
         self.provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF), shutdown_on_exit=False)
         self.provider.add_span_processor(ShippingSpanProcessor(self.recorder))
 
-    def start_route(self, record: MessageRecord) -> RouteSpan | None:
+    def start_route(self, record: RoutedRecord) -> RouteSpan | None:
         """The ``sip.route`` span of ``record``, child of its receive span; None when it carries no sampled context."""
         context = self._propagator.extract({"traceparent": record.trace_context})
         parent = trace.get_current_span(context).get_span_context()
@@ -115,7 +146,7 @@ class RouteTracing:
             otel_context.detach(token)
 
     @staticmethod
-    def parsed(span: RouteSpan, message: SipMessage) -> None:
+    def parsed(span: RouteSpan, message: RoutedMessage) -> None:
         attributes = span.attributes
         if message.is_request:
             attributes[attr.SIP_METHOD] = message.method

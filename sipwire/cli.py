@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sipwire.config import ConfigError, Settings, descriptions, load
-from sipwire.transport.control import ControlClient, ControlError
+from sipwire.errors import ControlError
+from sipwire.transport.control import ControlClient
 from sipwire.transport.routing import RouterLoadError, load_router
 from sipwire.transport.server import StartupError, TransportServer
 from sipwire.transport.statsblock import HISTOGRAM_NAMES, StatsError, StatsReader, connections_view, stats_view

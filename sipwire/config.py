@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sipwire.errors import ConfigurationError
 
-class ConfigError(Exception):
+
+class ConfigError(ConfigurationError):
     """A setting has an invalid value; the message names the setting and the value."""
 
 

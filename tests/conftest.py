@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from sipwire.transport.control import ControlClient, ControlError
+from sipwire.errors import ControlError
+from sipwire.transport.control import ControlClient
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0

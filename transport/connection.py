@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Final
 
+from sipwire.errors import ConnectionIOError
 from sipwire.transport.framing import Framer, FramerLimits
 from sipwire.transport.streams import Stream
 from sipwire.transport.tlsinfo import TlsInfo
@@ -46,7 +47,7 @@ TRANSITIONS: Final[dict[ConnState, frozenset[ConnState]]] = {
 }
 
 
-class StateError(Exception):
+class StateError(ConnectionIOError):
     """A connection was asked to make a transition the state machine forbids."""
 
 

@@ -33,14 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from sipwire.errors import ControlError
+
 log = logging.getLogger("sipwire.control")
 
 MAX_REQUEST_BYTES: Final = 65536
 CLIENT_TIMEOUT_SECONDS: Final = 10.0
-
-
-class ControlError(Exception):
-    """A control request was refused; the message says why."""
 
 
 Handler = Callable[[dict[str, Any]], Any]

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+from sipwire.errors import ProtocolError
+
 #: Default size limits. 64 KiB for a whole message is the OpenSIPS/Kamailio
 #: default and well above any real SIP message over TCP; 16 KiB of headers
 #: is generous (typical requests carry well under 2 KiB) while keeping a
@@ -50,7 +52,7 @@ class FramingErrorReason(StrEnum):
     MESSAGE_TIMEOUT = "message_timeout"
 
 
-class FramingError(Exception):
+class FramingError(ProtocolError):
     """The byte stream broke SIP framing; the connection cannot continue.
 
     ``header_block`` carries the complete header block when one was read

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from sipwire.errors import ConfigurationError
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.tlsinfo import TlsInfo
 
@@ -116,7 +117,7 @@ BUILTIN_ROUTERS = {
 }
 
 
-class RouterLoadError(Exception):
+class RouterLoadError(ConfigurationError):
     """The configured router cannot be imported or is not callable."""
 
 

@@ -24,9 +24,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Final
 
 from sipwire.config import Settings
+from sipwire.errors import ConfigurationError, ControlError
 from sipwire.otel.setup import transport_telemetry
 from sipwire.transport.connection import ConnectionInfo, format_address
-from sipwire.transport.control import ControlError, ControlServer
+from sipwire.transport.control import ControlServer
 from sipwire.transport.hub import Hub
 from sipwire.transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread, ThreadStatistics, ThreadTotals
 from sipwire.transport.statsblock import (
@@ -59,7 +60,7 @@ LISTEN_BACKLOG: Final = 1024
 TELEMETRY_STOP_SECONDS: Final = 2.0
 
 
-class StartupError(Exception):
+class StartupError(ConfigurationError):
     """The transport cannot start (address in use, bad settings...)."""
 
 

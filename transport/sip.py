@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from sipwire.errors import ProtocolError
+
 SIP_VERSION: Final = "SIP/2.0"
 
 _tag_random = random.Random(secrets.randbits(128))
@@ -88,7 +90,7 @@ CANONICAL_NAMES: Final[dict[str, str]] = {
 MANDATORY_REQUEST_HEADERS: Final = ("via", "from", "to", "call-id", "cseq")
 
 
-class SipParseError(Exception):
+class SipParseError(ProtocolError):
     """A message is not valid SIP; ``start_line`` helps decide whether to answer 400."""
 
     def __init__(self, detail: str, start_line: str = "") -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sipwire.errors import ProtocolError
 
-class SipUriError(ValueError):
+
+class SipUriError(ProtocolError, ValueError):
     """A value is not a usable sip:/sips: URI; the message quotes it."""
 
 

@@ -37,6 +37,7 @@ from typing import Final
 
 from OpenSSL import SSL
 
+from sipwire.errors import ConnectionIOError
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.readbuffer import ReadBuffer
 from sipwire.transport.tls import describe_ssl_error
@@ -58,7 +59,7 @@ ERRNO_RESULTS: Final = {
 }
 
 
-class StreamError(Exception):
+class StreamError(ConnectionIOError):
     """The stream cannot continue; ``result`` is what pending write jobs are told."""
 
     def __init__(self, reason: str, result: WriteResult) -> None:

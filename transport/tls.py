@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from sipwire.config import Settings
+from sipwire.errors import ConfigurationError, TlsError
 from sipwire.transport.tlsinfo import TlsInfo
 
 log = logging.getLogger("sipwire.tls")
@@ -42,11 +43,11 @@ SESSION_ID_CONTEXT: Final = b"sipwire"
 DEV_CERT_DAYS: Final = 825
 
 
-class TlsConfigError(Exception):
+class TlsConfigError(ConfigurationError, TlsError):
     """The TLS configuration cannot be used (missing file, key not matching the certificate...)."""
 
 
-class TlsVerifyError(Exception):
+class TlsVerifyError(TlsError):
     """An outbound peer's certificate does not match the name we meant to reach."""
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import struct
 from typing import Final, NamedTuple
 
+from sipwire.errors import ProtocolError
 from sipwire.transport.outcome import WriteResult
 
 KIND_MESSAGE: Final = 1
@@ -68,7 +69,7 @@ _DONE = struct.Struct("!QI")
 HEADER_SIZE: Final = _HEADER.size
 
 
-class WireError(Exception):
+class WireError(ProtocolError):
     """A channel's byte stream is corrupt (unknown kind or impossible length)."""
 
 
