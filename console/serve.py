@@ -8,8 +8,11 @@ not writable) end the process with exit status 1 and one sentence.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
+import threading
 
 import uvicorn
 
@@ -45,8 +48,25 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGINT/SIGTERM; the exit status for the command line."""
+def watch_lifeline(fd: int, server: uvicorn.Server) -> None:
+    """Stop ``server`` once the process holding the other end of the pipe ``fd`` is gone (EOF).
+
+    ``sipwire run`` gives its console child such a pipe, so the console never
+    outlives it, even when it is killed with SIGKILL.
+    """
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 1):
+                pass
+        log.warning("the sipwire run process that started this console is gone: stopping")
+        server.should_exit = True
+
+    threading.Thread(target=wait, name="sipwire-lifeline", daemon=True).start()
+
+
+def serve(settings: Settings, lifeline: int | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (or EOF on ``lifeline``); the exit status for the command line."""
     from sipwire.console.app import create_app  # noqa: PLC0415 - keeps `sipwire transport` free of web imports
 
     logging.basicConfig(
@@ -70,6 +90,8 @@ def serve(settings: Settings) -> int:
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    if lifeline is not None:
+        watch_lifeline(lifeline, server)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

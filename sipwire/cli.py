@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
-import subprocess
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 from sipwire.config import ConfigError, Settings, descriptions, load
 from sipwire.errors import ControlError
+from sipwire.supervisor import ConsoleSupervisor
 from sipwire.transport.control import ControlClient
 from sipwire.transport.routing import RouterLoadError, load_router
 from sipwire.transport.server import StartupError, TransportServer
@@ -45,11 +45,21 @@ def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", metavar="NAME", help="responder, proxy or module:function (default responder)")
     parser.add_argument("--upstream", metavar="SIP-URI", help="where the proxy router forwards requests")
     parser.add_argument("--state-dir", metavar="DIR", help="directory for the control socket and generated files")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    _add_log_level(parser)
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="least severe log lines shown (default info)"
+    )
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sipwire", description="Observable SIP-over-TCP transport.")
+    parser = argparse.ArgumentParser(prog="sipwire", description="Observable SIP-over-TCP/TLS transport.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "run the transport, its workers and the console together, on embedded defaults"),
@@ -60,30 +70,42 @@ def build_parser() -> argparse.ArgumentParser:
         _add_transport_flags(command)
         if name == "run":
             command.add_argument("--listen", dest="console_listen", metavar="HOST:PORT", help="console address")
-    console = commands.add_parser("console", help="run the ops console (web pages, REST API, /metrics)")
+    text = "run the ops console (web pages, REST API, /metrics) for a running transport"
+    console = commands.add_parser("console", help=text, description=text)
     _add_common(console)
-    console.add_argument("--listen", dest="console_listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
+    console.add_argument(
+        "--listen", dest="console_listen", metavar="HOST:PORT", help="console address (default 127.0.0.1:8080)"
+    )
     console.add_argument("--state-dir", metavar="DIR", help="directory of the transport's control socket")
-    console.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    config = commands.add_parser("config", help="print every setting: value and description")
+    _add_log_level(console)
+    # sipwire run passes the read end of a pipe it holds open: EOF means it is gone, so the console stops.
+    console.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
+    text = "print every setting: value and description"
+    config = commands.add_parser("config", help=text, description=text)
     _add_common(config)
     config.add_argument("--markdown", action="store_true", help="print the settings reference (docs/CONFIGURATION.md)")
-    ctl = commands.add_parser("ctl", help="talk to a running transport over its control socket")
+    text = "ask a running transport: its stats block (stats, connections) or its control socket (the rest)"
+    ctl = commands.add_parser("ctl", help=text, description=text)
     _add_common(ctl)
     ctl.add_argument("--state-dir", metavar="DIR", help="directory of the control socket")
     actions = ctl.add_subparsers(dest="action", required=True)
-    threads = actions.add_parser("threads", help="show the I/O pool, or resize it to N threads")
-    threads.add_argument("size", nargs="?", type=int)
-    threads.add_argument("--json", action="store_true")
-    for name, text in (("stats", "counters, queues and workers"), ("health", "is the transport up, where it listens")):
-        action = actions.add_parser(name, help=text)
-        action.add_argument("--json", action="store_true")
-    connections = actions.add_parser("connections", help="list open connections")
-    connections.add_argument("--json", action="store_true")
-    connections.add_argument("--state", help="only connections in this state")
-    connections.add_argument("--limit", type=int, default=1000)
-    close = actions.add_parser("close", help="close one connection by id")
-    close.add_argument("id", type=int)
+    text = "show the I/O pool, or resize it to SIZE threads at runtime"
+    threads = actions.add_parser("threads", help=text, description=text)
+    threads.add_argument("size", nargs="?", type=int, metavar="SIZE", help="wanted I/O threads, 1..max_threads")
+    _add_json(threads)
+    for name, text in (
+        ("stats", "counters, queues, workers and latency histograms"),
+        ("health", "is the transport up, its pid, uptime and listening addresses"),
+    ):
+        _add_json(actions.add_parser(name, help=text, description=text))
+    text = "list open connections (read from the stats block)"
+    connections = actions.add_parser("connections", help=text, description=text)
+    _add_json(connections)
+    connections.add_argument("--state", help="only connections in this state (connecting, handshake, open, closing)")
+    connections.add_argument("--limit", type=int, default=1000, help="list at most this many (default 1000)")
+    text = "close one connection by id"
+    close = actions.add_parser("close", help=text, description=text)
+    close.add_argument("id", type=int, metavar="ID", help="connection id, as ctl connections lists it")
     return parser
 
 
@@ -110,6 +132,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (``sipwire config | head``): not an error worth a traceback. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
@@ -121,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "console":
         from sipwire.console.serve import serve  # noqa: PLC0415 - the transport needs no web framework
 
-        return serve(settings)
+        return serve(settings, args.lifeline)
     if args.command == "transport":
         return _run_transport(settings)
     if args.command == "config":
@@ -158,11 +190,16 @@ def settings_reference() -> str:
     return "\n".join(lines)
 
 
-def _run_transport(settings: Settings) -> int:
+def _configure_logging(settings: Settings, process: str) -> None:
+    """One log format for every sipwire process (the first call wins: ``run`` labels its lines ``run``)."""
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s transport[%(process)d] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {process}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _run_transport(settings: Settings) -> int:
+    _configure_logging(settings, "transport")
     try:
         load_router(settings.router)  # fail here, clearly, rather than in every worker
         server = TransportServer(settings)
@@ -175,12 +212,11 @@ def _run_transport(settings: Settings) -> int:
 
 
 def _run_all(settings: Settings, args: argparse.Namespace) -> int:
-    """``sipwire run``: the console as a child process, the transport (and its workers) in this one.
+    """``sipwire run``: the transport (and its workers) in this process, the console as a watched child.
 
-    Ctrl-C reaches the whole foreground process group, so both stop on it; the
-    console is also stopped here when the transport ends for any other reason.
-    A console that cannot start (htmx not installed: run ``npm ci``) is
-    reported and the transport runs on without it.
+    A console that exits is logged and started again with back-off
+    (:mod:`sipwire.supervisor`); when the transport ends, for any reason,
+    the console is stopped and reaped.
     """
     command = [sys.executable, "-m", "sipwire.cli", "console", "--instance", settings.instance]
     command += ["--listen", settings.console_listen, "--log-level", settings.log_level]
@@ -188,21 +224,15 @@ def _run_all(settings: Settings, args: argparse.Namespace) -> int:
         command += ["--config", args.config]
     if settings.state_dir:
         command += ["--state-dir", settings.state_dir]
-    console = subprocess.Popen(command)
+    _configure_logging(settings, "run")
+    supervisor = ConsoleSupervisor(command)
+    supervisor.start()
+    status = 1
     try:
-        return _run_transport(settings)
+        status = _run_transport(settings)
     finally:
-        if console.poll() is None:
-            console.send_signal(signal.SIGTERM)
-        try:
-            console.wait(CONSOLE_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            console.kill()
-            console.wait()
-
-
-#: How long ``sipwire run`` waits for the console to stop before killing it.
-CONSOLE_STOP_SECONDS = 5.0
+        supervisor.stop("the transport stopped" if status == 0 else "the transport could not start")
+    return status
 
 
 def _ctl(settings: Settings, args: argparse.Namespace) -> int:
