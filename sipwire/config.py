@@ -108,6 +108,20 @@ class Settings:
     dispatch_backlog_bytes: int = _setting(
         8388608, "Bytes waiting for one worker before new requests are answered 503 (overload protection)."
     )
+    dns_timeout: float = _setting(
+        2.0,
+        "Seconds a worker waits for a host name to resolve before the write job fails with unresolvable "
+        "(lookups run on resolver threads, never on the worker's loop).",
+    )
+    dns_cache_seconds: float = _setting(60.0, "Seconds a resolved host name is reused without asking the DNS again.")
+    dns_negative_cache_seconds: float = _setting(
+        10.0, "Seconds a host name that failed to resolve is answered unresolvable without asking again."
+    )
+    dns_cache_entries: int = _setting(4096, "Host names each worker remembers, answers and failures (least recent go).")
+    dns_threads: int = _setting(4, "Resolver threads per worker: lookups that can run at once.")
+    dns_max_pending: int = _setting(
+        256, "Lookups a worker lets wait at once; beyond, write jobs to new names fail with unresolvable."
+    )
     shutdown_grace: float = _setting(2.0, "Seconds to flush queued writes and finish in-flight messages on shutdown.")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
     console_listen: str = _setting(
@@ -249,6 +263,9 @@ def _validate(settings: Settings) -> None:
         "write_queue_bytes",
         "global_write_queue_bytes",
         "dispatch_backlog_bytes",
+        "dns_cache_entries",
+        "dns_threads",
+        "dns_max_pending",
     )
     for name in positive:
         if getattr(settings, name) <= 0:
@@ -260,6 +277,9 @@ def _validate(settings: Settings) -> None:
         "shutdown_grace",
         "tls_handshake_timeout",
         "send_timeout",
+        "dns_timeout",
+        "dns_cache_seconds",
+        "dns_negative_cache_seconds",
     ):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: {getattr(settings, name)} must be a positive number of seconds")

@@ -63,6 +63,7 @@ from sipwire.otel.recorder import (
 from sipwire.otel.worker import RouteTracing
 from sipwire.transport.hub import Hub
 from sipwire.transport.iothread import IOThread
+from sipwire.transport.resolver import Resolver, ResolverLimits
 from sipwire.transport.routers import responder
 from sipwire.transport.routing import RouteContext, Router
 from sipwire.transport.sip import SipMessage, build_response
@@ -551,7 +552,13 @@ def in_process() -> Iterator[Callable[..., InProcess]]:
         tracing = RouteTracing(worker_telemetry)
         control_transport, control_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Telemetry off (ratio None): the worker has no tracing either.
-        worker = Worker(0, control_worker, route, tracing if ratio is not None else None)
+        worker = Worker(
+            0,
+            control_worker,
+            route,
+            Resolver(ResolverLimits.from_settings(settings)),
+            tracing if ratio is not None else None,
+        )
         socket.send_fds(control_transport, [CONTROL.pack(CONTROL_ADD_CHANNEL, 0)], [worker_end.fileno()])
         worker_end.close()
         worker_thread = threading.Thread(target=worker.run, name="test-worker", daemon=True)

@@ -20,6 +20,7 @@ class WriteResult(Enum):
     LIMIT_REACHED = (9, "limit_reached")
     TOO_LARGE = (10, "too_large")
     TLS_FAILED = (11, "tls_failed")
+    UNRESOLVABLE = (12, "unresolvable")
 
     def __init__(self, code: int, label: str) -> None:
         self.code = code

@@ -24,15 +24,15 @@ import signal
 import socket
 import struct
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from sipwire.config import Settings
 from sipwire.otel.setup import worker_tracing
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.readbuffer import ReadBuffer
+from sipwire.transport.resolver import Failure, Resolver, ResolverLimits
 from sipwire.transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
 from sipwire.transport.sip import SipParseError, parse, response_for_unparsable
 from sipwire.transport.tlsinfo import TlsInfo
@@ -60,7 +60,6 @@ CONTROL_STOP = 2
 RECV_BYTES = 262144
 #: The transport kills a worker that has not exited 2 s after being told to stop: export what is left before that.
 WORKER_TELEMETRY_STOP_SECONDS = 1.0
-DNS_CACHE_SECONDS = 60.0
 
 
 class _Channel:
@@ -76,18 +75,26 @@ class _Channel:
 class Worker:
     """Reads channel records, runs the router, writes back jobs and done counts."""
 
-    def __init__(self, index: int, control: socket.socket, route: Router, tracing: RouteTracing | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        control: socket.socket,
+        route: Router,
+        resolver: Resolver,
+        tracing: RouteTracing | None = None,
+    ) -> None:
         self.index = index
         self._control = control
         self._route = route
         self._selector = selectors.DefaultSelector()
         self._selector.register(control, selectors.EVENT_READ, None)
+        self._resolver = resolver
+        self._selector.register(resolver.wake_fd, selectors.EVENT_READ, resolver)
         self._channels: dict[int, _Channel] = {}
         self._current: _Channel | None = None
         self._next_job = 1
         self._callbacks: dict[int, OutcomeCallback] = {}
         self._deferred: list[Callable[[], None]] = []
-        self._dns_cache: dict[tuple[str, int], tuple[str, float]] = {}
         self._running = True
         self._route_errors = 0
         self._reader = ReadBuffer(RECV_BYTES)
@@ -118,28 +125,55 @@ class Worker:
         if self._span is not None and self._tracing is not None:
             self._tracing.replied(self._span, data)
         if destination is None:
-            record = encode_write(job_id, conn_id, "tcp", "", 0, data, flags=flags, trace_context=trace_context)
-        else:
-            try:
-                host = self._resolve(destination.host, destination.port)
-            except OSError as error:
-                reason = f"cannot resolve {destination.host!r}: {error}"
-                self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, reason)
-                return job_id
-            try:
-                server_name = _server_name(destination, host)
-            except ValueError as error:
-                self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, str(error))
-                return job_id
-            record = encode_write(
-                job_id, 0, destination.transport, host, destination.port, data, server_name, flags, trace_context
+            self._register_callback(job_id, on_outcome, trace_context)
+            channel.out.append(
+                encode_write(job_id, conn_id, "tcp", "", 0, data, flags=flags, trace_context=trace_context)
             )
+            return job_id
+        job = _DestinationJob(job_id, channel, destination, data, flags, trace_context, on_outcome)
+        host = destination.host.strip("[]")
+        if _is_ip_literal(host):
+            self._send_resolved(job, host)
+            return job_id
+        answer = self._resolver.cached(host, destination.port)
+        if answer is None:  # resolved off the loop; the job leaves when the answer is collected
+            self._resolver.lookup(host, destination.port, lambda found: self._send_resolved(job, found))
+        else:
+            self._send_resolved(job, answer)
+        return job_id
+
+    def _register_callback(self, job_id: int, on_outcome: OutcomeCallback | None, trace_context: str) -> None:
         if on_outcome is not None:
             self._callbacks[job_id] = on_outcome
             if trace_context:
                 self._callback_contexts[job_id] = trace_context
-        channel.out.append(record)
-        return job_id
+
+    def _send_resolved(self, job: _DestinationJob, address: str | Failure) -> None:
+        """Encode a destination job once its host is an address (or fail it with ``unresolvable``)."""
+        if isinstance(address, Failure):
+            self._fail_later(job.job_id, 0, job.on_outcome, WriteResult.UNRESOLVABLE, address.reason)
+            return
+        destination = job.destination
+        try:
+            server_name = _server_name(destination, address)
+        except ValueError as error:
+            self._fail_later(job.job_id, 0, job.on_outcome, WriteResult.BAD_DESTINATION, str(error))
+            return
+        channel = job.channel
+        if self._channels.get(channel.thread_index) is not channel:  # that I/O thread retired meanwhile
+            replacement = next(iter(self._channels.values()), None)
+            if replacement is None:
+                reason = "no channel to the transport"
+                self._fail_later(job.job_id, 0, job.on_outcome, WriteResult.SHUTDOWN, reason)
+                return
+            channel = replacement
+        self._register_callback(job.job_id, job.on_outcome, job.trace_context)
+        channel.out.append(
+            encode_write(
+                job.job_id, 0, destination.transport, address, destination.port, job.data, server_name, job.flags,
+                job.trace_context,
+            )
+        )  # fmt: skip
 
     def _fail_later(
         self, job_id: int, conn_id: int, on_outcome: OutcomeCallback | None, result: WriteResult, reason: str
@@ -148,31 +182,19 @@ class Worker:
             outcome = Outcome(job_id, conn_id, result, reason)
             self._deferred.append(lambda: self._run_callback(on_outcome, outcome))
 
-    def _resolve(self, host: str, port: int) -> str:
-        """Return an IP literal for ``host`` (the transport never resolves names)."""
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-            return host.strip("[]")
-        except ValueError:
-            pass
-        now = time.monotonic()
-        cached = self._dns_cache.get((host, port))
-        if cached and cached[1] > now:
-            return cached[0]
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        address = str(infos[0][4][0])
-        self._dns_cache[(host, port)] = (address, now + DNS_CACHE_SECONDS)
-        return address
-
     # -- main loop -------------------------------------------------------------------------
 
     def run(self) -> None:
+        resolver = self._resolver
         while self._running:
-            for key, _ in self._selector.select():
+            for key, _ in self._selector.select(resolver.seconds_to_next_deadline()):
                 if key.data is None:
                     self._read_control()
+                elif key.data is resolver:
+                    pass  # collected below, timeouts included
                 else:
                     self._read_channel(key.data)
+            resolver.collect()
             while self._deferred:
                 self._deferred.pop(0)()
             self._flush()
@@ -307,6 +329,26 @@ class Worker:
                     self._close_channel(channel)
 
 
+class _DestinationJob(NamedTuple):
+    """A write job to a destination, kept while its host name resolves."""
+
+    job_id: int
+    channel: _Channel
+    destination: Destination
+    data: bytes
+    flags: int
+    trace_context: str
+    on_outcome: OutcomeCallback | None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _server_name(destination: Destination, address: str) -> str:
     """The TLS name to send and check: explicit, else the host when it was a name; ASCII (IDNA)."""
     name = destination.server_name or (destination.host if address != destination.host.strip("[]") else "")
@@ -339,9 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         setup(settings)
     control = socket.socket(fileno=args.control_fd)
     tracing = worker_tracing(settings.instance, args.index)
+    resolver = Resolver(ResolverLimits.from_settings(settings))
     try:
-        Worker(args.index, control, route, tracing).run()
+        Worker(args.index, control, route, resolver, tracing).run()
     finally:
+        resolver.close()
         if tracing is not None:
             tracing.shutdown(WORKER_TELEMETRY_STOP_SECONDS)
     return 0
