@@ -39,6 +39,7 @@ from typing import Final
 from starlette.requests import Request
 
 from sipwire.errors import ConfigurationError
+from sipwire.statedir import private_directory, write_private
 
 log = logging.getLogger("sipwire.console")
 
@@ -80,13 +81,8 @@ def load_or_generate_token(token_path: Path) -> tuple[str, Path | None]:
         return from_env.strip(), None
     token = secrets.token_urlsafe(TOKEN_BYTES)
     try:
-        token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with_new = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(with_new, 0o600)  # an existing file keeps its mode on O_CREAT: force it
-            os.write(with_new, token.encode() + b"\n")
-        finally:
-            os.close(with_new)
+        private_directory(token_path.parent)
+        write_private(token_path, token.encode() + b"\n")
     except OSError as error:
         raise AuthSetupError(
             f"cannot write the admin token file {token_path}: {error.strerror}; set console_token_file or {TOKEN_ENV}"

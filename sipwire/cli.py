@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from sipwire.config import ConfigError, Settings, descriptions, load
-from sipwire.errors import ControlError
+from sipwire.errors import ConfigurationError, ControlError
 from sipwire.supervisor import ConsoleSupervisor
 from sipwire.transport.control import ControlClient
-from sipwire.transport.routing import RouterLoadError, load_router
-from sipwire.transport.server import StartupError, TransportServer
+from sipwire.transport.routing import load_router
+from sipwire.transport.server import TransportServer
 from sipwire.transport.statsblock import HISTOGRAM_NAMES, StatsError, StatsReader, connections_view, stats_view
 
 #: ``ctl stats`` and ``ctl connections`` wait this long for figures written after the command
@@ -204,7 +204,7 @@ def _run_transport(settings: Settings) -> int:
         load_router(settings.router)  # fail here, clearly, rather than in every worker
         server = TransportServer(settings)
         server.start()
-    except (StartupError, RouterLoadError, ControlError, OSError) as error:
+    except (ConfigurationError, ControlError, OSError) as error:
         logging.getLogger("sipwire").error("cannot start: %s", error)
         return 1
     server.serve_forever()

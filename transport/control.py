@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from sipwire.errors import ControlError
+from sipwire.statedir import private_directory
 
 log = logging.getLogger("sipwire.control")
 
@@ -50,8 +51,7 @@ class ControlServer:
     def __init__(self, path: Path, handle: Handler) -> None:
         self.path = path
         self._handle = handle
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(path.parent, 0o700)
+        private_directory(path.parent)
         if path.exists():
             _refuse_if_live(path)
             path.unlink()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sipwire.config import Settings
 from sipwire.errors import ConfigurationError, ControlError
 from sipwire.otel.setup import transport_telemetry
+from sipwire.statedir import runtime_directory
 from sipwire.transport.connection import ConnectionInfo, format_address
 from sipwire.transport.control import ControlServer
 from sipwire.transport.hub import Hub
@@ -69,6 +70,7 @@ class TransportServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        runtime_directory(settings)  # refuses one another user could have planted, before anything is written
         try:
             tls = build_contexts(settings) if settings.tls else None
         except TlsConfigError as error:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -33,6 +32,7 @@ from OpenSSL import SSL
 
 from sipwire.config import Settings
 from sipwire.errors import ConfigurationError, TlsError
+from sipwire.statedir import private_directory, write_private
 from sipwire.transport.tlsinfo import TlsInfo
 
 log = logging.getLogger("sipwire.tls")
@@ -63,9 +63,9 @@ def ensure_dev_certificate(directory: Path) -> tuple[Path, Path]:
     """Return (certificate, key) paths, generating a self-signed ECDSA P-256 pair if missing."""
     cert_path = directory / "dev-cert.pem"
     key_path = directory / "dev-key.pem"
+    private_directory(directory)  # a key is only reused from (or written to) a directory no one else controls
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sipwire development certificate")])
     now = datetime.datetime.now(datetime.UTC)
@@ -91,10 +91,8 @@ def ensure_dev_certificate(directory: Path) -> tuple[Path, Path]:
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(key_bytes)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    write_private(key_path, key_bytes)
+    write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
     log.info("generated a self-signed development certificate %s (key %s, mode 0600)", cert_path, key_path)
     return cert_path, key_path
 

@@ -29,6 +29,7 @@ import time
 from typing import Final
 
 from sipwire.config import Settings
+from sipwire.statedir import runtime_directory
 from sipwire.transport.routing import Destination, Outcome, RouteContext
 from sipwire.transport.sip import (
     CANONICAL_NAMES,
@@ -53,8 +54,8 @@ class _State:
         if settings.upstream:
             uri = parse_uri(settings.upstream)
             self.upstream = Destination(uri.transport, uri.host, uri.default_port())
-        settings.runtime_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(settings.runtime_dir / "registrar.sqlite3", timeout=2.0, isolation_level=None)
+        directory = runtime_directory(settings)
+        self.db = sqlite3.connect(directory / "registrar.sqlite3", timeout=2.0, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS bindings (aor TEXT, contact TEXT, conn_id INTEGER, expires REAL,"
