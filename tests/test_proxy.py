@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -97,7 +98,7 @@ def test_request_forwarded_upstream_and_response_relayed(
     seen = upstream.received[0]
     vias = seen.values("via")
     assert len(vias) == 2
-    assert ";swc=" in vias[0] and vias[0].startswith("SIP/2.0/TCP 127.0.0.1:")
+    assert re.search(r";swf=\d+\.[0-9a-f]{32}$", vias[0]) and vias[0].startswith("SIP/2.0/TCP 127.0.0.1:")
     assert "received=127.0.0.1" in vias[1] and ";rport=" in vias[1]
     assert seen.header("max-forwards") == "69"
     assert seen.call_id == "fwd-1"
@@ -153,3 +154,66 @@ def test_flow_gone_gives_480_and_max_forwards_zero_gives_483(start_transport: Ca
         assert gone.reason == "Temporarily Unavailable (connection_gone)"
         bob.sendall(request("OPTIONS", "sip:x@example.test", "hops", max_forwards=0))
         assert read_message(bob, framer).status == 483
+
+
+def _connection_ids(proxy: RunningTransport) -> dict[int, int]:
+    """Remote port to connection id, for the connections the proxy has open."""
+    listing = proxy.control("connections")["connections"]
+    return {int(c["remote"].rpartition(":")[2]): c["id"] for c in listing}
+
+
+def _forged_response(top_via: str, second_via: str, call_id: str) -> bytes:
+    return (
+        "SIP/2.0 200 OK\r\n"
+        f"Via: {top_via}\r\nVia: {second_via}\r\n"
+        "From: <sip:mallory@example.test>;tag=m\r\nTo: <sip:alice@example.test>;tag=a\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def test_forged_responses_reach_no_other_user_and_no_address(start_transport: Callable[..., RunningTransport]) -> None:
+    """A response is relayed only through a Via this proxy made: ids and addresses a peer names are not trusted."""
+    proxy = start_transport(router="proxy", workers=1)
+    with proxy.connect() as alice, proxy.connect() as mallory, socket.create_server(("127.0.0.1", 0)) as victim:
+        wait_until = time.monotonic() + 5
+        while len(_connection_ids(proxy)) < 2 and time.monotonic() < wait_until:
+            time.sleep(0.02)
+        alice_id = _connection_ids(proxy)[alice.getsockname()[1]]
+        victim_port = victim.getsockname()[1]
+        victim_via = f"SIP/2.0/TCP 127.0.0.1:{victim_port};branch=z9hG4bKv;received=127.0.0.1"
+        forgeries = [
+            (f"SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bKf1;swc={alice_id}", victim_via),  # the old bare id
+            (f"SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bKf2;swf={alice_id}.{'0' * 32}", victim_via),  # a made-up MAC
+            ("SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bKf3", victim_via),  # no token: nothing to relay to
+        ]
+        for index, (top, second) in enumerate(forgeries):
+            mallory.sendall(_forged_response(top, second, f"forged-{index}"))
+        # A request mallory really sent through the proxy gives a genuine token; swapping its id for alice's
+        # breaks the MAC.
+        mallory.sendall(request("OPTIONS", "sip:nobody@example.test", "probe"))
+        assert read_message(mallory, Framer()).status == 404
+        alice.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            alice.recv(65536)
+        victim.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            victim.accept()
+    assert "no flow token of this proxy" in proxy.log_text()
+
+
+def test_a_genuine_token_does_not_work_for_another_connection(
+    start_transport: Callable[..., RunningTransport], upstream: Upstream
+) -> None:
+    proxy = start_transport(router="proxy", upstream=f"sip:127.0.0.1:{upstream.port};transport=tcp", workers=1)
+    with proxy.connect() as alice, proxy.connect() as mallory:
+        mallory.sendall(request("OPTIONS", "sip:service@example.test", "genuine"))
+        assert read_message(mallory, Framer()).status == 200
+        own_via, client_via = upstream.received[0].values("via")
+        alice_id = _connection_ids(proxy)[alice.getsockname()[1]]
+        token = re.search(r"swf=(\d+)\.", own_via)
+        assert token is not None
+        stolen = own_via.replace(f"swf={token.group(1)}.", f"swf={alice_id}.")
+        mallory.sendall(_forged_response(stolen, client_via, "stolen"))
+        alice.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            alice.recv(65536)

@@ -8,14 +8,20 @@ Requests:
   * Other requests go to the contact registered for their Request-URI, or
     else to ``--upstream``. The proxy adds its own Via whose branch is
     derived from the incoming one (stateless: a retransmission gets the
-    same branch) and which carries the id of the incoming connection.
+    same branch) and which carries a *flow token*: the id of the incoming
+    connection and an HMAC, under a per-instance key, over the branch, that
+    id and the address a response falls back to (see below).
   * A forward that fails (the transport reports refused, timeout, reset...)
     is answered 503, or 480 when a registered flow is gone: that is what
     write-job outcomes are for.
 
-Responses: the proxy's Via is removed and the response is sent on the
-connection named in it; if that connection is gone, to the next Via's
-``received``/``rport`` address.
+Responses: only a response whose top Via carries a flow token this
+instance made is relayed; anything else is dropped and logged (a peer
+could otherwise inject messages into other users' connections, whose ids
+are sequential, or make the transport connect anywhere). The proxy's Via
+is removed and the response is sent on the connection named in the
+token; if that connection is gone, to the next Via's ``received`` address
+and sent-by port (RFC 3261 section 18.2.2), which the token also covers.
 
 The registrar lives in SQLite under the instance's state directory so
 that every worker of the unified pool sees the same bindings.
@@ -24,13 +30,16 @@ that every worker of the unified pool sees the same bindings.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import logging
 import sqlite3
 import time
 from typing import Final
 
 from sipwire.config import Settings
-from sipwire.statedir import runtime_directory
-from sipwire.transport.routing import Destination, Outcome, RouteContext
+from sipwire.statedir import instance_secret, runtime_directory
+from sipwire.transport.ratelog import RateLimitedLog
+from sipwire.transport.routing import Destination, Envelope, Outcome, RouteContext
 from sipwire.transport.sip import (
     CANONICAL_NAMES,
     SipMessage,
@@ -41,7 +50,14 @@ from sipwire.transport.sip import (
 )
 from sipwire.transport.sipuri import SipUriError, parse_uri, uri_of
 
-CONN_PARAM: Final = "swc"
+#: The Via parameter of the proxy's flow token: ``<connection id>.<HMAC-SHA256, first 16 bytes, hex>``.
+FLOW_PARAM: Final = "swf"
+#: File of the per-instance key of the flow tokens, in the runtime directory (0600, shared by the workers).
+FLOW_KEY_FILE: Final = "proxy-flow.key"
+#: HMAC bytes kept in a token: 128 bits cannot be guessed, and keep the Via short.
+FLOW_MAC_BYTES: Final = 16
+
+log = logging.getLogger("sipwire.proxy")
 DEFAULT_EXPIRES: Final = 3600
 MAX_EXPIRES: Final = 86400
 
@@ -55,6 +71,8 @@ class _State:
             uri = parse_uri(settings.upstream)
             self.upstream = Destination(uri.transport, uri.host, uri.default_port())
         directory = runtime_directory(settings)
+        self.flow_key = instance_secret(directory, FLOW_KEY_FILE)
+        self.ratelog = RateLimitedLog(log)
         self.db = sqlite3.connect(directory / "registrar.sqlite3", timeout=2.0, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
@@ -76,7 +94,7 @@ def route(message: SipMessage, ctx: RouteContext) -> None:
     if _state is None:
         raise RuntimeError("proxy router used without setup(); load it with --router proxy")
     if not message.is_request:
-        _relay_response(message, ctx)
+        _relay_response(_state, message, ctx)
     elif message.method == "REGISTER":
         _register(_state, message, ctx)
     else:
@@ -132,7 +150,7 @@ def _forward(state: _State, message: SipMessage, ctx: RouteContext) -> None:
                 build_response(message, 404, "Not Found (no binding and no upstream)", via_source=envelope.remote)
             )
         return
-    data = _forwarded_bytes(message, envelope.local, envelope.transport, envelope.conn_id, envelope.remote, hops - 1)
+    data = _forwarded_bytes(state.flow_key, message, envelope, hops - 1)
 
     def on_outcome(outcome: Outcome) -> None:
         if outcome.ok or message.method == "ACK":
@@ -161,24 +179,21 @@ def _target(state: _State, message: SipMessage) -> tuple[int | None, Destination
     return None, state.upstream
 
 
-def _forwarded_bytes(
-    message: SipMessage,
-    local: tuple[str, int],
-    transport: str,
-    conn_id: int,
-    source: tuple[str, int],
-    max_forwards: int,
-) -> bytes:
+def _forwarded_bytes(key: bytes, message: SipMessage, envelope: Envelope, max_forwards: int) -> bytes:
+    conn_id = envelope.conn_id
     top_via = message.header_lines("via")[0] if message.header_lines("via") else ""
     branch = hashlib.sha1(f"{top_via}|{conn_id}|{message.uri}".encode(), usedforsecurity=False).hexdigest()[:20]
-    host = f"[{local[0]}]" if ":" in local[0] else local[0]
-    own_via = f"SIP/2.0/{transport.upper()} {host}:{local[1]};branch=z9hG4bK{branch};{CONN_PARAM}={conn_id}"
+    client_via = _with_received(top_via, envelope.remote) if top_via else ""
+    token = _flow_token(key, f"z9hG4bK{branch}", conn_id, _fallback_of(client_via))
+    local_host, local_port = envelope.local
+    host = f"[{local_host}]" if ":" in local_host else local_host
+    own_via = f"SIP/2.0/{envelope.transport.upper()} {host}:{local_port};branch=z9hG4bK{branch};{FLOW_PARAM}={token}"
     lines = [message.start_line, f"Via: {own_via}"]
     for position, (name, value) in enumerate(message.headers):
         if name == "max-forwards":
             continue
         if name == "via" and position == message.index["via"][0]:
-            value = _with_received(value, source)  # noqa: PLW2901 - the top Via gains received/rport
+            value = client_via  # noqa: PLW2901 - the top Via gains received/rport
         lines.append(f"{_title(name)}: {value}")
     lines.append(f"Max-Forwards: {max_forwards}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + message.body
@@ -194,23 +209,47 @@ def _title(name: str) -> str:
     return CANONICAL_NAMES.get(name) or "-".join(part.capitalize() for part in name.split("-"))
 
 
-def _relay_response(message: SipMessage, ctx: RouteContext) -> None:
+def _relay_response(state: _State, message: SipMessage, ctx: RouteContext) -> None:
     vias = message.values("via")
-    if len(vias) < 2:
-        return  # not through us: nothing to relay to
-    conn_param = header_param(vias[0], CONN_PARAM)
-    data = _without_top_via(message)
-    next_hop = _via_destination(vias[1])
-    if conn_param is None or not conn_param.isdigit():
-        if next_hop is not None:
-            ctx.send(next_hop, data)
+    flow = _verified_flow(state.flow_key, vias) if len(vias) >= 2 else None
+    if flow is None:
+        state.ratelog.log(
+            logging.WARNING, "unverified_response",
+            "dropped a response from %s:%d: its top Via carries no flow token of this proxy (%.80r)",
+            *ctx.envelope.remote, vias[0] if vias else "no Via",
+        )  # fmt: skip
         return
+    conn_id, fallback = flow
+    data = _without_top_via(message)
 
     def on_outcome(outcome: Outcome) -> None:
-        if not outcome.ok and next_hop is not None:
-            ctx.send(next_hop, data)
+        if not outcome.ok and fallback is not None:
+            ctx.send(fallback, data)
 
-    ctx.send_on(int(conn_param), data, on_outcome)
+    ctx.send_on(conn_id, data, on_outcome)
+
+
+def _flow_token(key: bytes, branch: str, conn_id: int, fallback: Destination | None) -> str:
+    """``<conn id>.<mac>``: the MAC binds the id to this branch and to the fallback address."""
+    where = f"{fallback.transport}|{fallback.host}|{fallback.port}" if fallback is not None else "-"
+    mac = hmac.new(key, f"{branch}|{conn_id}|{where}".encode(), hashlib.sha256).digest()[:FLOW_MAC_BYTES]
+    return f"{conn_id}.{mac.hex()}"
+
+
+def _verified_flow(key: bytes, vias: list[str]) -> tuple[int, Destination | None] | None:
+    """The connection id and fallback of a response whose top Via is ours, else None."""
+    token = header_param(vias[0], FLOW_PARAM)
+    branch = header_param(vias[0], "branch")
+    if not token or not branch:
+        return None
+    conn_text, _, _ = token.partition(".")
+    if not (conn_text.isascii() and conn_text.isdigit()) or len(conn_text) > 19:
+        return None
+    conn_id = int(conn_text)
+    fallback = _fallback_of(vias[1])
+    if not hmac.compare_digest(token, _flow_token(key, branch, conn_id, fallback)):
+        return None
+    return conn_id, fallback
 
 
 def _without_top_via(message: SipMessage) -> bytes:
@@ -227,8 +266,8 @@ def _without_top_via(message: SipMessage) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + message.body
 
 
-def _via_destination(via: str) -> Destination | None:
-    """Where a response goes per RFC 3261 18.2.2 and RFC 3581: received/rport, else sent-by."""
+def _fallback_of(via: str) -> Destination | None:
+    """Where a response goes when its connection is gone (RFC 3261 18.2.2): ``received``, sent-by port."""
     protocol, _, rest = via.partition(" ")
     sent_by = rest.split(";", 1)[0].strip()
     transport = protocol.rsplit("/", 1)[-1].lower()
@@ -237,6 +276,4 @@ def _via_destination(via: str) -> Destination | None:
     except SipUriError:
         return None
     host = header_param(via, "received") or uri.host
-    rport = header_param(via, "rport")
-    port = int(rport) if rport and rport.isdigit() else uri.default_port()
-    return Destination(transport if transport in ("tcp", "tls") else "tcp", host, port)
+    return Destination(transport if transport in ("tcp", "tls") else "tcp", host, uri.default_port())
