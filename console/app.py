@@ -26,6 +26,7 @@ from sipwire.config import Settings
 from sipwire.console import api, pages
 from sipwire.console.assets import find_assets
 from sipwire.console.auth import Auth, load_or_generate_token
+from sipwire.console.guard import AccessGuard, AccessPolicy
 from sipwire.console.history import History
 from sipwire.console.otlp import TraceStore, build_router
 from sipwire.console.render import Renderer
@@ -72,6 +73,7 @@ def create_app(settings: Settings, *, assets_root: Path | None = None, sample_se
         lifespan=lifespan,
     )
     app.state.console = console
+    app.add_middleware(AccessGuard, auth=console.auth, policy=AccessPolicy.from_settings(settings))
     app.mount("/assets/htmx", StaticFiles(directory=assets.htmx_dist), name="htmx")
     app.include_router(api.build_router(console))
     app.include_router(build_router(console.traces, renderer, console.context))

@@ -18,9 +18,10 @@
   cross-site requests in current browsers; the token also covers
   same-site siblings and old browsers.
 
-Reading (pages, GET endpoints) needs no token: the console listens on
-loopback by default, and the figures are what ``sipwire ctl`` shows anyone
-who can reach the control socket.
+Reading (pages, GET endpoints) needs no token while the console listens on
+loopback, its default: the figures are what ``sipwire ctl`` shows anyone
+who can reach the control socket. Beyond loopback, :mod:`console.guard`
+puts every read behind the token too.
 """
 
 from __future__ import annotations

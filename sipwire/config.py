@@ -127,6 +127,16 @@ class Settings:
     console_listen: str = _setting(
         "127.0.0.1:8080", "Ops console listen address HOST:PORT (loopback by default; port 0 picks a free port)."
     )
+    console_allowed_hosts: str = _setting(
+        "",
+        "Host names and addresses the console answers to (Host header), comma-separated; a request for any other "
+        "host gets 400 (stops DNS rebinding). Empty: loopback names and addresses plus the listen address; * : any.",
+    )
+    console_public_paths: str = _setting(
+        "/api/health,/metrics",
+        "Paths anyone who reaches the console may read when it listens beyond loopback; every other page and "
+        "endpoint then needs the admin token or a login.",
+    )
     console_token_file: str = _setting(
         "",
         "File the console writes its generated admin token to (mode 0600) when SIPWIRE_ADMIN_TOKEN is not set; "
@@ -288,6 +298,9 @@ def _validate(settings: Settings) -> None:
             f"max_header_bytes: {settings.max_header_bytes} exceeds max_message_bytes {settings.max_message_bytes}"
         )
     parse_host_port(settings.console_listen, "console_listen")
+    for path in settings.console_public_paths.split(","):
+        if path.strip() and not path.strip().startswith("/"):
+            raise ConfigError(f"console_public_paths: {path.strip()!r} is not a path starting with /")
     if settings.console_jaeger_url and not settings.console_jaeger_url.startswith(("http://", "https://")):
         raise ConfigError(f"console_jaeger_url: {settings.console_jaeger_url!r} is not an http(s) URL")
     if not 1 <= settings.console_trace_capacity <= 100_000:

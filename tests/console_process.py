@@ -89,7 +89,7 @@ def console_starter(tmp_path: Path) -> Iterator[Callable[..., RunningConsole]]:
         while time.monotonic() < deadline and process.poll() is None:
             match = LISTENING.search(log_path.read_text(errors="replace"))
             if match:
-                url = f"http://{match.group(1)}"
+                url = f"http://{match.group(1)}".replace("//0.0.0.0:", "//127.0.0.1:")  # a wildcard: ask loopback
                 try:
                     if httpx.get(f"{url}/api/health", timeout=2.0).status_code == 200:
                         break
