@@ -17,9 +17,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sipwire.errors import ConfigurationError
+
+#: The largest ``max_message_bytes`` allowed: a message crosses a worker channel as one record, and
+#: records are bounded (``sipwire.transport.wire.MAX_RECORD_BYTES`` is derived from this) so a corrupt
+#: channel is caught. 512 KiB is eight times OpenSIPS's and Kamailio's 64 KiB.
+MAX_MESSAGE_BYTES_LIMIT: Final = 1 << 19
 
 
 class ConfigError(ConfigurationError):
@@ -293,10 +298,7 @@ def _validate(settings: Settings) -> None:
     ):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: {getattr(settings, name)} must be a positive number of seconds")
-    if settings.max_header_bytes > settings.max_message_bytes:
-        raise ConfigError(
-            f"max_header_bytes: {settings.max_header_bytes} exceeds max_message_bytes {settings.max_message_bytes}"
-        )
+    _validate_together(settings)
     parse_host_port(settings.console_listen, "console_listen")
     for path in settings.console_public_paths.split(","):
         if path.strip() and not path.strip().startswith("/"):
@@ -309,3 +311,25 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"log_level: {settings.log_level!r} is not debug, info, warning or error")
     if not settings.instance or "/" in settings.instance or settings.instance.startswith("."):
         raise ConfigError(f"instance: {settings.instance!r} must be a plain name")
+
+
+def _validate_together(settings: Settings) -> None:
+    """Limits that only make sense against each other: each message must fit every queue it passes."""
+    message = settings.max_message_bytes
+    if message > MAX_MESSAGE_BYTES_LIMIT:
+        raise ConfigError(
+            f"max_message_bytes: {message} exceeds {MAX_MESSAGE_BYTES_LIMIT}, the most a worker channel record carries"
+        )
+    if settings.max_header_bytes > message:
+        raise ConfigError(f"max_header_bytes: {settings.max_header_bytes} exceeds max_message_bytes {message}")
+    for name in ("write_queue_bytes", "dispatch_backlog_bytes"):
+        if getattr(settings, name) < message:
+            raise ConfigError(
+                f"{name}: {getattr(settings, name)} is below max_message_bytes {message}: "
+                "one message could never pass that queue"
+            )
+    if settings.global_write_queue_bytes < settings.write_queue_bytes:
+        raise ConfigError(
+            f"global_write_queue_bytes: {settings.global_write_queue_bytes} is below write_queue_bytes "
+            f"{settings.write_queue_bytes} (the per-connection cap)"
+        )

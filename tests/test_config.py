@@ -52,6 +52,13 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ({"max_header_bytes": 70000}, "max_header_bytes: 70000 exceeds max_message_bytes 65536"),
         ({"instance": "../x"}, "instance: '../x' must be a plain name"),
         ({"log_level": "loud"}, "log_level: 'loud'"),
+        # Limits checked against each other: a message must fit every queue and a channel record.
+        ({"max_message_bytes": 2 << 20}, "max_message_bytes: 2097152 exceeds 524288"),
+        ({"write_queue_bytes": 1000}, "write_queue_bytes: 1000 is below max_message_bytes 65536"),
+        ({"dispatch_backlog_bytes": 1000}, "dispatch_backlog_bytes: 1000 is below max_message_bytes 65536"),
+        ({"global_write_queue_bytes": 100000}, "global_write_queue_bytes: 100000 is below write_queue_bytes 262144"),
+        ({"dns_timeout": 0}, "dns_timeout: 0.0 must be a positive number of seconds"),
+        ({"console_public_paths": "metrics"}, "console_public_paths: 'metrics' is not a path"),
     ],
 )
 def test_invalid_values_name_the_setting_and_value(overrides: dict[str, object], message: str) -> None:

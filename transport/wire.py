@@ -39,6 +39,7 @@ from __future__ import annotations
 import struct
 from typing import Final, NamedTuple
 
+from sipwire.config import MAX_MESSAGE_BYTES_LIMIT
 from sipwire.errors import ProtocolError
 from sipwire.transport.outcome import WriteResult
 
@@ -50,9 +51,10 @@ KIND_DONE: Final = 4
 TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2}
 TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
 
-#: A record never exceeds one maximum SIP message plus its envelope; 1 MiB
-#: leaves room for any configured message limit and still catches garbage.
-MAX_RECORD_BYTES: Final = 1 << 20
+#: A record never exceeds one SIP message of the largest size settings allow plus its envelope
+#: (hosts, TLS facts, trace context: a few KiB); twice the message limit leaves that room and
+#: still catches garbage.
+MAX_RECORD_BYTES: Final = 2 * MAX_MESSAGE_BYTES_LIMIT
 #: The largest payload one WRITE record can carry (room left for its fixed part and names).
 MAX_WRITE_PAYLOAD: Final = MAX_RECORD_BYTES - 1024
 #: TLS facts beyond this are cut (a peer's certificate subject could be huge).
