@@ -259,7 +259,7 @@ class TransportServer:
                     self.hub.thread_records.give(thread.stats_record)
                 log.info("I/O thread %d retired", thread.index)
 
-    # -- stats block (layout and rules: transport/statsblock.py) ---------------------------------
+    # -- stats block (layout and rules: transport/statsblock/layout.py) --------------------------
 
     def _open_stats(self, listeners: list[tuple[socket.socket, str]]) -> None:
         """Create this instance's stats block (replacing one a dead transport left) before any thread."""
