@@ -112,7 +112,9 @@ def _transport(out: _Writer, stats: Mapping[str, Any], by_proto: Mapping[str, in
         "Bytes queued for sending, all connections.",
         stats["pending_write_bytes"],
     )
-    out.one("sipwire_inbox_depth", "gauge", "Jobs waiting in the I/O threads' inboxes.", stats["inbox_depth"])
+    out.one(
+        "sipwire_queue_depth", "gauge", "Jobs waiting in the I/O threads' inboxes, all threads.", stats["queue_depth"]
+    )
     out.one(
         "sipwire_dispatch_in_flight",
         "gauge",

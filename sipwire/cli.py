@@ -247,15 +247,15 @@ def _print(result: Any, as_json: bool, render: Any) -> None:
 
 
 def _threads_table(result: dict[str, Any]) -> str:
-    lines = [f"I/O threads: {result['size']} (max {result['max']})", "index  connections  load   inbox  jobs"]
+    lines = [f"I/O threads: {result['size']} (max {result['max']})", "index  connections  load   queue_depth  jobs"]
     for t in result["threads"]:
-        lines.append(f"{t['index']:>5}  {t['connections']:>11}  {t['load']:>5.2f}  {t['queue_depth']:>5}  {t['jobs']}")
+        lines.append(f"{t['index']:>5}  {t['connections']:>11}  {t['load']:>5.2f}  {t['queue_depth']:>11}  {t['jobs']}")
     return "\n".join(lines)
 
 
 def _stats_text(result: dict[str, Any]) -> str:
     lines = [
-        f"connections {result['connections']} / {result['max_connections']}, "
+        f"connections {result['connections']} / {result['max_connections']}, queue_depth {result['queue_depth']}, "
         f"in flight {result['dispatch_in_flight']}, pending write bytes {result['pending_write_bytes']}",
         "counters:",
     ]

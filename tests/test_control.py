@@ -28,7 +28,7 @@ def test_ctl_threads_shows_and_resizes_the_pool(start_transport: Any, tmp_path: 
     running = start_transport("--config", str(write_config(tmp_path, max_threads=6)), threads=2, workers=1)
     table = _ok(running, "threads").splitlines()
     assert table[0] == "I/O threads: 2 (max 6)"
-    assert table[1].split() == ["index", "connections", "load", "inbox", "jobs"]
+    assert table[1].split() == ["index", "connections", "load", "queue_depth", "jobs"]
     assert [row.split()[0] for row in table[2:]] == ["0", "1"]
 
     resized = json.loads(_ok(running, "threads", "3", "--json"))

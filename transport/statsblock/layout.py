@@ -75,7 +75,7 @@ Dynamic header record (256 bytes; body covered: 16..256)::
     52   4  u32 max_connections            56   4  u32 open connections (owner registry)
     60   4  u32 slots in use               64   8  u64 connections that found no free slot
     72   8  u64 threads that found no free thread record
-    80   8  u64 pending write bytes        88   4  u32 inbox depth (all threads)
+    80   8  u64 pending write bytes        88   4  u32 queue depth: inbox jobs waiting, all threads
     92   4  u32 messages dispatched, not yet done
     96   48 str TCP listening address      144  48 str TLS listening address (empty: none)
     192  64 reserved
@@ -85,7 +85,7 @@ I/O thread record (128 bytes; body covered: 16..128)::
     16   1  u8 state: 0 unused, 1 active, 2 retiring (draining after a shrink)
     17   1  reserved                       18   2  u16 pool index
     20   4  u32 connections owned          24   8  f64 busy ratio over the last full second (0..1)
-    32   8  f64 loop lag, ms               40   4  u32 inbox depth
+    32   8  f64 loop lag, ms               40   4  u32 queue depth: inbox jobs waiting
     44   4  u32 messages dispatched to workers, not yet done
     48   8  u64 inbox jobs done            56   8  u64 pending write bytes
     64   8  f64 heartbeat, mono (the tick that wrote this record)

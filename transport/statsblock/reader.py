@@ -137,7 +137,7 @@ class BlockHeader:
     slots_refused: int
     thread_records_refused: int
     pending_write_bytes: int
-    inbox_depth: int
+    queue_depth: int
     dispatch_in_flight: int
     listening: dict[str, str]
     writer_alive: bool
@@ -160,7 +160,7 @@ class ThreadRecord:
     connections: int
     load: float
     loop_lag_ms: float
-    inbox_depth: int
+    queue_depth: int
     in_flight: int
     jobs: int
     pending_write_bytes: int
@@ -344,7 +344,7 @@ class StatsReader(_Block):
         (
             updated_wall, updated_mono, updates, status, threads_wanted, threads_running, workers_wanted,
             workers_alive, max_connections, connections, slots_used, slots_refused, thread_records_refused,
-            pending, inbox, in_flight, tcp, tls,
+            pending, queue_depth, in_flight, tcp, tls,
         ) = values  # fmt: skip
         listening = {name: _text(raw) for name, raw in (("tcp", tcp), ("tls", tls)) if _text(raw)}
         return BlockHeader(
@@ -355,7 +355,7 @@ class StatsReader(_Block):
             threads_running=threads_running, workers_wanted=workers_wanted, workers_alive=workers_alive,
             max_connections=max_connections, connections=connections, slots_used=slots_used,
             slots_refused=slots_refused, thread_records_refused=thread_records_refused, pending_write_bytes=pending,
-            inbox_depth=inbox, dispatch_in_flight=in_flight, listening=listening, writer_alive=pid_alive(pid),
+            queue_depth=queue_depth, dispatch_in_flight=in_flight, listening=listening, writer_alive=pid_alive(pid),
             age=round(now - (updated_mono if updates else started_mono), 3),
         )  # fmt: skip
 

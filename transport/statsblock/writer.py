@@ -128,7 +128,7 @@ class HeaderFigures:
     slots_refused: int
     thread_records_refused: int
     pending_write_bytes: int
-    inbox_depth: int
+    queue_depth: int
     dispatch_in_flight: int
     listening: Mapping[str, str]
 
@@ -221,7 +221,7 @@ class StatsWriter(_Block):
             wall, mono, self._updates, figures.status, figures.threads_wanted,
             figures.threads_running, figures.workers_wanted, figures.workers_alive, figures.max_connections,
             figures.connections, figures.slots_used, figures.slots_refused, figures.thread_records_refused,
-            figures.pending_write_bytes, min(figures.inbox_depth, 0xFFFFFFFF),
+            figures.pending_write_bytes, min(figures.queue_depth, 0xFFFFFFFF),
             min(figures.dispatch_in_flight, 0xFFFFFFFF),
             _field(listening.get("tcp", ""), 48), _field(listening.get("tls", ""), 48),
         )  # fmt: skip
@@ -239,7 +239,7 @@ class StatsWriter(_Block):
         connections: int,
         load: float,
         loop_lag_ms: float,
-        inbox_depth: int,
+        queue_depth: int,
         in_flight: int,
         jobs: int,
         pending_write_bytes: int,
@@ -247,7 +247,7 @@ class StatsWriter(_Block):
         started: float,
     ) -> None:
         body = _THREAD.pack(
-            state, index, connections, load, loop_lag_ms, inbox_depth, in_flight, jobs, pending_write_bytes,
+            state, index, connections, load, loop_lag_ms, queue_depth, in_flight, jobs, pending_write_bytes,
             heartbeat, started,
         )  # fmt: skip
         self._publish(self.layout.threads + record * THREAD_BYTES, body.ljust(_THREAD_BODY, b"\0"))
