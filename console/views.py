@@ -79,8 +79,8 @@ def overview_context(source: TransportSource, history: History) -> dict[str, Any
         for name, values in (
             ("connections", [s.connections for s in up_samples]),
             ("queue_depth", [s.queue_depth for s in up_samples]),
-            ("in_flight", [s.dispatch_in_flight for s in up_samples]),
-            ("pending", [s.pending_write_bytes for s in up_samples]),
+            ("dispatch_in_flight", [s.dispatch_in_flight for s in up_samples]),
+            ("pending_write_bytes", [s.pending_write_bytes for s in up_samples]),
             ("messages", [s.messages_per_second for s in up_samples]),
             ("errors", [s.errors_per_second for s in up_samples]),
         )

@@ -254,9 +254,11 @@ def _threads_table(result: dict[str, Any]) -> str:
 
 
 def _stats_text(result: dict[str, Any]) -> str:
+    """The ``--json`` figures as text, each under its JSON name."""
     lines = [
-        f"connections {result['connections']} / {result['max_connections']}, queue_depth {result['queue_depth']}, "
-        f"in flight {result['dispatch_in_flight']}, pending write bytes {result['pending_write_bytes']}",
+        f"connections {result['connections']} (max_connections {result['max_connections']}), "
+        f"queue_depth {result['queue_depth']}, dispatch_in_flight {result['dispatch_in_flight']}, "
+        f"pending_write_bytes {result['pending_write_bytes']}",
         "counters:",
     ]
     lines += [f"  {name} {value}" for name, value in result["counters"].items()]
@@ -269,7 +271,7 @@ def _stats_text(result: dict[str, Any]) -> str:
     lines.append("workers:")
     lines += [
         f"  {w['index']}: pid {w['pid']} {'up' if w['alive'] else 'DOWN'}, "
-        f"in flight {w['in_flight']}, restarts {w['restarts']}"
+        f"in_flight {w['in_flight']}, restarts {w['restarts']}"
         for w in result["workers"]
     ]
     return "\n".join(lines)
