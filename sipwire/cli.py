@@ -254,7 +254,7 @@ def _threads_table(result: dict[str, Any]) -> str:
 
 
 def _stats_text(result: dict[str, Any]) -> str:
-    """The ``--json`` figures as text, each under its JSON name."""
+    """The ``--json`` figures as text, each under its JSON name (histograms in ms, as their names say)."""
     lines = [
         f"connections {result['connections']} (max_connections {result['max_connections']}), "
         f"queue_depth {result['queue_depth']}, dispatch_in_flight {result['dispatch_in_flight']}, "
@@ -264,10 +264,11 @@ def _stats_text(result: dict[str, Any]) -> str:
     lines += [f"  {name} {value}" for name, value in result["counters"].items()]
     for name in HISTOGRAM_NAMES:
         histogram = result[name]
-        lines.append(
-            f"{name}: {histogram['count']} observed, p50 <= {histogram['p50']}, p95 <= {histogram['p95']}, "
-            f"p99 <= {histogram['p99']}"
-        )
+        if not histogram["count"]:
+            lines.append(f"{name}: no data yet")
+            continue
+        percentiles = ", ".join(f"{p} <= {_bound(histogram[p])}" for p in ("p50", "p95", "p99"))
+        lines.append(f"{name}: {histogram['count']} observed, {percentiles}")
     lines.append("workers:")
     lines += [
         f"  {w['index']}: pid {w['pid']} {'up' if w['alive'] else 'DOWN'}, "
@@ -275,6 +276,11 @@ def _stats_text(result: dict[str, Any]) -> str:
         for w in result["workers"]
     ]
     return "\n".join(lines)
+
+
+def _bound(value: float | str | None) -> str:
+    """A percentile's bucket bound: a number, ``+Inf`` (above the last bound), or ``-`` (none)."""
+    return "-" if value is None else str(value)
 
 
 def _health_text(result: dict[str, Any]) -> str:
