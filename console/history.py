@@ -71,8 +71,8 @@ class Sample:
         return int(self.stats.get("connections", 0))
 
     @property
-    def inbox_depth(self) -> int:
-        return int(self.stats.get("inbox_depth", 0))
+    def queue_depth(self) -> int:
+        return int(self.stats.get("queue_depth", 0))
 
     @property
     def dispatch_in_flight(self) -> int:

@@ -105,14 +105,16 @@ def _transport(out: _Writer, stats: Mapping[str, Any], by_proto: Mapping[str, in
             "sipwire_connections_by_transport", "gauge", "Open connections by transport.",
             [({"transport": proto}, count) for proto, count in sorted(by_proto.items())],
         )  # fmt: skip
-    out.one("sipwire_connections_max", "gauge", "The max_connections limit.", stats["max_connections"])
+    out.one("sipwire_max_connections", "gauge", "The max_connections limit.", stats["max_connections"])
     out.one(
         "sipwire_pending_write_bytes",
         "gauge",
         "Bytes queued for sending, all connections.",
         stats["pending_write_bytes"],
     )
-    out.one("sipwire_inbox_depth", "gauge", "Jobs waiting in the I/O threads' inboxes.", stats["inbox_depth"])
+    out.one(
+        "sipwire_queue_depth", "gauge", "Jobs waiting in the I/O threads' inboxes, all threads.", stats["queue_depth"]
+    )
     out.one(
         "sipwire_dispatch_in_flight",
         "gauge",
@@ -122,7 +124,7 @@ def _transport(out: _Writer, stats: Mapping[str, Any], by_proto: Mapping[str, in
     threads = stats.get("threads", [])
     out.one("sipwire_io_threads", "gauge", "I/O threads running.", len(threads))
     for name, key, text in (
-        ("sipwire_io_thread_load", "load", "Busy fraction of the I/O thread, 0..1."),
+        ("sipwire_io_thread_load_ratio", "load", "Busy fraction of the I/O thread, 0..1."),
         ("sipwire_io_thread_connections", "connections", "Connections owned by the I/O thread."),
         ("sipwire_io_thread_queue_depth", "queue_depth", "Jobs waiting in the I/O thread's inbox."),
     ):

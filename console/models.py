@@ -115,7 +115,7 @@ class Stats(BaseModel):
     connections: int
     max_connections: int
     pending_write_bytes: int
-    inbox_depth: int
+    queue_depth: int = Field(description="jobs waiting in the I/O threads' inboxes, all threads")
     dispatch_in_flight: int
     counters: dict[str, int]
     tls_handshake_ms: Histogram

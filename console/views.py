@@ -78,9 +78,9 @@ def overview_context(source: TransportSource, history: History) -> dict[str, Any
         name: {"points": sparkline(values), "now": values[-1] if values else 0, "max": max(values) if values else 0}
         for name, values in (
             ("connections", [s.connections for s in up_samples]),
-            ("inbox", [s.inbox_depth for s in up_samples]),
-            ("in_flight", [s.dispatch_in_flight for s in up_samples]),
-            ("pending", [s.pending_write_bytes for s in up_samples]),
+            ("queue_depth", [s.queue_depth for s in up_samples]),
+            ("dispatch_in_flight", [s.dispatch_in_flight for s in up_samples]),
+            ("pending_write_bytes", [s.pending_write_bytes for s in up_samples]),
             ("messages", [s.messages_per_second for s in up_samples]),
             ("errors", [s.errors_per_second for s in up_samples]),
         )

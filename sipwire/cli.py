@@ -278,32 +278,40 @@ def _print(result: Any, as_json: bool, render: Any) -> None:
 
 
 def _threads_table(result: dict[str, Any]) -> str:
-    lines = [f"I/O threads: {result['size']} (max {result['max']})", "index  connections  load   inbox  jobs"]
+    lines = [f"I/O threads: {result['size']} (max {result['max']})", "index  connections  load   queue_depth  jobs"]
     for t in result["threads"]:
-        lines.append(f"{t['index']:>5}  {t['connections']:>11}  {t['load']:>5.2f}  {t['queue_depth']:>5}  {t['jobs']}")
+        lines.append(f"{t['index']:>5}  {t['connections']:>11}  {t['load']:>5.2f}  {t['queue_depth']:>11}  {t['jobs']}")
     return "\n".join(lines)
 
 
 def _stats_text(result: dict[str, Any]) -> str:
+    """The ``--json`` figures as text, each under its JSON name (histograms in ms, as their names say)."""
     lines = [
-        f"connections {result['connections']} / {result['max_connections']}, "
-        f"in flight {result['dispatch_in_flight']}, pending write bytes {result['pending_write_bytes']}",
+        f"connections {result['connections']} (max_connections {result['max_connections']}), "
+        f"queue_depth {result['queue_depth']}, dispatch_in_flight {result['dispatch_in_flight']}, "
+        f"pending_write_bytes {result['pending_write_bytes']}",
         "counters:",
     ]
     lines += [f"  {name} {value}" for name, value in result["counters"].items()]
     for name in HISTOGRAM_NAMES:
         histogram = result[name]
-        lines.append(
-            f"{name}: {histogram['count']} observed, p50 <= {histogram['p50']}, p95 <= {histogram['p95']}, "
-            f"p99 <= {histogram['p99']}"
-        )
+        if not histogram["count"]:
+            lines.append(f"{name}: no data yet")
+            continue
+        percentiles = ", ".join(f"{p} <= {_bound(histogram[p])}" for p in ("p50", "p95", "p99"))
+        lines.append(f"{name}: {histogram['count']} observed, {percentiles}")
     lines.append("workers:")
     lines += [
         f"  {w['index']}: pid {w['pid']} {'up' if w['alive'] else 'DOWN'}, "
-        f"in flight {w['in_flight']}, restarts {w['restarts']}"
+        f"in_flight {w['in_flight']}, restarts {w['restarts']}"
         for w in result["workers"]
     ]
     return "\n".join(lines)
+
+
+def _bound(value: float | str | None) -> str:
+    """A percentile's bucket bound: a number, ``+Inf`` (above the last bound), or ``-`` (none)."""
+    return "-" if value is None else str(value)
 
 
 def _health_text(result: dict[str, Any]) -> str:

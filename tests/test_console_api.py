@@ -183,11 +183,11 @@ def test_stats_and_metrics_parse_with_prometheus_client(start_transport, start_c
 
     assert value("sipwire_transport_up") == 1
     assert value("sipwire_connections") == 1
-    assert value("sipwire_connections_max") == 2048
+    assert value("sipwire_max_connections") == 2048
     assert value("sipwire_events", event="messages_in") >= 2  # the family drops the counter's _total
     assert families["sipwire_events"].type == "counter"
     assert families["sipwire_tls_handshake_seconds"].type == "histogram"
-    assert value("sipwire_io_thread_load", thread="0") >= 0
+    assert value("sipwire_io_thread_load_ratio", thread="0") >= 0
     assert value("sipwire_worker_up", worker="0") == 1
 
 

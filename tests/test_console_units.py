@@ -170,7 +170,7 @@ def _stats() -> dict[str, object]:
         "connections": 3,
         "max_connections": 2048,
         "pending_write_bytes": 0,
-        "inbox_depth": 1,
+        "queue_depth": 1,
         "dispatch_in_flight": 2,
         "counters": {"messages_in": 10, 'odd"name\\': 1},
         "tls_handshake_ms": {

@@ -28,7 +28,7 @@ def test_ctl_threads_shows_and_resizes_the_pool(start_transport: Any, tmp_path: 
     running = start_transport("--config", str(write_config(tmp_path, max_threads=6)), threads=2, workers=1)
     table = _ok(running, "threads").splitlines()
     assert table[0] == "I/O threads: 2 (max 6)"
-    assert table[1].split() == ["index", "connections", "load", "inbox", "jobs"]
+    assert table[1].split() == ["index", "connections", "load", "queue_depth", "jobs"]
     assert [row.split()[0] for row in table[2:]] == ["0", "1"]
 
     resized = json.loads(_ok(running, "threads", "3", "--json"))
@@ -121,6 +121,33 @@ def test_ctl_stats_and_health(start_transport: Any) -> None:
     line = _ok(running, "health")
     assert line.startswith(f"up, pid {running.process.pid}, uptime ")
     assert line.endswith(f", tcp 127.0.0.1:{running.port}, tls 127.0.0.1:{running.tls_port}\n")
+
+
+def test_ctl_stats_text_uses_the_json_names_and_says_when_a_histogram_is_empty() -> None:
+    from sipwire.cli import _stats_text
+    from sipwire.transport.statsblock.reader import Histogram
+    from sipwire.transport.statsblock.views import histogram_view
+
+    empty = histogram_view(Histogram("", (), (0,), 0, 0.0))  # what stats_view shows before any observation
+    seen = histogram_view(Histogram("dispatch_latency_ms", (0.1, 0.2, 0.5), (0, 2, 1, 1), 4, 1.0))
+    text = _stats_text(
+        {
+            "connections": 1, "max_connections": 2048, "queue_depth": 3, "dispatch_in_flight": 2,
+            "pending_write_bytes": 10, "counters": {"messages_in": 1}, "tls_handshake_ms": empty,
+            "dispatch_latency_ms": seen, "write_latency_ms": empty,
+            "workers": [{"index": 0, "pid": 42, "alive": True, "in_flight": 2, "restarts": 0}],
+        }
+    )  # fmt: skip
+    assert text.splitlines() == [
+        "connections 1 (max_connections 2048), queue_depth 3, dispatch_in_flight 2, pending_write_bytes 10",
+        "counters:",
+        "  messages_in 1",
+        "tls_handshake_ms: no data yet",
+        "dispatch_latency_ms: 4 observed, p50 <= 0.2, p95 <= +Inf, p99 <= +Inf",
+        "write_latency_ms: no data yet",
+        "workers:",
+        "  0: pid 42 up, in_flight 2, restarts 0",
+    ]
 
 
 def test_ctl_without_a_transport_says_so(start_transport: Any) -> None:

@@ -71,7 +71,7 @@ def _figures(**changes: Any) -> HeaderFigures:
     values: dict[str, Any] = {
         "status": 1, "threads_wanted": 2, "threads_running": 2, "workers_wanted": 2, "workers_alive": 2,
         "max_connections": 16, "connections": 1, "slots_used": 1, "slots_refused": 0, "thread_records_refused": 0,
-        "pending_write_bytes": 0, "inbox_depth": 0, "dispatch_in_flight": 0, "listening": {"tcp": "127.0.0.1:5060"},
+        "pending_write_bytes": 0, "queue_depth": 0, "dispatch_in_flight": 0, "listening": {"tcp": "127.0.0.1:5060"},
     }  # fmt: skip
     values.update(changes)
     return HeaderFigures(**values)

@@ -262,7 +262,7 @@ class TransportServer:
                     self.hub.thread_records.give(thread.stats_record)
                 log.info("I/O thread %d retired", thread.index)
 
-    # -- stats block (layout and rules: transport/statsblock.py) ---------------------------------
+    # -- stats block (layout and rules: transport/statsblock/layout.py) --------------------------
 
     def _open_stats(self, listeners: list[tuple[socket.socket, str]]) -> None:
         """Create this instance's stats block (replacing one a dead transport left) before any thread."""
@@ -337,7 +337,7 @@ class TransportServer:
                 slots_refused=self.hub.slots.refused,
                 thread_records_refused=self.hub.thread_records.refused,
                 pending_write_bytes=sum(thread.pending_write_bytes for thread in active + draining),
-                inbox_depth=sum(t.inbox_depth for t in active_totals),
+                queue_depth=sum(t.inbox_depth for t in active_totals),
                 dispatch_in_flight=sum(in_flight),
                 listening=self.listening,
             )
@@ -416,7 +416,7 @@ class TransportServer:
             "connections": sum(s.connections for s in stats),
             "max_connections": self.settings.max_connections,
             "pending_write_bytes": sum(s.pending_write_bytes for s in stats),
-            "inbox_depth": sum(s.queue_depth for s in stats),
+            "queue_depth": sum(s.queue_depth for s in stats),
             "dispatch_in_flight": sum(in_flight),
             "counters": dict(sorted(counters.items())),
             "tls_handshake_ms": _histogram(handshakes),

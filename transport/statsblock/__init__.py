@@ -1,0 +1,100 @@
+"""The shared-memory stats block: live figures of a running transport, readable without asking it.
+
+The transport process writes, tools and the console read; a reader never
+talks to the transport, so ``sipwire ctl stats`` answers even when every
+I/O thread is saturated. One block per instance, a POSIX shared-memory
+segment named from the uid, the instance and its runtime directory, so two
+instances (or two users) never share one.
+
+* :mod:`.layout`: the byte layout (offsets, record formats, capacities,
+  constants) and the rules writer and readers keep, seqlocks included;
+* :mod:`.shm`: the segment's name, attaching it without resource_tracker
+  surprises, the mapping both sides share;
+* :mod:`.writer`: the single writer (:class:`StatsWriter`), the slot free
+  list, replacing a dead writer's block;
+* :mod:`.reader`: :class:`StatsReader` and the records it returns;
+* :mod:`.views`: those records as the dicts ``sipwire ctl stats``,
+  ``sipwire ctl connections`` and the console print.
+
+The names below are the ones the rest of sipwire imports from here.
+"""
+
+from sipwire.transport.statsblock.layout import (
+    _SLOT as _SLOT,  # bench/statsbench.py rewrites raw slots
+)
+from sipwire.transport.statsblock.layout import (
+    HISTOGRAM_DISPATCH,
+    HISTOGRAM_NAMES,
+    HISTOGRAM_TLS,
+    HISTOGRAM_WRITE,
+    LATENCY_BUCKETS_MS,
+    LAYOUT_VERSION,
+    MAGIC,
+    SLOT_BYTES,
+    STALE_SECONDS,
+    STATIC_BYTES,
+    STATUS_RUNNING,
+    STATUS_STOPPED,
+    SUPERVISOR_INTERVAL_SECONDS,
+    THREAD_ACTIVE,
+    THREAD_BYTES,
+    THREAD_RETIRING,
+    WORKER_BYTES,
+    Capacities,
+)
+from sipwire.transport.statsblock.reader import (
+    ConnectionRecord,
+    StatsError,
+    StatsLayoutError,
+    StatsReader,
+    StatsUnavailableError,
+    StatsWriterGoneError,
+)
+from sipwire.transport.statsblock.shm import (
+    _open_shm as _open_shm,  # bench/statsbench.py attaches a second writer on purpose
+)
+from sipwire.transport.statsblock.shm import block_name, block_name_for
+from sipwire.transport.statsblock.views import connections_view, stats_view
+from sipwire.transport.statsblock.writer import (
+    FreeList,
+    HeaderFigures,
+    StatsBusyError,
+    StatsWriter,
+    remove_stale_block,
+)
+
+__all__ = [
+    "HISTOGRAM_DISPATCH",
+    "HISTOGRAM_NAMES",
+    "HISTOGRAM_TLS",
+    "HISTOGRAM_WRITE",
+    "LATENCY_BUCKETS_MS",
+    "LAYOUT_VERSION",
+    "MAGIC",
+    "SLOT_BYTES",
+    "STALE_SECONDS",
+    "STATIC_BYTES",
+    "STATUS_RUNNING",
+    "STATUS_STOPPED",
+    "SUPERVISOR_INTERVAL_SECONDS",
+    "THREAD_ACTIVE",
+    "THREAD_BYTES",
+    "THREAD_RETIRING",
+    "WORKER_BYTES",
+    "Capacities",
+    "ConnectionRecord",
+    "FreeList",
+    "HeaderFigures",
+    "StatsBusyError",
+    "StatsError",
+    "StatsLayoutError",
+    "StatsReader",
+    "StatsUnavailableError",
+    "StatsWriter",
+    "StatsWriterGoneError",
+    "block_name",
+    "block_name_for",
+    "connections_view",
+    "remove_stale_block",
+    "stats_view",
+]
