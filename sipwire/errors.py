@@ -11,6 +11,7 @@ grouped by kind; each concrete class lives in the module that raises it::
     │   ├── TlsConfigError (+ TlsError)   transport.tls: certificate or key unusable
     │   ├── ConsoleStartupError           console.serve: the console cannot listen
     │   ├── AssetsMissingError            console.assets: templates or browser assets not installed
+    │   ├── StateDirError                 sipwire.statedir: a state directory another user could control
     │   └── AuthSetupError                console.auth: the admin token cannot be set up
     ├── TlsError                      a TLS peer or configuration failed
     │   ├── TlsVerifyError                transport.tls: an outbound peer's name does not match
@@ -28,7 +29,8 @@ grouped by kind; each concrete class lives in the module that raises it::
     │   ├── TransportDownError            console.source: the transport does not answer
     │   └── TransportRefusedError         console.source: it answered with a refusal
     └── StatsError                    the shared-memory stats block cannot be read (this module)
-        └── StatsUnavailableError, StatsLayoutError, StatsWriterGoneError, StatsBusyError (transport.statsblock)
+        ├── StatsUnavailableError, StatsLayoutError, StatsWriterGoneError   transport.statsblock.reader
+        └── StatsBusyError                                                 transport.statsblock.writer
 
 Messages are full sentences that name the offending value. Library errors
 (``OSError``, ``OpenSSL.SSL.Error``) are translated once, where they are

@@ -19,6 +19,7 @@ instances (or two users) never share one.
 The names below are the ones the rest of sipwire imports from here.
 """
 
+from sipwire.errors import StatsError
 from sipwire.transport.statsblock.layout import (
     _SLOT as _SLOT,  # bench/statsbench.py rewrites raw slots
 )
@@ -44,7 +45,6 @@ from sipwire.transport.statsblock.layout import (
 )
 from sipwire.transport.statsblock.reader import (
     ConnectionRecord,
-    StatsError,
     StatsLayoutError,
     StatsReader,
     StatsUnavailableError,

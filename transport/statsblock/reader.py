@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from zlib import crc32
 
+from sipwire.errors import StatsError
 from sipwire.transport.statsblock.layout import (
     _COUNTER_ENTRY,
     _COUNTER_FIXED,
@@ -79,10 +80,6 @@ _DECODE_CACHE_ENTRIES: Final = 65536
 
 
 # -- errors -------------------------------------------------------------------------------------
-
-
-class StatsError(Exception):
-    """The stats block cannot be used; the message says why and what to check."""
 
 
 class StatsUnavailableError(StatsError):

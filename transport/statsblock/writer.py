@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from zlib import crc32
 
+from sipwire.errors import StatsError
 from sipwire.transport.statsblock.layout import (
     _COUNTER_ENTRY,
     _COUNTER_FIXED,
@@ -58,7 +59,6 @@ from sipwire.transport.statsblock.layout import (
     _field,
 )
 from sipwire.transport.statsblock.reader import (
-    StatsError,
     StatsLayoutError,
     StatsReader,
     StatsUnavailableError,
