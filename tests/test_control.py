@@ -125,7 +125,7 @@ def test_ctl_stats_and_health(start_transport: Any) -> None:
 
 def test_ctl_stats_text_uses_the_json_names_and_says_when_a_histogram_is_empty() -> None:
     from sipwire.cli import _stats_text
-    from sipwire.transport.statsblock.reader import Histogram
+    from sipwire.transport.statsblock.records import Histogram
     from sipwire.transport.statsblock.views import histogram_view
 
     empty = histogram_view(Histogram("", (), (0,), 0, 0.0))  # what stats_view shows before any observation

@@ -12,7 +12,8 @@ instances (or two users) never share one.
   surprises, the mapping both sides share;
 * :mod:`.writer`: the single writer (:class:`StatsWriter`), the slot free
   list, replacing a dead writer's block;
-* :mod:`.reader`: :class:`StatsReader` and the records it returns;
+* :mod:`.reader`: :class:`StatsReader`, which attaches, checks and copies records whole;
+* :mod:`.records`: the records it returns;
 * :mod:`.views`: those records as the dicts ``sipwire ctl stats``,
   ``sipwire ctl connections`` and the console print.
 
@@ -44,12 +45,12 @@ from sipwire.transport.statsblock.layout import (
     Capacities,
 )
 from sipwire.transport.statsblock.reader import (
-    ConnectionRecord,
     StatsLayoutError,
     StatsReader,
     StatsUnavailableError,
     StatsWriterGoneError,
 )
+from sipwire.transport.statsblock.records import ConnectionRecord
 from sipwire.transport.statsblock.shm import (
     _open_shm as _open_shm,  # bench/statsbench.py attaches a second writer on purpose
 )

@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from sipwire.transport.statsblock.layout import HISTOGRAM_NAMES
-from sipwire.transport.statsblock.reader import BlockHeader, ConnectionRecord, Histogram, StatsReader
+from sipwire.transport.statsblock.reader import StatsReader
+from sipwire.transport.statsblock.records import BlockHeader, ConnectionRecord, Histogram
 
 # -- views in the control socket's JSON shape -------------------------------------------------------
 
