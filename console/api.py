@@ -28,7 +28,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from sipwire.console import metrics, views
 from sipwire.console.models import (
     Closed,
-    Connection,
     ConnectionList,
     Health,
     Problem,
@@ -38,6 +37,7 @@ from sipwire.console.models import (
 )
 from sipwire.console.render import is_htmx
 from sipwire.console.source import TransportDownError, TransportRefusedError
+from sipwire.transport.connection import ConnectionInfo
 
 if TYPE_CHECKING:
     from sipwire.console.state import Console
@@ -179,7 +179,7 @@ def build_router(console: Console) -> APIRouter:
 
     @router.get(
         "/api/connections/{conn_id}",
-        response_model=Connection,
+        response_model=ConnectionInfo,
         responses={**ERRORS, 404: {"model": Problem}},
         tags=["connections"],
     )
@@ -194,7 +194,7 @@ def build_router(console: Console) -> APIRouter:
             return renderer.block("connection.html", "detail", console.context(request, **context))
         if connection is None:
             return _problem(503 if not source.liveness().up else 404, error)
-        return Connection.model_validate(connection)
+        return connection
 
     @router.delete(
         "/api/connections/{conn_id}",

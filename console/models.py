@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sipwire.transport.connection import ConnectionInfo
+
 
 class Health(BaseModel):
     """Transport up or down; when down, since when and why."""
@@ -47,34 +49,9 @@ class ThreadsResize(BaseModel):
     size: int = Field(ge=1, description="wanted I/O pool size, 1..max_threads")
 
 
-class Connection(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    id: int
-    state: str
-    transport: str
-    local: str
-    remote: str
-    thread: int
-    outbound: bool
-    age: float
-    idle: float
-    bytes_in: int
-    bytes_out: int
-    messages_in: int
-    messages_out: int
-    pending_write_bytes: int
-    in_flight: int = 0
-    tls_version: str = ""
-    tls_cipher: str = ""
-    tls_handshake_ms: float = 0.0
-    tls_server_name: str = ""
-    tls_peer_subject: str = ""
-
-
 class ConnectionList(BaseModel):
     total: int = Field(description="connections matching the filters (before limit)")
-    connections: list[Connection]
+    connections: list[ConnectionInfo]
 
 
 class Closed(BaseModel):

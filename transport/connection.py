@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sipwire.errors import ConnectionIOError
 from sipwire.transport.framing import Framer, FramerLimits
@@ -65,7 +65,8 @@ class PendingJob:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
-    """A snapshot of one connection for the control socket and tools."""
+    """A snapshot of one connection: the one definition of what the control socket, ``ctl``,
+    the REST API (its OpenAPI schema included) and the pages show of a connection."""
 
     id: int
     state: str
@@ -87,6 +88,13 @@ class ConnectionInfo:
     tls_handshake_ms: float
     tls_server_name: str
     tls_peer_subject: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object of this snapshot (field names as keys)."""
+        return {name: getattr(self, name) for name in CONNECTION_INFO_FIELDS}
+
+
+CONNECTION_INFO_FIELDS: Final = tuple(field.name for field in fields(ConnectionInfo))
 
 
 class Connection:

@@ -454,7 +454,7 @@ class TransportServer:
             _, infos = self.snapshot(with_connections=True)
             for info in infos:
                 if info.id == conn_id:
-                    return dataclasses.asdict(info)
+                    return info.as_dict()
             raise ControlError(f"no open connection with id {conn_id}")
         if op == "close":
             conn_id = _int_argument(request, "id")
@@ -475,7 +475,7 @@ class TransportServer:
             if (state is None or info.state == state) and (transport is None or info.transport == transport)
         ]  # fmt: skip
         selected.sort(key=lambda info: info.id)
-        return {"total": len(selected), "connections": [dataclasses.asdict(info) for info in selected[:limit]]}
+        return {"total": len(selected), "connections": [info.as_dict() for info in selected[:limit]]}
 
 
 @dataclasses.dataclass(slots=True)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from sipwire.transport.connection import ConnectionInfo
 from sipwire.transport.statsblock.layout import HISTOGRAM_NAMES
 from sipwire.transport.statsblock.reader import StatsReader
 from sipwire.transport.statsblock.records import BlockHeader, ConnectionRecord, Histogram
@@ -102,28 +103,28 @@ def block_view(header: BlockHeader, reader: StatsReader) -> dict[str, Any]:
 
 def connection_view(record: ConnectionRecord, now: float) -> dict[str, Any]:
     """One connection in the control socket's ``connections`` shape (TLS name and subject cut to fit a slot)."""
-    return {
-        "id": record.id,
-        "state": record.state,
-        "transport": record.transport,
-        "local": record.local,
-        "remote": record.remote,
-        "thread": record.thread,
-        "outbound": record.outbound,
-        "age": round(now - record.created, 3),
-        "idle": round(now - record.last_activity, 3),
-        "bytes_in": record.bytes_in,
-        "bytes_out": record.bytes_out,
-        "messages_in": record.messages_in,
-        "messages_out": record.messages_out,
-        "pending_write_bytes": record.pending_write_bytes,
-        "in_flight": record.in_flight,
-        "tls_version": record.tls_version,
-        "tls_cipher": record.tls_cipher,
-        "tls_handshake_ms": record.tls_handshake_ms,
-        "tls_server_name": record.tls_server_name,
-        "tls_peer_subject": record.tls_peer_subject,
-    }
+    return ConnectionInfo(
+        id=record.id,
+        state=record.state,
+        transport=record.transport,
+        local=record.local,
+        remote=record.remote,
+        thread=record.thread,
+        outbound=record.outbound,
+        age=round(now - record.created, 3),
+        idle=round(now - record.last_activity, 3),
+        bytes_in=record.bytes_in,
+        bytes_out=record.bytes_out,
+        messages_in=record.messages_in,
+        messages_out=record.messages_out,
+        pending_write_bytes=record.pending_write_bytes,
+        in_flight=record.in_flight,
+        tls_version=record.tls_version,
+        tls_cipher=record.tls_cipher,
+        tls_handshake_ms=record.tls_handshake_ms,
+        tls_server_name=record.tls_server_name,
+        tls_peer_subject=record.tls_peer_subject,
+    ).as_dict()
 
 
 def connections_view(
