@@ -38,7 +38,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import pytest
 
-from sipwire.console.assets import REQUIRED, STATIC, missing_static
+from sipwire.console.assets import REQUIRED, STATIC, AssetsMissingError, find_assets, missing_static
 from tests.conftest import REPO, wait_for
 
 PAGES = ("/", "/connections", "/threads", "/traces", "/login")
@@ -63,22 +63,55 @@ def _checkout_files() -> list[Path]:
     return [Path(name) for name in sorted(set(listed.split("\0"))) if name and os.path.lexists(REPO / name)]
 
 
+def _copy_checkout(target: Path) -> Path:
+    """The checkout's files without anything generated (no node_modules, no console/static, no build/)."""
+    for name in _checkout_files():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target / name, follow_symlinks=False)  # sipwire/console etc. stay symlinks
+    return target
+
+
+def _pip_wheel(source: Path, dist: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", str(dist),
+         str(source)],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     missing = missing_static(REPO)
     if missing:
         pytest.fail(f"the console's browser assets are missing ({', '.join(map(str, missing))}): run `npm ci` first")
     base = tmp_path_factory.mktemp("wheel")
-    source = base / "source"
-    for name in _checkout_files():
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, source / name, follow_symlinks=False)  # sipwire/console etc. stay symlinks
+    source = _copy_checkout(base / "source")
     shutil.copytree(REPO / STATIC, source / STATIC)
-    dist = base / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", str(dist),
-          str(source)])  # fmt: skip
-    (built,) = dist.glob("sipwire-*.whl")
-    return built
+    built = _pip_wheel(source, base / "dist")
+    assert built.returncode == 0, f"pip wheel failed:\n{built.stdout}\n{built.stderr}"
+    (found,) = (base / "dist").glob("sipwire-*.whl")
+    return found
+
+
+def test_no_wheel_is_built_without_the_browser_assets(tmp_path: Path) -> None:
+    refused = _pip_wheel(_copy_checkout(tmp_path / "source"), tmp_path / "dist")
+    assert refused.returncode != 0
+    assert "not building a wheel without the console's browser assets" in refused.stderr, refused.stderr
+    assert "htmx.min.js" in refused.stderr and "run `npm ci`" in refused.stderr
+    assert not list(tmp_path.glob("dist/*.whl"))
+
+
+def test_missing_assets_say_what_to_run_in_a_checkout_and_in_an_install(tmp_path: Path) -> None:
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "base.html").write_text("")
+    with pytest.raises(AssetsMissingError, match="build the wheel after `npm ci`") as in_an_install:
+        find_assets(tmp_path)
+    (tmp_path / "package.json").write_text("{}")
+    with pytest.raises(AssetsMissingError, match=re.escape(f"run `npm ci` in {tmp_path}")) as in_a_checkout:
+        find_assets(tmp_path)
+    for error in (in_an_install, in_a_checkout):
+        for package, names in REQUIRED.items():
+            assert all(str(tmp_path / STATIC / package / name) in str(error.value) for name in names)
 
 
 @dataclass(frozen=True)
