@@ -1,12 +1,16 @@
 """The application factory: one :class:`Console` holds every part; routes get it explicitly.
 
-``create_app(settings)`` finds the templates and htmx, sets up the admin
-token, the data source, the sampler and the trace store, and mounts:
+``create_app(settings)`` finds the templates and browser assets, sets up the
+admin token, the data source, the sampler and the trace store, and mounts:
 
 * ``/api/...`` and ``/metrics`` (:mod:`console.api`),
 * the pages and the login form (:mod:`console.pages`),
 * ``/v1/traces`` (:mod:`console.otlp`),
-* ``/assets/htmx/`` -- the ``htmx.org`` npm package's ``dist`` folder.
+* ``/assets/htmx/`` and ``/assets/swagger-ui/`` -- files of the pinned npm
+  packages ``htmx.org`` and ``swagger-ui-dist`` (:mod:`console.assets`),
+* ``/docs`` -- Swagger UI on ``/openapi.json``, every file served from here:
+  no CDN, no fonts or validator badge from elsewhere (ReDoc, which needs a
+  CDN and web fonts, is not offered).
 
 The sampler runs for the lifetime of the app (FastAPI lifespan), so it
 starts with uvicorn and stops with it.
@@ -20,11 +24,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
 from sipwire.config import Settings
 from sipwire.console import api, pages
-from sipwire.console.assets import find_assets
+from sipwire.console.assets import SWAGGER_UI_CSS, SWAGGER_UI_FAVICON, SWAGGER_UI_JS, find_assets
 from sipwire.console.auth import Auth, load_or_generate_token
 from sipwire.console.guard import AccessGuard, AccessPolicy
 from sipwire.console.history import History
@@ -34,6 +41,9 @@ from sipwire.console.source import TransportSource
 from sipwire.console.state import Console
 
 log = logging.getLogger("sipwire.console")
+
+HTMX_URL = "/assets/htmx"
+SWAGGER_UI_URL = "/assets/swagger-ui"
 
 
 def create_app(settings: Settings, *, assets_root: Path | None = None, sample_seconds: float = 1.0) -> FastAPI:
@@ -45,7 +55,7 @@ def create_app(settings: Settings, *, assets_root: Path | None = None, sample_se
         log.info("admin token taken from SIPWIRE_ADMIN_TOKEN")
     source = TransportSource(settings)
     history = History(source, sample_seconds)
-    renderer = Renderer(assets.templates, {"htmx_path": "/assets/htmx/htmx.min.js"})
+    renderer = Renderer(assets.templates, {"htmx_path": f"{HTMX_URL}/htmx.min.js"})
     console = Console(
         settings=settings,
         assets=assets,
@@ -71,10 +81,27 @@ def create_app(settings: Settings, *, assets_root: Path | None = None, sample_se
         summary="Live state and administration of a sipwire transport.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own /docs and /redoc load their code and fonts from CDNs
+        redoc_url=None,
     )
     app.state.console = console
     app.add_middleware(AccessGuard, auth=console.auth, policy=AccessPolicy.from_settings(settings))
-    app.mount("/assets/htmx", StaticFiles(directory=assets.htmx_dist), name="htmx")
+    app.mount(HTMX_URL, StaticFiles(directory=assets.htmx_dist), name="htmx")
+    app.mount(SWAGGER_UI_URL, StaticFiles(directory=assets.swagger_ui), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{root}{SWAGGER_UI_URL}/{SWAGGER_UI_JS}",
+            swagger_css_url=f"{root}{SWAGGER_UI_URL}/{SWAGGER_UI_CSS}",
+            swagger_favicon_url=f"{root}{SWAGGER_UI_URL}/{SWAGGER_UI_FAVICON}",
+            # No "validator" badge: it would send the schema's URL to validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
     app.include_router(api.build_router(console))
     app.include_router(build_router(console.traces, renderer, console.context))
     app.include_router(pages.build_router(console))

@@ -1,28 +1,47 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it:
 # Debian packages (sipp as the real SIP peer, stunnel to put TLS under it, chromium for the console's browser
-# tests, Node.js/npm for the console's htmx), the npm packages, the Python package with its test extras, the
-# linters, and pytest. Run as root or with sudo available.
+# tests, python3-venv, Node.js/npm for the console's browser assets), the npm packages, a virtual environment
+# .venv with the Python package and its test extras, the linters, and pytest (arguments go to pytest).
+# Run as root or with sudo available. Nothing is installed into the system's Python: Debian's /usr/bin/python3
+# is externally managed (PEP 668) and refuses a plain `pip install`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUDO=""
-if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
-DEBIAN_PACKAGES=(sip-tester stunnel4 chromium)
-command -v npm >/dev/null 2>&1 || DEBIAN_PACKAGES+=(nodejs npm)
-missing=()
-for package in "${DEBIAN_PACKAGES[@]}"; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+if command -v dpkg >/dev/null 2>&1; then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  DEBIAN_PACKAGES=(sip-tester stunnel4 chromium python3-venv)
+  command -v npm >/dev/null 2>&1 || DEBIAN_PACKAGES+=(nodejs npm)
+  missing=()
+  for package in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  fi
+else
+  echo "install-and-test: not Debian; install sipp, stunnel4, chromium, Node.js and npm yourself" >&2
 fi
 
-npm ci --no-audit --no-fund  # htmx for the console, exactly as package-lock.json pins it
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+npm ci --no-audit --no-fund  # htmx and Swagger UI, exactly as package-lock.json pins them, copied to console/static/
 
-python3 -m ruff check .
-python3 -m ruff format --check .
-python3 -m mypy
-python3 -m pytest "$@"
+# The venv: built with Debian's own /usr/bin/python3 when it is 3.11 or newer (what the README's
+# `python3 -m venv .venv` uses on Debian), else python3 from PATH; PYTHON=/path/to/python chooses another.
+# An existing .venv is kept unless its Python is missing or older than 3.11.
+at_least_311() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
+if [[ -z ${PYTHON:-} ]]; then
+  if at_least_311 /usr/bin/python3; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
+fi
+if ! at_least_311 .venv/bin/python; then
+  "$PYTHON" -m venv --clear .venv
+fi
+echo "install-and-test: .venv runs $(.venv/bin/python -c 'import sys; print(sys._base_executable, sys.version.split()[0])')"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/lint-imports  # layers and no import cycle: the contracts in pyproject.toml
+.venv/bin/python -m pytest "$@"
