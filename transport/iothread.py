@@ -140,7 +140,7 @@ class WorkerChannel:
 class IOThread:
     """A selector loop owning a set of connections; see the module docstring."""
 
-    def __init__(self, index: int, hub: Hub) -> None:
+    def __init__(self, index: int, hub: Hub[IOThread]) -> None:
         self.index = index
         self.hub = hub
         settings = hub.settings

@@ -72,7 +72,7 @@ class TransportServer:
             tls = build_contexts(settings) if settings.tls else None
         except TlsConfigError as error:
             raise StartupError(f"TLS: {error}") from error
-        self.hub = Hub(settings, settings.workers, tls)
+        self.hub: Hub[IOThread] = Hub(settings, settings.workers, tls)
         self.workers = WorkerPool(settings)
         self.listening: dict[str, str] = {}
         self.started_at = time.time()
