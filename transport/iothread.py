@@ -44,7 +44,7 @@ from sipwire.transport.outcome import WriteResult
 from sipwire.transport.ratelog import RateLimitedLog
 from sipwire.transport.readbuffer import ReadBuffer
 from sipwire.transport.sip import response_for_unparsable
-from sipwire.transport.statsblock import LATENCY_BUCKETS_MS, THREAD_ACTIVE, THREAD_RETIRING
+from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, THREAD_ACTIVE, THREAD_RETIRING
 from sipwire.transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
 from sipwire.transport.tls import TlsVerifyError, connection_info, verify_server_name
 from sipwire.transport.wire import (
@@ -71,9 +71,6 @@ ACCEPT_BATCH: Final = 64
 TICK_SECONDS: Final = 0.25
 
 _CONN, _CHANNEL, _LISTENER, _WAKE = range(4)
-
-#: Upper bounds (ms) of the TLS handshake duration histogram; one more bucket counts the rest.
-HANDSHAKE_BUCKETS_MS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
 
 _FRAMING_ANSWERS: Final = {
     FramingErrorReason.MESSAGE_TOO_LARGE: (413, "Request Entity Too Large"),

@@ -113,7 +113,7 @@ Counter table (one record, 64 + 64 * counter_cap bytes)::
     covered: 16 .. 64 + 64 * used (a reader refuses used > counter_cap)
 
 Histogram record (576 bytes; body covered: 16..576); records in this order:
-``tls_handshake_ms`` (bounds :data:`transport.iothread.HANDSHAKE_BUCKETS_MS`),
+``tls_handshake_ms`` (bounds :data:`HANDSHAKE_BUCKETS_MS`),
 ``dispatch_latency_ms`` and ``write_latency_ms`` (both :data:`LATENCY_BUCKETS_MS`).
 The bounds are written into the record, so a reader needs no copy of them::
 
@@ -213,6 +213,8 @@ READ_ATTEMPTS: Final = 64
 SPIN_ATTEMPTS: Final = 4
 RETRY_SLEEP_SECONDS: Final = 0.001
 
+#: Upper bounds (ms) of the TLS handshake duration histogram; one more bucket counts the rest.
+HANDSHAKE_BUCKETS_MS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
 #: Upper bounds (ms) of the dispatch and write-job latency histograms; one more bucket counts the rest.
 LATENCY_BUCKETS_MS: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
 HISTOGRAM_NAMES: Final = ("tls_handshake_ms", "dispatch_latency_ms", "write_latency_ms")
