@@ -17,6 +17,12 @@ One loop pass:
 
 Jobs about a connection this thread does not own (it moved or closed) are
 forwarded to the owner found in the hub, or reported as ``connection_gone``.
+
+The code is split by responsibility into layers, one class per module, each
+built on the ones below it (``transport/iostate.py`` says why), bottom first:
+
+  iostate   IOState       the shared state; post and load_hint; selector registration
+  iothread  IOThread      the loop and its inbox; composes the layers
 """
 
 from __future__ import annotations
@@ -27,22 +33,28 @@ import errno
 import ipaddress
 import logging
 import os
-import selectors
 import socket
 import threading
 import time
-from collections import defaultdict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final, Self
 
-from sipwire.otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, SpanRecorder, WriteTrace, traceparent
+from sipwire.otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, WriteTrace, traceparent
 from sipwire.transport.connection import Connection, ConnectionInfo, ConnState, PendingJob
-from sipwire.transport.framing import PONG, Event, FramerLimits, FramingError, FramingErrorReason, Ping
+from sipwire.transport.framing import PONG, Event, FramingError, FramingErrorReason, Ping
 from sipwire.transport.hub import DestinationKey, Hub
+from sipwire.transport.iostate import (
+    KIND_CHANNEL,
+    KIND_CONN,
+    KIND_LISTENER,
+    READ,
+    TICK_SECONDS,
+    WRITE,
+    IOState,
+    WorkerChannel,
+)
 from sipwire.transport.outcome import WriteResult
-from sipwire.transport.ratelog import RateLimitedLog
-from sipwire.transport.readbuffer import ReadBuffer
 from sipwire.transport.sip import response_for_unparsable
 from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, THREAD_ACTIVE, THREAD_RETIRING
 from sipwire.transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
@@ -50,7 +62,6 @@ from sipwire.transport.tls import TlsVerifyError, connection_info, verify_server
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     DoneRecord,
-    RecordReader,
     WireError,
     WriteRecord,
     encode_message,
@@ -59,18 +70,8 @@ from sipwire.transport.wire import (
 
 log = logging.getLogger("sipwire.transport")
 
-READ: Final = selectors.EVENT_READ
-WRITE: Final = selectors.EVENT_WRITE
-
-#: Bytes asked for per recv: enough for dozens of pipelined messages per
-#: call (batching is most of the speed) while bounding one read's work.
-RECV_BYTES: Final = 262144
 #: Connections accepted per listener wake-up before other sockets get a turn.
 ACCEPT_BATCH: Final = 64
-#: Seconds between timer scans (connect, per-message and idle timeouts).
-TICK_SECONDS: Final = 0.25
-
-_CONN, _CHANNEL, _LISTENER, _WAKE = range(4)
 
 _FRAMING_ANSWERS: Final = {
     FramingErrorReason.MESSAGE_TOO_LARGE: (413, "Request Entity Too Large"),
@@ -109,106 +110,17 @@ class ThreadTotals:
     inbox_depth: int
 
 
-class WorkerChannel:
-    """This thread's end of its socketpair with one worker."""
-
-    __slots__ = ("backlog", "events", "out", "reader", "sent_at", "sock", "worker")
-
-    def __init__(self, worker: int, sock: socket.socket) -> None:
-        self.worker = worker
-        self.sock = sock
-        self.reader = RecordReader()
-        self.out: list[bytes] = []
-        self.backlog = bytearray()  # bytes the kernel did not take on the last send
-        # (monotonic time, message count) per batch sent, oldest first: the worker answers a
-        # channel's messages in order, so DONE counts consume it from the left (dispatch latency).
-        self.sent_at: deque[tuple[float, int]] = deque()
-        self.events = READ
-
-    @property
-    def backlog_bytes(self) -> int:
-        """Bytes the worker has not taken yet: the sign of a slow or stuck worker.
-
-        ``out`` is not counted: it is flushed at the end of every loop pass.
-        """
-        return len(self.backlog)
-
-
-class IOThread:
+class IOThread(IOState):
     """A selector loop owning a set of connections; see the module docstring."""
 
-    def __init__(self, index: int, hub: Hub[IOThread]) -> None:
-        self.index = index
-        self.hub = hub
-        settings = hub.settings
-        self.settings = settings
-        self.limits = FramerLimits(settings.max_message_bytes, settings.max_header_bytes)
-        self.selector = selectors.DefaultSelector()
-        self.inbox: deque[tuple[str, tuple[Any, ...]]] = deque()
-        self._inbox_lock = threading.Lock()  # guards only the hand-over of the inbox when the thread ends
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.selector.register(self._wake_fd, READ, (_WAKE, None))
-        self.conns: dict[int, Connection] = {}
-        self.channels: list[WorkerChannel | None] = [None] * hub.worker_count
-        self.outstanding: list[int] = [0] * hub.worker_count
-        self.pending_write_bytes = 0
-        self.counters: defaultdict[str, int] = defaultdict(int)
-        self.ratelog = RateLimitedLog(log)
-        self._dirty_conns: dict[int, Connection] = {}
-        self._dirty_channels: set[WorkerChannel] = set()
-        self._lazy_channels: set[WorkerChannel] = set()  # hold outcomes nobody waits for
-        self._handshake_buckets = [0] * (len(HANDSHAKE_BUCKETS_MS) + 1)
-        # Stats block (transport/statsblock.py): this thread's record, written from _tick, and the
-        # latency histograms the supervisor sums (see stats_totals).
-        self._stats = hub.stats
-        self.stats_record = hub.thread_records.take() if hub.stats is not None else -1
-        self._started = time.monotonic()
-        self.done_by_worker = [0] * hub.worker_count
-        self._dispatch_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self._dispatch_ms = 0.0
-        self._write_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self._write_ms = 0.0
-        self._parked: list[tuple[int, list[bytes]]] = []  # messages waiting for any live worker
-        self._listeners: list[socket.socket] = []
-        self._tls = hub.tls
-        # Telemetry (None when off): the recorder, and the same object only when traces are recorded.
-        self._recorder: SpanRecorder | None = hub.recorder
-        self._tracing = hub.recorder if hub.recorder is not None and hub.recorder.tracing else None
-        self._reader = ReadBuffer(RECV_BYTES)
-        self._now = time.monotonic()
-        self._next_tick = self._now + TICK_SECONDS
-        self._busy = 0.0
-        self._load = 0.0
-        self._lag = 0.0
-        self._load_window_start = self._now
-        self._jobs = 0
-        self._running = True
-        self._retire_deadline = 0.0
-        self._shutdown_deadline = 0.0
-        self.alive = True
+    def __init__(self, index: int, hub: Hub[Self]) -> None:
+        super().__init__(index, hub)
         self.thread = threading.Thread(target=self._run, name=f"sipwire-io-{index}", daemon=True)
 
-    # -- cross-thread API: the only entry points other threads may call ----------------------
+    # -- loop --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.thread.start()
-
-    def post(self, method: str, *args: Any) -> None:
-        """Run ``self.<method>(*args)`` on this thread; a finished thread hands it to thread 0."""
-        with self._inbox_lock:
-            if self.alive:
-                self.inbox.append((method, args))
-                os.eventfd_write(self._wake_fd, 1)
-                return
-        first = self.hub.threads[0]
-        if first is not self and first.alive:
-            first.post(method, *args)
-
-    def load_hint(self) -> int:
-        """Connections owned plus jobs waiting: what 'least loaded' compares."""
-        return len(self.conns) + len(self.inbox)
-
-    # -- loop --------------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
@@ -229,7 +141,7 @@ class IOThread:
             started = self._now = monotonic()
             for key, mask in events:
                 kind, target = key.data
-                if kind == _CONN:
+                if kind == KIND_CONN:
                     conn: Connection = target
                     if conns.get(conn.id) is not conn:
                         continue  # moved away (retire) or closed earlier in this same pass
@@ -240,12 +152,12 @@ class IOThread:
                         self._read(conn)
                     if mask & WRITE and conn.state is not ConnState.CLOSED:
                         self._writable(conn)
-                elif kind == _CHANNEL:
+                elif kind == KIND_CHANNEL:
                     if mask & READ:
                         self._read_channel(target)
                     if mask & WRITE:
                         self._send_channel(target)
-                elif kind == _LISTENER:
+                elif kind == KIND_LISTENER:
                     self._accept(*target)
                 else:
                     self._drain_inbox()
@@ -513,7 +425,7 @@ class IOThread:
         events = READ | WRITE if channel.backlog else READ
         if events != channel.events:
             channel.events = events
-            self.selector.modify(channel.sock, events, (_CHANNEL, channel))
+            self.selector.modify(channel.sock, events, (KIND_CHANNEL, channel))
 
     def _drop_channel(self, channel: WorkerChannel, lost_reason: str) -> None:
         worker = channel.worker
@@ -546,7 +458,7 @@ class IOThread:
         channel = WorkerChannel(worker, sock)
         self.channels[worker] = channel
         self.outstanding[worker] = 0
-        self.selector.register(sock, READ, (_CHANNEL, channel))
+        self.selector.register(sock, READ, (KIND_CHANNEL, channel))
         parked, self._parked = self._parked, []
         for conn_id, records in parked:
             conn = self.conns.get(conn_id)
@@ -727,7 +639,7 @@ class IOThread:
     def add_listener(self, listener: socket.socket, transport: str) -> None:
         """Inbox job for thread 0: start accepting ``transport`` connections on ``listener``."""
         self._listeners.append(listener)
-        self.selector.register(listener, READ, (_LISTENER, (listener, transport)))
+        self.selector.register(listener, READ, (KIND_LISTENER, (listener, transport)))
 
     def _accept(self, listener: socket.socket, transport: str) -> None:
         hub = self.hub
@@ -777,7 +689,7 @@ class IOThread:
             else:
                 target.post("adopt", conn, True)
 
-    def adopt(self, conn: Connection, accepted: bool = False) -> None:
+    def adopt(self: Self, conn: Connection, accepted: bool = False) -> None:
         """Inbox job: take ownership of a new or moved connection, buffers and jobs included.
 
         A just-accepted connection is read at once: clients send right after
@@ -937,40 +849,6 @@ class IOThread:
             self._tracing.end_connection(conn.trace, conn, error, detail)
         conn.trace = None
 
-    def _update_events(self, conn: Connection) -> None:
-        """Register exactly the selector events the connection's state and stream need."""
-        state = conn.state
-        if state is ConnState.OPEN:
-            events = (0 if self._shutdown_deadline else READ) | (WRITE if conn.out_chunks else 0)
-        elif state is ConnState.CLOSING:
-            events = WRITE if conn.out_chunks else 0
-        elif state is ConnState.CONNECTING:
-            events = WRITE
-        elif state is ConnState.HANDSHAKE:
-            events = 0
-        else:
-            return
-        self._set_events(conn, events | conn.stream.wants)
-
-    def _set_events(self, conn: Connection, events: int) -> None:
-        current = conn.registered_events
-        if events == current:
-            return
-        if not events:
-            self.selector.unregister(conn.sock)
-        elif not current:
-            self.selector.register(conn.sock, events, (_CONN, conn))
-        else:
-            self.selector.modify(conn.sock, events, (_CONN, conn))
-        conn.registered_events = events
-
-    def _release(self, conn: Connection) -> None:
-        """Stop owning ``conn`` without closing it (it is moving to another thread)."""
-        self._set_events(conn, 0)
-        del self.conns[conn.id]
-        self._dirty_conns.pop(conn.id, None)
-        self.pending_write_bytes -= conn.pending_bytes
-
     def _close_after_flush(self, conn: Connection) -> None:
         """Stop reading; close once queued bytes are out and in-flight messages are answered.
 
@@ -1125,7 +1003,7 @@ class IOThread:
 
     # -- control jobs (posted by the supervisor) -----------------------------------------------
 
-    def retire(self, targets: tuple[IOThread, ...], grace: float) -> None:
+    def retire(self, targets: tuple[Self, ...], grace: float) -> None:
         """Inbox job: hand every connection to ``targets``, then drain and stop."""
         for conn_id, records in self._parked:
             self.counters["lost_messages"] += len(records)
