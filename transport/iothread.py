@@ -22,6 +22,7 @@ The code is split by responsibility into layers, one class per module, each
 built on the ones below it (``transport/iostate.py`` says why), bottom first:
 
   iostate   IOState       the shared state; post and load_hint; selector registration
+  iometrics MetricsLayer  stats-block record and slots, latency histograms, snapshots
   iothread  IOThread      the loop and its inbox; composes the layers
 """
 
@@ -37,13 +38,13 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Final, Self
 
 from sipwire.otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, WriteTrace, traceparent
-from sipwire.transport.connection import Connection, ConnectionInfo, ConnState, PendingJob
+from sipwire.transport.connection import Connection, ConnState, PendingJob
 from sipwire.transport.framing import PONG, Event, FramingError, FramingErrorReason, Ping
 from sipwire.transport.hub import DestinationKey, Hub
+from sipwire.transport.iometrics import MetricsLayer
 from sipwire.transport.iostate import (
     KIND_CHANNEL,
     KIND_CONN,
@@ -51,12 +52,11 @@ from sipwire.transport.iostate import (
     READ,
     TICK_SECONDS,
     WRITE,
-    IOState,
     WorkerChannel,
 )
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.sip import response_for_unparsable
-from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, THREAD_ACTIVE, THREAD_RETIRING
+from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS
 from sipwire.transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
 from sipwire.transport.tls import TlsVerifyError, connection_info, verify_server_name
 from sipwire.transport.wire import (
@@ -79,38 +79,7 @@ _FRAMING_ANSWERS: Final = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class ThreadStatistics:
-    """What one I/O thread reports: load, connections, queues, counters."""
-
-    index: int
-    connections: int
-    load: float
-    queue_depth: int
-    jobs: int
-    loop_lag_ms: float
-    pending_write_bytes: int
-    outstanding: tuple[int, ...]
-    counters: dict[str, int]
-    handshake_buckets: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ThreadTotals:
-    """Copies of one thread's cumulative figures, for the supervisor's stats-block writes."""
-
-    counters: dict[str, int]
-    handshake_buckets: list[int]
-    dispatch_buckets: list[int]
-    dispatch_ms: float
-    write_buckets: list[int]
-    write_ms: float
-    done_by_worker: list[int]
-    outstanding: list[int]
-    inbox_depth: int
-
-
-class IOThread(IOState):
+class IOThread(MetricsLayer):
     """A selector loop owning a set of connections; see the module docstring."""
 
     def __init__(self, index: int, hub: Hub[Self]) -> None:
@@ -942,65 +911,6 @@ class IOThread(IOState):
                 log.exception("I/O thread %d: writing the stats block failed; this thread stops publishing", self.index)
                 self._stats = None
 
-    # -- stats block (layout and rules: transport/statsblock.py) --------------------------------
-
-    def _write_stats(self, now: float) -> None:
-        """This thread's record, and the slots of its connections that changed since last written.
-
-        A connection takes a slot the first time it is written, so one opened and closed
-        between two ticks costs nothing; an unchanged one costs a tuple compare.
-        """
-        stats = self._stats
-        assert stats is not None
-        if self.stats_record >= 0:
-            stats.write_thread(
-                self.stats_record, THREAD_RETIRING if self._retire_deadline else THREAD_ACTIVE, self.index,
-                len(self.conns), self._load, self._lag * 1000.0, len(self.inbox), sum(self.outstanding), self._jobs,
-                self.pending_write_bytes, now, self._started,
-            )  # fmt: skip
-        index = self.index
-        hub = self.hub
-        write = stats.write_connection
-        for conn in self.conns.values():
-            # Everything a slot shows moves with one of these (last_activity with bytes or state).
-            mark = (
-                conn.state, conn.bytes_in, conn.bytes_out, conn.queued_total, conn.messages_out, conn.in_flight, index
-            )  # fmt: skip
-            if mark == conn.stats_mark:
-                continue
-            slot = conn.stats_slot
-            if slot < 0:
-                slot = hub.alloc_slot(first_try=slot == -1)
-                if slot < 0:
-                    conn.stats_slot = -2  # counted once; asks again next tick
-                    continue
-                conn.stats_slot = slot
-            write(slot, conn, index)
-            conn.stats_mark = mark
-
-    def _free_slot(self, conn: Connection) -> None:
-        """Clear a closed connection's slot, then give it back (the next owner writes after us)."""
-        slot = conn.stats_slot
-        conn.stats_slot = -1
-        stats = self.hub.stats
-        if stats is not None:
-            stats.clear_slot(slot)
-        self.hub.free_slot(slot)
-
-    def _write_done(self, queued_at: float) -> None:
-        """Write-job latency: from the owning thread queueing the job to its outcome."""
-        elapsed_ms = (time.monotonic() - queued_at) * 1000.0
-        self._write_buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += 1
-        self._write_ms += elapsed_ms
-
-    def stats_totals(self) -> ThreadTotals:
-        """Cross-thread read for the supervisor: copies made under the GIL (each one atomic), no lock."""
-        return ThreadTotals(
-            dict(self.counters), list(self._handshake_buckets), list(self._dispatch_buckets), self._dispatch_ms,
-            list(self._write_buckets), self._write_ms, list(self.done_by_worker), list(self.outstanding),
-            len(self.inbox),
-        )  # fmt: skip
-
     # -- control jobs (posted by the supervisor) -----------------------------------------------
 
     def retire(self, targets: tuple[Self, ...], grace: float) -> None:
@@ -1032,24 +942,6 @@ class IOThread(IOState):
         for conn in list(self.conns.values()):
             self._update_events(conn)
         self._next_tick = self._now
-
-    def snapshot(self, future: Future[tuple[ThreadStatistics, list[ConnectionInfo]]], with_connections: bool) -> None:
-        """Inbox job: statistics and (optionally) connection snapshots, answered through ``future``."""
-        stats = ThreadStatistics(
-            index=self.index,
-            connections=len(self.conns),
-            load=round(self._load, 4),
-            queue_depth=len(self.inbox),
-            jobs=self._jobs,
-            loop_lag_ms=round(self._lag * 1000, 3),
-            pending_write_bytes=self.pending_write_bytes,
-            outstanding=tuple(self.outstanding),
-            counters=dict(self.counters),
-            handshake_buckets=tuple(self._handshake_buckets),
-        )
-        now = self._now
-        infos = [conn.info(self.index, now) for conn in self.conns.values()] if with_connections else []
-        future.set_result((stats, infos))
 
     def close_connection(self, conn_id: int, future: Future[bool]) -> None:
         """Inbox job: close one connection by id (operator action)."""

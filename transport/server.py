@@ -28,7 +28,8 @@ from sipwire.otel.setup import transport_telemetry
 from sipwire.transport.connection import ConnectionInfo, format_address
 from sipwire.transport.control import ControlError, ControlServer
 from sipwire.transport.hub import Hub
-from sipwire.transport.iothread import IOThread, ThreadStatistics, ThreadTotals
+from sipwire.transport.iometrics import ThreadStatistics, ThreadTotals
+from sipwire.transport.iothread import IOThread
 from sipwire.transport.statsblock import (
     HANDSHAKE_BUCKETS_MS,
     HISTOGRAM_DISPATCH,
