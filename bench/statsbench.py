@@ -40,8 +40,9 @@ from sipwire.config import Settings  # noqa: E402
 from sipwire.transport.connection import Connection, ConnState  # noqa: E402
 from sipwire.transport.framing import FramerLimits  # noqa: E402
 from sipwire.transport.hub import Hub  # noqa: E402
-from sipwire.transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread  # noqa: E402
+from sipwire.transport.iothread import IOThread  # noqa: E402
 from sipwire.transport.statsblock import (  # noqa: E402
+    HANDSHAKE_BUCKETS_MS,
     LATENCY_BUCKETS_MS,
     Capacities,
     HeaderFigures,

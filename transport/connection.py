@@ -181,7 +181,7 @@ class Connection:
         self.write_progress = 0.0  # last time queued bytes moved; 0: nothing queued
         self.registered_events = 0  # selector events this connection is registered for
         self.stats_slot = -1  # its slot in the stats block; -1: none yet, -2: refused one (asks again)
-        self.stats_mark: tuple[object, ...] | None = None  # what its slot last showed (see IOThread._write_stats)
+        self.stats_mark: tuple[object, ...] | None = None  # what its slot last showed (see MetricsLayer._write_stats)
         self.trace: ConnTrace | None = None  # the tcp.connect or tls.handshake span open on it, if traced
 
     @property

@@ -8,13 +8,19 @@ thread that no longer owns it forwards the job to the current owner.
 The destination map (transport, host, port) -> connection id is the one
 place where two threads could race (both opening a connection to the same
 peer), so it alone has a lock.
+
+The hub knows an I/O thread only as a :class:`ThreadHandle`, the few
+members it and the threads use of one another, and is generic in the
+thread class: the server's ``Hub[IOThread]`` hands out its ``IOThread``
+objects, yet this module imports nothing from the I/O thread's modules,
+so they form no import cycle.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from sipwire.config import Settings
 from sipwire.transport.statsblock import FreeList, StatsWriter
@@ -22,12 +28,31 @@ from sipwire.transport.tls import TlsContexts
 
 if TYPE_CHECKING:
     from sipwire.otel.recorder import SpanRecorder
-    from sipwire.transport.iothread import IOThread
 
 DestinationKey = tuple[str, str, int]
 
 
-class Hub:
+class ThreadHandle(Protocol):
+    """What the hub, and one I/O thread of another, may use of an I/O thread."""
+
+    #: False once the thread has finished: jobs posted to it then go to thread 0.
+    alive: bool
+    #: Bytes queued on the thread's connections (the global write-queue cap sums them).
+    pending_write_bytes: int
+
+    def post(self, method: str, *args: Any) -> None:
+        """Run ``<method>(*args)`` on that thread, through its inbox."""
+        ...
+
+    def load_hint(self) -> int:
+        """What 'least loaded' compares: connections owned plus jobs waiting."""
+        ...
+
+
+ThreadT = TypeVar("ThreadT", bound=ThreadHandle)
+
+
+class Hub(Generic[ThreadT]):
     """Registry of threads, connection owners and outbound destinations."""
 
     def __init__(self, settings: Settings, worker_count: int, tls: TlsContexts | None = None) -> None:
@@ -42,8 +67,8 @@ class Hub:
         #: Telemetry's I/O-thread side (set before the threads start); None when telemetry is off.
         self.recorder: SpanRecorder | None = None
         #: Active I/O threads, index 0 first; replaced (never mutated) on resize.
-        self.threads: tuple[IOThread, ...] = ()
-        self.owners: dict[int, IOThread] = {}
+        self.threads: tuple[ThreadT, ...] = ()
+        self.owners: dict[int, ThreadT] = {}
         self._destinations: dict[DestinationKey, int] = {}
         self._destinations_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -51,7 +76,7 @@ class Hub:
     def new_connection_id(self) -> int:
         return next(self._ids)
 
-    def owner(self, conn_id: int) -> IOThread | None:
+    def owner(self, conn_id: int) -> ThreadT | None:
         return self.owners.get(conn_id)
 
     def connection_count(self) -> int:
@@ -79,7 +104,7 @@ class Hub:
     def pending_write_bytes(self) -> int:
         return sum(thread.pending_write_bytes for thread in self.threads)
 
-    def least_loaded_thread(self) -> IOThread:
+    def least_loaded_thread(self) -> ThreadT:
         """The active thread with the fewest connections (ties: lowest index)."""
         threads = self.threads
         best = threads[0]

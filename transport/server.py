@@ -30,8 +30,10 @@ from sipwire.statedir import runtime_directory
 from sipwire.transport.connection import ConnectionInfo, format_address
 from sipwire.transport.control import ControlServer
 from sipwire.transport.hub import Hub
-from sipwire.transport.iothread import HANDSHAKE_BUCKETS_MS, IOThread, ThreadStatistics, ThreadTotals
+from sipwire.transport.iometrics import ThreadStatistics, ThreadTotals
+from sipwire.transport.iothread import IOThread
 from sipwire.transport.statsblock import (
+    HANDSHAKE_BUCKETS_MS,
     HISTOGRAM_DISPATCH,
     HISTOGRAM_TLS,
     HISTOGRAM_WRITE,
@@ -75,7 +77,7 @@ class TransportServer:
             tls = build_contexts(settings) if settings.tls else None
         except TlsConfigError as error:
             raise StartupError(f"TLS: {error}") from error
-        self.hub = Hub(settings, settings.workers, tls)
+        self.hub: Hub[IOThread] = Hub(settings, settings.workers, tls)
         self.workers = WorkerPool(settings)
         self.listening: dict[str, str] = {}
         self.started_at = time.time()

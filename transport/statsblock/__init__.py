@@ -25,6 +25,7 @@ from sipwire.transport.statsblock.layout import (
     _SLOT as _SLOT,  # bench/statsbench.py rewrites raw slots
 )
 from sipwire.transport.statsblock.layout import (
+    HANDSHAKE_BUCKETS_MS,
     HISTOGRAM_DISPATCH,
     HISTOGRAM_NAMES,
     HISTOGRAM_TLS,
@@ -65,6 +66,7 @@ from sipwire.transport.statsblock.writer import (
 )
 
 __all__ = [
+    "HANDSHAKE_BUCKETS_MS",
     "HISTOGRAM_DISPATCH",
     "HISTOGRAM_NAMES",
     "HISTOGRAM_TLS",

@@ -111,7 +111,7 @@ Counter table (one record, 64 + 64 * counter_cap bytes)::
     covered: 16 .. 64 + 64 * used (a reader refuses used > counter_cap)
 
 Histogram record (576 bytes; body covered: 16..576); records in this order:
-``tls_handshake_ms`` (bounds :data:`transport.iothread.HANDSHAKE_BUCKETS_MS`),
+``tls_handshake_ms`` (bounds :data:`HANDSHAKE_BUCKETS_MS`),
 ``dispatch_latency_ms`` and ``write_latency_ms`` (both :data:`LATENCY_BUCKETS_MS`).
 The bounds are written into the record, so a reader needs no copy of them::
 
@@ -185,6 +185,8 @@ SUPERVISOR_INTERVAL_SECONDS: Final = 0.25
 #: A writer whose heartbeat is older than this is reported stale (it writes 4 times a second).
 STALE_SECONDS: Final = 5.0
 
+#: Upper bounds (ms) of the TLS handshake duration histogram; one more bucket counts the rest.
+HANDSHAKE_BUCKETS_MS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
 #: Upper bounds (ms) of the dispatch and write-job latency histograms; one more bucket counts the rest.
 LATENCY_BUCKETS_MS: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
 HISTOGRAM_NAMES: Final = ("tls_handshake_ms", "dispatch_latency_ms", "write_latency_ms")
@@ -246,6 +248,7 @@ assert _HISTOGRAM_COUNTS_AT == _HISTOGRAM_BOUNDS_AT + 8 * HISTOGRAM_MAX_BOUNDS
 assert HISTOGRAM_MAX_BOUNDS + 1 == _HISTOGRAM_MAX_COUNTS
 assert 312 + 8 * _HISTOGRAM_MAX_COUNTS <= HISTOGRAM_BYTES
 assert len(LATENCY_BUCKETS_MS) <= HISTOGRAM_MAX_BOUNDS
+assert len(HANDSHAKE_BUCKETS_MS) <= HISTOGRAM_MAX_BOUNDS
 
 
 # -- regions --------------------------------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""Write queues of an I/O thread's connections, the outcome of every write job, and close.
+
+A write job (a worker's WRITE record; job id 0 is the transport's own answer,
+such as a 503 or a keep-alive pong) is queued on its connection within two
+caps: per connection (``write_queue_bytes``) and over all connections
+(``global_write_queue_bytes``). A connection with queued bytes is flushed once
+at the end of the loop pass, one ``send`` of its joined chunks. Every job gets
+one outcome record back to its worker: ``sent`` once its last byte is in the
+kernel (riding with later records unless the worker wants it promptly), or why
+it failed. Closing a connection lives here because that is mostly what a close
+does: answer the connection's remaining jobs with the close's result.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sipwire.otel.recorder import WriteTrace
+from sipwire.transport.connection import Connection, ConnState, PendingJob
+from sipwire.transport.iometrics import MetricsLayer
+from sipwire.transport.outcome import WriteResult
+from sipwire.transport.streams import StreamError
+from sipwire.transport.wire import encode_outcome
+
+log = logging.getLogger("sipwire.transport")
+
+
+class WriteLayer(MetricsLayer):
+    """Write queues, outcomes and close of an I/O thread; see the module docstring."""
+
+    def _write_to(
+        self, conn_id: int, job_id: int, worker: int, payload: bytes, prompt: bool, trace: WriteTrace | None = None
+    ) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            owner = self.hub.owner(conn_id)
+            if owner is not None and owner is not self:
+                owner.post("_write_to", conn_id, job_id, worker, payload, prompt, trace)
+            else:
+                reason = f"connection {conn_id} is closed"
+                self._outcome(worker, job_id, conn_id, WriteResult.CONNECTION_GONE, reason, trace=trace)
+            return
+        self._enqueue(conn, payload, job_id, worker, prompt, trace)
+
+    def _enqueue(
+        self,
+        conn: Connection,
+        payload: bytes,
+        job_id: int,
+        worker: int,
+        prompt: bool = True,
+        trace: WriteTrace | None = None,
+    ) -> None:
+        """Queue bytes on a connection owned here; ``job_id`` 0 is the transport's own write."""
+        if trace is not None:
+            trace.transport = conn.transport
+            trace.local = conn.local
+            trace.remote = conn.remote
+        if conn.state is ConnState.CLOSED:
+            reason = f"connection {conn.id} is closing"
+            self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, reason, trace=trace)
+            return
+        size = len(payload)
+        limit = self.settings.write_queue_bytes
+        if job_id and conn.pending_bytes + size > limit:
+            reason = f"connection {conn.id} has {conn.pending_bytes} bytes queued; limit {limit}"
+            self.ratelog.log(logging.WARNING, "queue_full", "write job refused: %s", reason)
+            self._outcome(worker, job_id, conn.id, WriteResult.QUEUE_FULL, reason, trace=trace)
+            return
+        global_limit = self.settings.global_write_queue_bytes
+        if job_id and self.hub.pending_write_bytes() + size > global_limit:
+            reason = f"{global_limit} bytes queued over all connections"
+            self.ratelog.log(logging.WARNING, "global_queue_full", "write job refused: %s", reason)
+            self._outcome(worker, job_id, conn.id, WriteResult.LIMIT_REACHED, reason, trace=trace)
+            return
+        conn.out_chunks.append(payload)
+        conn.queued_total += size
+        self.pending_write_bytes += size
+        if job_id:
+            conn.messages_out += 1
+            conn.jobs.append(PendingJob(job_id, worker, conn.queued_total, prompt, trace, self._now))
+        if conn.state is ConnState.OPEN or conn.state is ConnState.CLOSING:
+            self._dirty_conns[conn.id] = conn
+
+    def _flush(self, conn: Connection) -> None:
+        if conn.state is not ConnState.OPEN and conn.state is not ConnState.CLOSING:
+            return
+        chunks = conn.out_chunks
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            try:
+                sent = conn.stream.send(data)
+            except StreamError as error:
+                self._close(conn, error.reason, error.result)
+                return
+            conn.sent_total += sent
+            conn.bytes_out += sent
+            self.pending_write_bytes -= sent
+            conn.out_chunks = [data[sent:]] if sent < len(data) else []
+            if sent:
+                conn.last_activity = self._now
+            if not conn.out_chunks:
+                conn.write_progress = 0.0
+            elif sent or not conn.write_progress:
+                conn.write_progress = self._now
+            jobs = conn.jobs
+            while jobs and jobs[0].end <= conn.sent_total:
+                job = jobs.popleft()
+                self._write_done(job.queued_at)
+                self._outcome(job.worker, job.job_id, conn.id, WriteResult.SENT, "", job.prompt, job.trace)
+        if not conn.out_chunks and conn.state is ConnState.CLOSING and not conn.in_flight:
+            self._close(conn, "closed after flush", WriteResult.CONNECTION_GONE)
+            return
+        self._update_events(conn)
+
+    def _outcome(
+        self,
+        worker: int,
+        job_id: int,
+        conn_id: int,
+        result: WriteResult,
+        reason: str,
+        prompt: bool = True,
+        trace: WriteTrace | None = None,
+    ) -> None:
+        """Report a job's outcome to its worker; a ``sent`` nobody waits for rides with later records.
+
+        A traced job's ``sip.write`` span ends here, with ``error.type`` the outcome's label on failure.
+        """
+        self.counters[f"write.{result.label}"] += 1
+        if trace is not None and self._tracing is not None:
+            self._tracing.end_write(trace, conn_id, "" if result is WriteResult.SENT else result.label, reason)
+        if not job_id or worker < 0:
+            return
+        channel = self.channels[worker]
+        if channel is None:
+            return  # that worker died; its callbacks died with it
+        channel.out.append(encode_outcome(job_id, conn_id, result, reason))
+        if prompt or result is not WriteResult.SENT:
+            self._dirty_channels.add(channel)
+        else:
+            self._lazy_channels.add(channel)
+
+    def _close_after_flush(self, conn: Connection) -> None:
+        """Stop reading; close once queued bytes are out and in-flight messages are answered.
+
+        The wait is bounded by ``shutdown_grace`` (checked on the timer tick).
+        """
+        if conn.state is ConnState.OPEN:
+            conn.transition(ConnState.CLOSING)
+            conn.deadline = self._now + self.settings.shutdown_grace
+        if conn.out_chunks:
+            self._dirty_conns[conn.id] = conn
+            self._update_events(conn)
+        elif conn.in_flight:
+            self._update_events(conn)
+        else:
+            self._close(conn, "closed", WriteResult.CONNECTION_GONE)
+
+    def _close(self, conn: Connection, reason: str, result: WriteResult) -> None:
+        if conn.state is ConnState.CLOSED:
+            return
+        conn.transition(ConnState.CLOSED)
+        self._release(conn)
+        if conn.stats_slot >= 0:
+            self._free_slot(conn)
+        conn.stream.close()
+        self.hub.forget(conn.id, conn.destination)
+        self.counters["closed"] += 1
+        if conn.trace is not None:  # still connecting or in its TLS handshake
+            self._end_connection_span(conn, result.label, reason)
+        for job in conn.jobs:
+            self._write_done(job.queued_at)
+            self._outcome(job.worker, job.job_id, conn.id, result, reason, trace=job.trace)
+        conn.jobs.clear()
+        log.debug("connection %d %s:%d closed: %s", conn.id, conn.remote[0], conn.remote[1], reason)
+
+    def _end_connection_span(self, conn: Connection, error: str, detail: str) -> None:
+        """End the connect or handshake span open on ``conn`` (``error``: its error.type, "" when it worked)."""
+        if conn.trace is not None and self._tracing is not None:
+            self._tracing.end_connection(conn.trace, conn, error, detail)
+        conn.trace = None
