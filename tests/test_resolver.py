@@ -111,6 +111,7 @@ def test_pending_lookups_and_the_cache_are_bounded(gate: threading.Event) -> Non
         resolver.lookup(name, 5060, loop.waiter(name))
     refused = loop.answers["c.test"]  # max_pending 2: answered at once, no thread used
     assert isinstance(refused, Failure) and "dns_max_pending" in refused.reason
+    wait_for(lambda: len(calls) == 2, what="both lookups on their threads")  # each thread records its call
     assert sorted(calls) == ["a.test", "b.test"]
     gate.set()
     loop.run_until({"a.test", "b.test"})

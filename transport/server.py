@@ -30,7 +30,7 @@ from sipwire.statedir import runtime_directory
 from sipwire.transport.connection import ConnectionInfo, format_address
 from sipwire.transport.control import ControlServer
 from sipwire.transport.hub import Hub
-from sipwire.transport.iometrics import ThreadStatistics, ThreadTotals
+from sipwire.transport.iometrics import ThreadStatistics
 from sipwire.transport.iothread import IOThread
 from sipwire.transport.statsblock import (
     HANDSHAKE_BUCKETS_MS,
@@ -47,6 +47,7 @@ from sipwire.transport.statsblock import (
     block_name_for,
 )
 from sipwire.transport.tls import TlsConfigError, build_contexts
+from sipwire.transport.totals import Totals, histogram_view
 from sipwire.transport.workerpool import WorkerPool
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class TransportServer:
         self.stats: StatsWriter | None = None
         self._stats_due = 0.0
         self._stats_failed = False
-        self._retired_totals = _Totals.empty(settings.workers)  # of joined threads, under _retired_lock
+        self._retired_totals = Totals.empty(settings.workers)  # of joined threads, under _retired_lock
         self._worker_progress = [(0, 0.0)] * settings.workers  # (done, heartbeat) last written
         self.telemetry: Telemetry | None = None
 
@@ -421,7 +422,7 @@ class TransportServer:
             "queue_depth": sum(s.queue_depth for s in stats),
             "dispatch_in_flight": sum(in_flight),
             "counters": dict(sorted(counters.items())),
-            "tls_handshake_ms": _histogram(handshakes),
+            "tls_handshake_ms": histogram_view(handshakes),
             "workers": workers,
             "threads": [dataclasses.asdict(s) for s in stats],
             "telemetry": self.telemetry.statistics() if self.telemetry is not None else None,
@@ -478,56 +479,6 @@ class TransportServer:
         ]  # fmt: skip
         selected.sort(key=lambda info: info.id)
         return {"total": len(selected), "connections": [info.as_dict() for info in selected[:limit]]}
-
-
-@dataclasses.dataclass(slots=True)
-class _Totals:
-    """Histogram buckets and per-worker done counts summed over I/O threads."""
-
-    handshake: list[int]
-    dispatch: list[int]
-    dispatch_ms: float
-    write: list[int]
-    write_ms: float
-    done_by_worker: list[int]
-
-    @classmethod
-    def empty(cls, workers: int) -> _Totals:
-        latency = len(LATENCY_BUCKETS_MS) + 1
-        return cls([0] * (len(HANDSHAKE_BUCKETS_MS) + 1), [0] * latency, 0.0, [0] * latency, 0.0, [0] * workers)
-
-    def copy(self) -> _Totals:
-        return _Totals(
-            list(self.handshake), list(self.dispatch), self.dispatch_ms, list(self.write), self.write_ms,
-            list(self.done_by_worker),
-        )  # fmt: skip
-
-    def add(self, thread: ThreadTotals) -> None:
-        for mine, theirs in (
-            (self.handshake, thread.handshake_buckets),
-            (self.dispatch, thread.dispatch_buckets),
-            (self.write, thread.write_buckets),
-            (self.done_by_worker, thread.done_by_worker),
-        ):
-            for index, value in enumerate(theirs):
-                mine[index] += value
-        self.dispatch_ms += thread.dispatch_ms
-        self.write_ms += thread.write_ms
-
-
-def _histogram(buckets: list[int]) -> dict[str, Any]:
-    """Cumulative buckets (Prometheus style) and percentiles read off their upper bounds."""
-    total = sum(buckets)
-    cumulative: list[dict[str, Any]] = []
-    running = 0
-    for bound, count in zip((*HANDSHAKE_BUCKETS_MS, "+Inf"), buckets, strict=True):
-        running += count
-        cumulative.append({"le": bound, "count": running})
-    percentiles: dict[str, Any] = {}
-    for name, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
-        rank = fraction * total
-        percentiles[name] = next((b["le"] for b in cumulative if total and b["count"] >= rank), None)
-    return {"count": total, "buckets": cumulative, **percentiles}
 
 
 def _int_argument(request: dict[str, Any], name: str) -> int:
