@@ -49,6 +49,8 @@ from sipwire.transport.streams import ERRNO_RESULTS, StreamError, TcpStream, Tls
 from sipwire.transport.tls import TlsVerifyError, connection_info, verify_server_name
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
+    CloseRecord,
+    CountRecord,
     DoneRecord,
     RecordReader,
     WireError,
@@ -468,6 +470,10 @@ class IOThread:
                 self.outstanding[worker] -= record.messages
                 finished += record.messages
                 self._done(record.conn_id, record.messages)
+            elif type(record) is CountRecord:
+                self.counters[record.name] += record.delta
+            elif type(record) is CloseRecord and (conn := self.conns.get(record.conn_id)) is not None:
+                self._close_after_flush(conn)
         if finished:
             self._dispatch_done(channel, finished)
 
