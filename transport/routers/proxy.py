@@ -29,6 +29,7 @@ import time
 from typing import Final
 
 from sipwire.config import Settings
+from sipwire.transport import sipsyntax
 from sipwire.transport.routing import Destination, Outcome, RouteContext
 from sipwire.transport.sip import (
     CANONICAL_NAMES,
@@ -41,7 +42,11 @@ from sipwire.transport.sip import (
 from sipwire.transport.sipuri import SipUriError, parse_uri, uri_of
 
 CONN_PARAM: Final = "swc"
+#: Connection ids are 64-bit (the WRITE record's conn id field).
+MAX_CONN_ID: Final = 2**64 - 1
 DEFAULT_EXPIRES: Final = 3600
+#: What a forwarded request without Max-Forwards starts from (RFC 3261 section 8.1.1.6).
+DEFAULT_MAX_FORWARDS: Final = 70
 MAX_EXPIRES: Final = 86400
 
 
@@ -111,15 +116,17 @@ def _register(state: _State, message: SipMessage, ctx: RouteContext) -> None:
 
 
 def _expires(value: str | None, default: int) -> int:
-    if value is None or not value.strip().isdigit():
-        return default
-    return min(int(value), MAX_EXPIRES)
+    """An Expires value capped at a day; the default when absent or not a number (RFC 4475 section 3.1.2.4)."""
+    seconds = None if value is None else sipsyntax.number(value, sipsyntax.MAX_CSEQ)
+    return default if seconds is None else min(seconds, MAX_EXPIRES)
 
 
 def _forward(state: _State, message: SipMessage, ctx: RouteContext) -> None:
     envelope = ctx.envelope
-    max_forwards = message.header("max-forwards")
-    hops = int(max_forwards) if max_forwards and max_forwards.isdigit() else 70
+    max_forwards = message.header("max-forwards")  # sip.parse refuses a value that is not 0..255
+    hops = sipsyntax.number(max_forwards or "", sipsyntax.MAX_FORWARDS_LIMIT)
+    if hops is None:
+        hops = DEFAULT_MAX_FORWARDS
     if hops <= 0:
         if message.method != "ACK":
             ctx.reply(build_response(message, 483, "Too Many Hops", via_source=envelope.remote))
@@ -200,7 +207,8 @@ def _relay_response(message: SipMessage, ctx: RouteContext) -> None:
     conn_param = header_param(vias[0], CONN_PARAM)
     data = _without_top_via(message)
     next_hop = _via_destination(vias[1])
-    if conn_param is None or not conn_param.isdigit():
+    conn_id = None if conn_param is None else sipsyntax.number(conn_param, MAX_CONN_ID)
+    if not conn_id:
         if next_hop is not None:
             ctx.send(next_hop, data)
         return
@@ -209,7 +217,7 @@ def _relay_response(message: SipMessage, ctx: RouteContext) -> None:
         if not outcome.ok and next_hop is not None:
             ctx.send(next_hop, data)
 
-    ctx.send_on(int(conn_param), data, on_outcome)
+    ctx.send_on(conn_id, data, on_outcome)
 
 
 def _without_top_via(message: SipMessage) -> bytes:
@@ -236,6 +244,6 @@ def _via_destination(via: str) -> Destination | None:
     except SipUriError:
         return None
     host = header_param(via, "received") or uri.host
-    rport = header_param(via, "rport")
-    port = int(rport) if rport and rport.isdigit() else uri.default_port()
+    rport = header_param(via, "rport")  # sip.parse refuses one that is not 1..65535
+    port = sipsyntax.port(rport or "") or uri.default_port()
     return Destination(transport if transport in ("tcp", "tls") else "tcp", host, port)
