@@ -42,6 +42,8 @@ ERROR_PREFIXES: Final = (
     "lost_messages",
     "overload_rejected",
     "closed_send_timeout",
+    "router_errors",
+    "sip_parse_error.",
 )
 
 

@@ -180,14 +180,13 @@ def sip_request(
     omit: Sequence[str] = (),
 ) -> bytes:
     """A SIP request over TCP; ``content_length`` overrides the computed value, ``omit`` drops headers."""
-    cseq_method = "INVITE" if method in ("ACK", "CANCEL") else method
     fields = [
         ("Via", f"SIP/2.0/TCP 127.0.0.1:5999;branch={branch or f'z9hG4bK-{call_id}-{cseq}'}"),
         ("Max-Forwards", "70"),
         ("From", "<sip:alice@127.0.0.1>;tag=from-tag-1"),
         ("To", "<sip:service@127.0.0.1>"),
         ("Call-ID", call_id),
-        ("CSeq", f"{cseq} {cseq_method}"),
+        ("CSeq", f"{cseq} {method}"),  # ACK and CANCEL name themselves too (RFC 3261 sections 9.1, 17.1.1.3)
         *headers,
         ("Content-Length", str(len(body)) if content_length is None else content_length),
     ]

@@ -16,6 +16,7 @@ Request headers drive them:
 * ``X-Gate``, ``X-Report-Port`` (``gated_reply``): wait until the file
   ``X-Gate`` exists, reply on the request's own connection, and send the
   reply's outcome label to the test's listener at 127.0.0.1:PORT.
+* ``crash``: raise on every message, with the Call-ID in the exception text.
 * ``tls_facts`` (no request header): answer ``200`` with the envelope's TLS
   facts (version, cipher, SNI, peer subject and expiry) in ``X-Tls-*`` headers.
 """
@@ -116,3 +117,8 @@ def tls_facts(message: SipMessage, ctx: RouteContext) -> None:
         ("X-Tls-Peer-Not-After", tls.peer_not_after if tls else ""),
     ]
     ctx.reply(build_response(message, 200, "OK", extra_headers=facts, via_source=envelope.remote))
+
+
+def crash(message: SipMessage, ctx: RouteContext) -> None:
+    """Raise on every message, quoting peer text (the Call-ID) as a buggy router would."""
+    raise ValueError(f"cannot route call {message.call_id}")

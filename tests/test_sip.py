@@ -12,6 +12,7 @@ from sipwire.transport.framing import Framer
 from sipwire.transport.sip import (
     COMPACT_FORMS,
     MANDATORY_REQUEST_HEADERS,
+    SINGLE_HEADERS,
     SipMessage,
     SipParseError,
     build_response,
@@ -74,8 +75,12 @@ MANDATORY_LINES = {
 
 
 def options(*extra: str, without: str = "", start: str = "OPTIONS sip:bob@example.com SIP/2.0") -> bytes:
-    """An OPTIONS request with the mandatory headers (minus ``without``) and ``extra`` lines."""
-    lines = [start, *(line for key, line in MANDATORY_LINES.items() if key != without), *extra, "Content-Length: 0"]
+    """An OPTIONS request with the mandatory headers (minus ``without``) and ``extra`` lines.
+
+    CSeq names the method of ``start``, as RFC 3261 section 8.1.1.5 requires.
+    """
+    mandatory = {**MANDATORY_LINES, "cseq": f"CSeq: 2 {start.partition(' ')[0]}"}
+    lines = [start, *(line for key, line in mandatory.items() if key != without), *extra, "Content-Length: 0"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -259,12 +264,24 @@ def test_compact_forms_rfc3261() -> None:
     assert message.header("Via") == message.header("V")
 
 
+#: Values the grammar checks of sip.parse accept, for the headers it checks; other headers take any text.
+CHECKED_VALUES = {
+    "via": "SIP/2.0/TCP value-v",
+    "from": "<sip:value-f@h>;tag=1",
+    "to": "<sip:value-t@h>",
+    "call-id": "value-i",
+    "contact": "<sip:value-m@h>",
+}
+
+
 @pytest.mark.parametrize(("compact", "full"), sorted(COMPACT_FORMS.items()))
 def test_every_compact_form(compact: str, full: str) -> None:
-    message = parse(options(f"{compact.upper()}: value-{compact}"))
-    assert f"value-{compact}" in message.header_lines(full)
+    value = CHECKED_VALUES.get(full, f"value-{compact}")
+    # A single-valued header given twice is an error (RFC 4475 section 3.3.8): replace the mandatory line.
+    message = parse(options(f"{compact.upper()}: {value}", without=full if full in SINGLE_HEADERS else ""))
+    assert value in message.header_lines(full)
     assert message.header_lines(compact) == message.header_lines(full.upper())
-    assert message.headers[5] == (full, f"value-{compact}")
+    assert message.headers[-2] == (full, value)
 
 
 def test_compact_and_full_lines_share_one_header() -> None:
@@ -365,11 +382,21 @@ def test_compact_forms_satisfy_mandatory_headers() -> None:
         ("INVITE sip:a@b SIP/3.0", "unsupported protocol version 'SIP/3.0'", True),
         ("INVITE sip:a@b sip/2.0", "unsupported protocol version 'sip/2.0'", True),
         ("INVITE sip:a@b HTTP/1.1", "unsupported protocol version 'HTTP/1.1'", True),
-        ("INVITE sip:a@b SIP/2.0 extra", "unsupported protocol version 'SIP/2.0 extra'", True),
-        ("INVITE  sip:a@b SIP/2.0", "unsupported protocol version 'sip:a@b SIP/2.0'", True),
-        ("invite sip:a@b SIP/2.0", "invalid method 'invite'", True),
-        ("IN-VITE sip:a@b SIP/2.0", "invalid method 'IN-VITE'", True),
+        (
+            "INVITE sip:a@b SIP/2.0 extra",
+            "malformed request line 'INVITE sip:a@b SIP/2.0 extra': one space between its three parts",
+            True,
+        ),
+        (
+            "INVITE  sip:a@b SIP/2.0",
+            "malformed request line 'INVITE  sip:a@b SIP/2.0': one space between its three parts",
+            True,
+        ),
+        ("IN<VITE sip:a@b SIP/2.0", "invalid method 'IN<VITE'", True),
         ("INVITE bob SIP/2.0", "Request-URI 'bob' has no scheme", True),
+        ("INVITE <sip:a@b> SIP/2.0", "Request-URI '<sip:a@b>' has no scheme", True),
+        ("INVITE sip:a@b?Route=x SIP/2.0", "Request-URI 'sip:a@b?Route=x' carries headers", True),
+        ("SIP/2.0 700 Beyond", "invalid status code '700'", False),
         ("SIP/2.0 20 OK", "invalid status code '20'", False),
         ("SIP/2.0 2000 OK", "invalid status code '2000'", False),
         ("SIP/2.0 099 Low", "invalid status code '099'", False),
@@ -386,6 +413,21 @@ def test_bad_start_lines(start_line: str, detail: str, is_request: bool) -> None
     assert caught.value.detail == detail
     assert caught.value.start_line == start_line
     assert caught.value.is_request is is_request
+    assert caught.value.status == (505 if start_line.endswith("SIP/3.0") else 400)  # another SIP version
+
+
+def test_another_sip_version_is_answered_505() -> None:
+    with pytest.raises(SipParseError) as caught:
+        parse(options(start="OPTIONS sip:a@b SIP/7.0"))
+    assert (caught.value.status, caught.value.reason_phrase) == (505, "Version Not Supported")
+    assert caught.value.detail == "unsupported protocol version 'SIP/7.0'"
+
+
+@pytest.mark.parametrize("method", ["invite", "IN-VITE", "NEWMETHOD", "!interesting-Method0123456789_*+`.%indeed'~"])
+def test_extension_methods_are_any_case_sensitive_token(method: str) -> None:
+    """RFC 3261 section 7.1: a method is a token; ``invite`` is not INVITE but an extension method."""
+    message = parse(options(start=f"{method} sip:a@b SIP/2.0"))
+    assert message.method == message.cseq_method == method
 
 
 @pytest.mark.parametrize(

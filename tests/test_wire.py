@@ -14,12 +14,17 @@ from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     HEADER_SIZE,
+    KIND_CLOSE,
+    KIND_COUNT,
     KIND_DONE,
     KIND_MESSAGE,
     KIND_OUTCOME,
     KIND_WRITE,
+    MAX_COUNTER_NAME_BYTES,
     MAX_RECORD_BYTES,
     MAX_TLS_FACTS_BYTES,
+    CloseRecord,
+    CountRecord,
     DoneRecord,
     MessageRecord,
     OutcomeRecord,
@@ -27,6 +32,8 @@ from sipwire.transport.wire import (
     RecordReader,
     WireError,
     WriteRecord,
+    encode_close,
+    encode_count,
     encode_done,
     encode_message,
     encode_outcome,
@@ -63,6 +70,10 @@ def encode(record: Record) -> bytes:
             record.flags,
             record.trace_context,
         )
+    if isinstance(record, CountRecord):
+        return encode_count(record.name, record.delta)
+    if isinstance(record, CloseRecord):
+        return encode_close(record.conn_id)
     return encode_done(record.conn_id, record.messages)
 
 
@@ -107,6 +118,11 @@ RECORDS: list[Record] = [
     DoneRecord(9, 1),
     DoneRecord(2**64 - 1, 2**32 - 1),
     DoneRecord(0, 0),
+    CountRecord("router_errors", 1),
+    CountRecord("n" * MAX_COUNTER_NAME_BYTES, 2**64 - 1),
+    CountRecord("x", 0),
+    CloseRecord(9),
+    CloseRecord(2**64 - 1),
 ]
 
 
@@ -358,11 +374,35 @@ def test_largest_record_round_trips() -> None:
     assert RecordReader().feed(data) == [record]
 
 
-@pytest.mark.parametrize("kind", [0, 5, 6, 127, 255])
+@pytest.mark.parametrize("kind", [0, 7, 8, 127, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(WireError) as caught:
         RecordReader().feed(raw_record(kind, b"abc"))
     assert str(caught.value) == f"unknown record kind {kind}"
+
+
+def test_count_and_close_layout() -> None:
+    assert encode_count("router_errors", 3) == b"\x05\x00\x00\x00\x15" + struct.pack("!Q", 3) + b"router_errors"
+    assert encode_close(0x0102030405060708) == b"\x06\x00\x00\x00\x08\x01\x02\x03\x04\x05\x06\x07\x08"
+
+
+@pytest.mark.parametrize("name", ["", "n" * (MAX_COUNTER_NAME_BYTES + 1), "é"])
+def test_count_names_are_bounded_ascii(name: str) -> None:
+    with pytest.raises(ValueError):
+        encode_count(name, 1)
+
+
+@pytest.mark.parametrize(
+    "name", [b"", b"n" * (MAX_COUNTER_NAME_BYTES + 1), b"\xff"], ids=["empty", "too_long", "not_ascii"]
+)
+def test_count_record_with_a_bad_name_is_corrupt(name: bytes) -> None:
+    with pytest.raises(WireError):
+        RecordReader().feed(raw_record(KIND_COUNT, struct.pack("!Q", 1) + name))
+
+
+def test_close_record_of_the_wrong_size_is_corrupt() -> None:
+    with pytest.raises(WireError):
+        RecordReader().feed(raw_record(KIND_CLOSE, b"\x00" * 9))
 
 
 _FIXED_MESSAGE = struct.pack("!QBHHBBH", 1, 1, 5060, 5061, 0, 0, 0)
@@ -687,6 +727,8 @@ _RECORDS = st.one_of(
     st.builds(OutcomeRecord, _U64, _U64, st.sampled_from(list(WriteResult)), st.text(max_size=30)),
     st.builds(WriteRecord, _U64, _U64, _TRANSPORT, _HOST, _PORT, st.binary(max_size=200), _SERVER_NAME, _FLAGS, _TRACE),
     st.builds(DoneRecord, _U64, st.integers(min_value=0, max_value=2**32 - 1)),
+    st.builds(CountRecord, st.text(alphabet="abc._", min_size=1, max_size=MAX_COUNTER_NAME_BYTES), _U64),
+    st.builds(CloseRecord, _U64),
 )
 
 
@@ -747,7 +789,9 @@ def test_arbitrary_bytes_give_records_or_wire_error(data: bytes, cuts: list[int]
     try:
         for start, end in itertools.pairwise(points):
             for record in reader.feed(data[start:end]):
-                assert isinstance(record, MessageRecord | OutcomeRecord | WriteRecord | DoneRecord)
+                assert isinstance(
+                    record, MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord
+                )
     except WireError:
         pass
 
@@ -761,5 +805,5 @@ def test_any_header_and_body_give_a_record_or_wire_error(kind: int, body: bytes)
     except WireError:
         return
     assert len(records) == 1
-    assert kind in (KIND_MESSAGE, KIND_OUTCOME, KIND_WRITE, KIND_DONE)
+    assert kind in (KIND_MESSAGE, KIND_OUTCOME, KIND_WRITE, KIND_DONE, KIND_COUNT, KIND_CLOSE)
     assert encode(records[0]) == raw_record(kind, body)

@@ -26,7 +26,7 @@ from sipwire.transport.ioconnect import ConnectLayer
 from sipwire.transport.iostate import KIND_CHANNEL, READ, WRITE, WorkerChannel
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.statsblock import LATENCY_BUCKETS_MS
-from sipwire.transport.wire import FLAG_PROMPT_OUTCOME, DoneRecord, WireError, WriteRecord
+from sipwire.transport.wire import FLAG_PROMPT_OUTCOME, CloseRecord, CountRecord, DoneRecord, WireError, WriteRecord
 
 log = logging.getLogger("sipwire.transport")
 
@@ -59,8 +59,22 @@ class ChannelLayer(ConnectLayer):
                 self.outstanding[worker] -= record.messages
                 finished += record.messages
                 self._done(record.conn_id, record.messages)
+            elif type(record) is CountRecord:
+                self.counters[record.name] += record.delta
+            elif type(record) is CloseRecord:
+                self._close_requested(record.conn_id)
         if finished:
             self._dispatch_done(channel, finished)
+
+    def _close_requested(self, conn_id: int) -> None:
+        """A worker's CLOSE: the connection closes once what is queued for it is sent (its owner does it)."""
+        conn = self.conns.get(conn_id)
+        if conn is not None:
+            self._close_after_flush(conn)
+            return
+        owner = self.hub.owner(conn_id)
+        if owner is not None and owner is not self:
+            owner.post("_close_requested", conn_id)
 
     def _write_job(self, worker: int, record: WriteRecord) -> None:
         """A WRITE record: to its connection by id, or to a destination (an open connection or a new one)."""

@@ -14,12 +14,14 @@ lower-cased names, and no regular expression on the common path.
 from __future__ import annotations
 
 import random
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
 from sipwire.errors import ProtocolError
+from sipwire.transport import sipsyntax
 
 SIP_VERSION: Final = "SIP/2.0"
 
@@ -89,14 +91,29 @@ CANONICAL_NAMES: Final[dict[str, str]] = {
 #: Headers a request must carry to be answered at all (RFC 3261 section 8.1.1).
 MANDATORY_REQUEST_HEADERS: Final = ("via", "from", "to", "call-id", "cseq")
 
+#: Headers that may appear once only (RFC 3261 section 7.3.1; RFC 4475 section 3.3.8).
+SINGLE_HEADERS: Final = ("from", "to", "call-id", "cseq", "max-forwards")
+
+#: A SIP-Version of another number (``SIP/7.0``) is answered 505, anything else 400.
+_OTHER_SIP_VERSION: Final = re.compile(r"SIP/[0-9]+\.[0-9]+")
+
+
+#: Reason phrases of the statuses a parse error is answered with.
+PARSE_ERROR_REASONS: Final = {400: "Bad Request", 505: "Version Not Supported"}
+
 
 class SipParseError(ProtocolError):
-    """A message is not valid SIP; ``start_line`` helps decide whether to answer 400."""
+    """A message is not valid SIP; ``start_line`` helps decide whether to answer, ``status`` with what."""
 
-    def __init__(self, detail: str, start_line: str = "") -> None:
+    def __init__(self, detail: str, start_line: str = "", status: int = 400) -> None:
         super().__init__(detail)
         self.detail = detail
         self.start_line = start_line
+        self.status = status
+
+    @property
+    def reason_phrase(self) -> str:
+        return PARSE_ERROR_REASONS[self.status]
 
     @property
     def is_request(self) -> bool:
@@ -198,25 +215,70 @@ def parse(raw: bytes) -> SipMessage:
         for mandatory in MANDATORY_REQUEST_HEADERS:
             if mandatory not in index:
                 raise SipParseError(f"missing mandatory header {CANONICAL_NAMES.get(mandatory, mandatory)}", start_line)
+    problem = _header_problem(message)
+    if problem is not None:
+        raise SipParseError(problem, start_line)
     return message
 
 
+def _header_problem(message: SipMessage) -> str | None:
+    """The first header value the grammar refuses, among those SIP elements act upon; None if all are fine."""
+    for name in SINGLE_HEADERS:
+        if len(message.index.get(name, ())) > 1:
+            return f"more than one {CANONICAL_NAMES[name]} header"
+    for via in message.values("via"):
+        if (problem := sipsyntax.via_problem(via)) is not None:
+            return problem
+    for name in ("from", "to"):
+        value = message.header(name)
+        if value is not None and (problem := sipsyntax.address_problem(value, CANONICAL_NAMES[name])) is not None:
+            return problem
+    for contact in message.values("contact"):
+        if contact != "*" and (problem := sipsyntax.address_problem(contact, "Contact")) is not None:
+            return problem
+    cseq = message.header("cseq")
+    if cseq is not None:
+        problem = sipsyntax.cseq_problem(cseq, message.method if message.is_request else None)
+        if problem is not None:
+            return problem
+    max_forwards = message.header("max-forwards")
+    if max_forwards is not None and sipsyntax.number(max_forwards, sipsyntax.MAX_FORWARDS_LIMIT) is None:
+        return f"Max-Forwards {max_forwards[:20]!r} is not 0..{sipsyntax.MAX_FORWARDS_LIMIT}"
+    call_id = message.header("call-id")
+    if call_id is not None and (not call_id or any(char in call_id for char in " \t")):
+        return f"malformed Call-ID {call_id[:60]!r}"
+    date = message.header("date")
+    if date is not None and not sipsyntax.date_ok(date):
+        return f"Date {date[:40]!r} is not an RFC 1123 date in GMT"
+    return None
+
+
 def _parse_start_line(line: str) -> tuple[str, str, int, str]:
+    """Split ``Method SP Request-URI SP SIP-Version`` or ``SIP-Version SP Status-Code SP Reason-Phrase``.
+
+    Methods are any token, case-sensitive (RFC 3261 section 7.1): ``invite``
+    and ``NEWMETHOD`` are extension methods, for the router to answer 501/405.
+    """
     parts = line.split(" ", 2)
     if len(parts) < 3:
         raise SipParseError(f"malformed start line {line[:80]!r}", line)
     if parts[0] == SIP_VERSION:
         code = parts[1]
-        if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == "0":
+        if len(code) != 3 or not code.isascii() or not code.isdigit() or not "1" <= code[0] <= "6":
             raise SipParseError(f"invalid status code {code!r}", line)
         return "", "", int(code), parts[2]
     method, uri, version = parts
+    if not uri or " " in version:
+        # RFC 4475 sections 3.1.2.8-10: exactly one SP between the three parts, none after.
+        raise SipParseError(f"malformed request line {line[:80]!r}: one space between its three parts", line)
     if version != SIP_VERSION:
-        raise SipParseError(f"unsupported protocol version {version[:20]!r}", line)
-    if not method.isalpha() or not method.isupper():
+        status = 505 if _OTHER_SIP_VERSION.fullmatch(version) else 400
+        raise SipParseError(f"unsupported protocol version {version[:20]!r}", line, status)
+    if not sipsyntax.is_token(method):
         raise SipParseError(f"invalid method {method[:20]!r}", line)
-    if ":" not in uri:
-        raise SipParseError(f"Request-URI {uri[:60]!r} has no scheme", line)
+    problem = sipsyntax.request_uri_problem(uri)
+    if problem is not None:
+        raise SipParseError(problem, line)
     return method, uri, 0, ""
 
 
@@ -353,7 +415,7 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
     """
     text = header_block.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
-    if not lines or lines[0].startswith(("SIP/", "ACK ")) or " SIP/2.0" not in lines[0]:
+    if not lines or lines[0].startswith(("SIP/", "ACK ")) or " SIP/" not in lines[0]:
         # Responses are never answered, and neither is ACK (RFC 3261 section 17.1.1.1).
         return None
     wanted: dict[str, list[str]] = {}
@@ -368,7 +430,8 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
         if not colon:
             continue
         key = _canonical_key(name.strip())
-        if key in MANDATORY_REQUEST_HEADERS:
+        if key == "via" or (key in MANDATORY_REQUEST_HEADERS and key not in wanted):
+            # Every Via, but one From/To/Call-ID/CSeq even where a broken request repeats them.
             current = wanted.setdefault(key, [])
             current.append(value.strip())
     if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sipwire.errors import ProtocolError
+from sipwire.transport import sipsyntax
 
 
 class SipUriError(ProtocolError, ValueError):
@@ -76,6 +77,7 @@ def _split_host_port(value: str, text: str) -> tuple[str, int | None]:
         raise SipUriError(f"no host in {text[:80]!r}")
     if not port_text:
         return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise SipUriError(f"invalid port {port_text!r} in {text[:80]!r}")
-    return host, int(port_text)
+    port = sipsyntax.port(port_text)
+    if port is None:
+        raise SipUriError(f"invalid port {port_text[:20]!r} in {text[:80]!r}")
+    return host, port

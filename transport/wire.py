@@ -29,6 +29,14 @@ Worker to transport
              without it a ``sent`` outcome rides along with the next records
              for that worker (failures are always reported at once).
     DONE     ``!QI`` conn id, number of that connection's messages finished.
+    COUNT    ``!Q`` delta; the counter name (ASCII, at most
+             :data:`MAX_COUNTER_NAME_BYTES`): what the worker counted since
+             its last batch, added to the I/O thread's counters (``ctl stats``,
+             the stats block, ``/metrics``). Names come from a fixed set in
+             the worker, never from peer text.
+    CLOSE    ``!Q`` conn id: close that connection once its queued writes are
+             out and its in-flight messages answered (a peer that sent
+             something the worker could neither parse nor answer).
 
 Bodies are bounded by :data:`MAX_RECORD_BYTES`; a reader that sees a larger
 length knows the stream is corrupt and raises :class:`WireError`.
@@ -47,6 +55,8 @@ KIND_MESSAGE: Final = 1
 KIND_OUTCOME: Final = 2
 KIND_WRITE: Final = 3
 KIND_DONE: Final = 4
+KIND_COUNT: Final = 5
+KIND_CLOSE: Final = 6
 
 TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2}
 TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
@@ -61,6 +71,9 @@ MAX_WRITE_PAYLOAD: Final = MAX_RECORD_BYTES - 1024
 MAX_TLS_FACTS_BYTES: Final = 4096
 #: WRITE flag: report a ``sent`` outcome at once (someone waits for it).
 FLAG_PROMPT_OUTCOME: Final = 1
+#: Counter names are short fixed labels (``sip_parse_error.closed``); 64 bytes is ample
+#: and keeps them within the stats block's 56-byte names plus a prefix.
+MAX_COUNTER_NAME_BYTES: Final = 64
 
 _HEADER = struct.Struct("!BI")
 _MESSAGE_FIXED = struct.Struct("!QBHHBBH")
@@ -68,6 +81,8 @@ _MESSAGE_TIME = struct.Struct("!dH")
 _OUTCOME = struct.Struct("!QQB")
 _WRITE = struct.Struct("!QQBBHBBB")
 _DONE = struct.Struct("!QI")
+_COUNT = struct.Struct("!Q")
+_CLOSE = struct.Struct("!Q")
 HEADER_SIZE: Final = _HEADER.size
 
 
@@ -115,7 +130,16 @@ class DoneRecord(NamedTuple):
     messages: int
 
 
-Record = MessageRecord | OutcomeRecord | WriteRecord | DoneRecord
+class CountRecord(NamedTuple):
+    name: str
+    delta: int
+
+
+class CloseRecord(NamedTuple):
+    conn_id: int
+
+
+Record = MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord
 
 
 def message_prefix(
@@ -185,6 +209,18 @@ def encode_write(
 
 def encode_done(conn_id: int, messages: int) -> bytes:
     return _HEADER.pack(KIND_DONE, _DONE.size) + _DONE.pack(conn_id, messages)
+
+
+def encode_count(name: str, delta: int) -> bytes:
+    """A COUNT record; ``name`` must be ASCII and at most :data:`MAX_COUNTER_NAME_BYTES` long."""
+    name_bytes = name.encode("ascii")
+    if not name_bytes or len(name_bytes) > MAX_COUNTER_NAME_BYTES:
+        raise ValueError(f"counter name {name[:40]!r} is empty or exceeds {MAX_COUNTER_NAME_BYTES} bytes")
+    return _HEADER.pack(KIND_COUNT, _COUNT.size + len(name_bytes)) + _COUNT.pack(delta) + name_bytes
+
+
+def encode_close(conn_id: int) -> bytes:
+    return _HEADER.pack(KIND_CLOSE, _CLOSE.size) + _CLOSE.pack(conn_id)
 
 
 class RecordReader:
@@ -263,6 +299,15 @@ def _decode(kind: int, body: bytes) -> Record:
     if kind == KIND_DONE:
         conn_id, count = _DONE.unpack(body)
         return DoneRecord(conn_id, count)
+    if kind == KIND_COUNT:
+        (delta,) = _COUNT.unpack_from(body)
+        name = body[_COUNT.size :]
+        if not name or len(name) > MAX_COUNTER_NAME_BYTES:
+            raise WireError(f"COUNT record with a counter name of {len(name)} bytes")
+        return CountRecord(name.decode("ascii"), delta)
+    if kind == KIND_CLOSE:
+        (conn_id,) = _CLOSE.unpack(body)
+        return CloseRecord(conn_id)
     if kind == KIND_OUTCOME:
         job_id, conn_id, code = _OUTCOME.unpack_from(body)
         return OutcomeRecord(job_id, conn_id, WriteResult.from_code(code), body[_OUTCOME.size :].decode("utf-8"))

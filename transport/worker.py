@@ -26,15 +26,17 @@ import struct
 import sys
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from sipwire.config import Settings
 from sipwire.otel.setup import worker_tracing
 from sipwire.transport.outcome import WriteResult
+from sipwire.transport.ratelog import RateLimitedLog
 from sipwire.transport.readbuffer import ReadBuffer
 from sipwire.transport.resolver import Failure, Resolver, ResolverLimits
 from sipwire.transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
-from sipwire.transport.sip import SipParseError, parse, response_for_unparsable
+from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
+from sipwire.transport.sipsyntax import MAX_PORT
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
@@ -43,6 +45,8 @@ from sipwire.transport.wire import (
     OutcomeRecord,
     RecordReader,
     WireError,
+    encode_close,
+    encode_count,
     encode_done,
     encode_write,
 )
@@ -60,16 +64,29 @@ CONTROL_STOP = 2
 RECV_BYTES = 262144
 #: The transport kills a worker that has not exited 2 s after being told to stop: export what is left before that.
 WORKER_TELEMETRY_STOP_SECONDS = 1.0
+#: Peer text quoted in a log line is cut here: enough to recognise the message, too short to flood.
+MAX_LOGGED_PEER_CHARS: Final = 120
+
+#: What a request whose router raised is answered with (status 500).
+ROUTER_FAILED_REASON: Final = "Server Internal Error (router failed)"
+
+#: Counters a worker reports to the transport (COUNT records): a fixed set, never peer text.
+COUNT_ROUTER_ERRORS: Final = "router_errors"
+COUNT_UNPARSABLE_ANSWERED: Final = "sip_parse_error.answered"
+COUNT_UNPARSABLE_CLOSED: Final = "sip_parse_error.closed"
+COUNT_UNPARSABLE_RESPONSE: Final = "sip_parse_error.response_dropped"
 
 
 class _Channel:
-    __slots__ = ("out", "reader", "sock", "thread_index")
+    __slots__ = ("counts", "out", "reader", "sock", "thread_index")
 
     def __init__(self, thread_index: int, sock: socket.socket) -> None:
         self.thread_index = thread_index
         self.sock = sock
         self.reader = RecordReader()
         self.out: list[bytes] = []
+        # Counter deltas since the last flush: one COUNT record per name per loop pass.
+        self.counts: defaultdict[str, int] = defaultdict(int)
 
 
 class Worker:
@@ -96,7 +113,7 @@ class Worker:
         self._callbacks: dict[int, OutcomeCallback] = {}
         self._deferred: list[Callable[[], None]] = []
         self._running = True
-        self._route_errors = 0
+        self._ratelog = RateLimitedLog(log)
         self._reader = ReadBuffer(RECV_BYTES)
         self._tracing = tracing
         # While a traced message is routed: its span, and the traceparent its write jobs carry.
@@ -116,7 +133,7 @@ class Worker:
             reason = f"{len(data)} bytes exceed the {MAX_WRITE_PAYLOAD}-byte limit of one write job"
             self._fail_later(job_id, conn_id, on_outcome, WriteResult.TOO_LARGE, reason)
             return job_id
-        channel = self._current or next(iter(self._channels.values()), None)
+        channel = self._channel_now()
         if channel is None:
             self._fail_later(job_id, conn_id, on_outcome, WriteResult.SHUTDOWN, "no channel to the transport")
             return job_id
@@ -129,6 +146,10 @@ class Worker:
             channel.out.append(
                 encode_write(job_id, conn_id, "tcp", "", 0, data, flags=flags, trace_context=trace_context)
             )
+            return job_id
+        if not 0 <= destination.port <= MAX_PORT:  # a WRITE record's port is 16 bits; the transport refuses 0
+            reason = f"port {destination.port} is out of range"
+            self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, reason)
             return job_id
         job = _DestinationJob(job_id, channel, destination, data, flags, trace_context, on_outcome)
         host = destination.host.strip("[]")
@@ -289,12 +310,7 @@ class Worker:
         try:
             message = parse(record.raw)
         except SipParseError as error:
-            if self._span is not None and self._tracing is not None:
-                self._tracing.failed(self._span, "sip_parse_error", error.detail)
-            if error.is_request:
-                answer = response_for_unparsable(record.raw, 400, f"Bad Request ({error.detail})")
-                if answer is not None:
-                    ctx.reply(answer)
+            self._unparsable(record, ctx, error)
             return
         if self._span is not None and self._tracing is not None:
             self._tracing.parsed(self._span, message)
@@ -303,23 +319,70 @@ class Worker:
         except Exception as error:
             if self._span is not None and self._tracing is not None:
                 self._tracing.failed(self._span, type(error).__qualname__, f"router failed: {error}")
-            self._route_errors += 1
-            log.exception(
-                "worker %d: router failed on %s from conn %d", self.index, message.start_line[:80], record.conn_id
-            )
+            self._router_failed(error, f"on {_quoted(message.start_line)} from conn {record.conn_id}")
             if message.is_request and message.method != "ACK":
-                answer = response_for_unparsable(record.raw, 500, "Server Internal Error (router failed)")
-                if answer is not None:
-                    ctx.reply(answer)
+                ctx.reply(build_response(message, 500, ROUTER_FAILED_REASON, via_source=envelope.remote))
+
+    def _unparsable(self, record: MessageRecord, ctx: RouteContext, error: SipParseError) -> None:
+        """Never drop a broken message silently: answer it, or close its connection; count either way.
+
+        Responses are never answered (RFC 3261 section 18.1.2 discards them), so they are only counted.
+        """
+        if self._span is not None and self._tracing is not None:
+            self._tracing.failed(self._span, "sip_parse_error", error.detail)
+        answer = None
+        if error.is_request:
+            answer = response_for_unparsable(record.raw, error.status, f"{error.reason_phrase} ({error.detail})")
+        if answer is not None:
+            ctx.reply(answer)
+            outcome = COUNT_UNPARSABLE_ANSWERED
+        elif error.is_request:
+            self._close_connection(record.conn_id)
+            outcome = COUNT_UNPARSABLE_CLOSED
+        else:
+            outcome = COUNT_UNPARSABLE_RESPONSE
+        self.count(outcome)
+        self._ratelog.log(
+            logging.INFO, outcome, "worker %d: %s from conn %d: %s",
+            self.index, outcome, record.conn_id, _quoted(error.detail),
+        )  # fmt: skip
+
+    def _router_failed(self, error: Exception, where: str) -> None:
+        """Count a router exception; log it at most once a second, its traceback only at debug level."""
+        self.count(COUNT_ROUTER_ERRORS)
+        self._ratelog.log(
+            logging.ERROR, COUNT_ROUTER_ERRORS, "worker %d: router raised %s %s: %s",
+            self.index, type(error).__qualname__, where, _quoted(str(error)),
+        )  # fmt: skip
+        log.debug("worker %d: router traceback", self.index, exc_info=error)
+
+    def count(self, name: str) -> None:
+        """Add one to a transport counter; ``name`` must be one of this module's ``COUNT_*``."""
+        channel = self._channel_now()
+        if channel is not None:  # else the transport is gone: nobody to count for
+            channel.counts[name] += 1
+
+    def _close_connection(self, conn_id: int) -> None:
+        """Ask the transport to close ``conn_id`` once what is queued for it is out."""
+        channel = self._channel_now()
+        if channel is not None:
+            channel.out.append(encode_close(conn_id))
+
+    def _channel_now(self) -> _Channel | None:
+        """The channel this worker's records go to now: the current message's, else any."""
+        return self._current or next(iter(self._channels.values()), None)
 
     def _run_callback(self, callback: OutcomeCallback, outcome: Outcome) -> None:
         try:
             callback(outcome)
-        except Exception:
-            log.exception("worker %d: outcome callback failed for job %d", self.index, outcome.job_id)
+        except Exception as error:
+            self._router_failed(error, f"in the outcome callback of job {outcome.job_id}")
 
     def _flush(self) -> None:
         for channel in list(self._channels.values()):
+            if channel.counts:
+                channel.out.extend(encode_count(name, delta) for name, delta in channel.counts.items())
+                channel.counts.clear()
             if channel.out:
                 data = b"".join(channel.out)
                 channel.out.clear()
@@ -347,6 +410,12 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _quoted(text: str) -> str:
+    """Peer text fit for a log line: escaped (no control characters, ASCII only) and cut."""
+    cut = text[:MAX_LOGGED_PEER_CHARS]
+    return ascii(cut) + ("..." if len(text) > MAX_LOGGED_PEER_CHARS else "")
 
 
 def _server_name(destination: Destination, address: str) -> str:

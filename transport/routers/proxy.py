@@ -38,6 +38,7 @@ from typing import Final
 
 from sipwire.config import Settings
 from sipwire.statedir import instance_secret, runtime_directory
+from sipwire.transport import sipsyntax
 from sipwire.transport.ratelog import RateLimitedLog
 from sipwire.transport.routing import Destination, Envelope, Outcome, RouteContext
 from sipwire.transport.sip import (
@@ -56,9 +57,13 @@ FLOW_PARAM: Final = "swf"
 FLOW_KEY_FILE: Final = "proxy-flow.key"
 #: HMAC bytes kept in a token: 128 bits cannot be guessed, and keep the Via short.
 FLOW_MAC_BYTES: Final = 16
+#: Connection ids are 64-bit (the WRITE record's conn id field).
+MAX_CONN_ID: Final = 2**64 - 1
 
 log = logging.getLogger("sipwire.proxy")
 DEFAULT_EXPIRES: Final = 3600
+#: What a forwarded request without Max-Forwards starts from (RFC 3261 section 8.1.1.6).
+DEFAULT_MAX_FORWARDS: Final = 70
 MAX_EXPIRES: Final = 86400
 
 
@@ -130,15 +135,17 @@ def _register(state: _State, message: SipMessage, ctx: RouteContext) -> None:
 
 
 def _expires(value: str | None, default: int) -> int:
-    if value is None or not value.strip().isdigit():
-        return default
-    return min(int(value), MAX_EXPIRES)
+    """An Expires value capped at a day; the default when absent or not a number (RFC 4475 section 3.1.2.4)."""
+    seconds = None if value is None else sipsyntax.number(value, sipsyntax.MAX_CSEQ)
+    return default if seconds is None else min(seconds, MAX_EXPIRES)
 
 
 def _forward(state: _State, message: SipMessage, ctx: RouteContext) -> None:
     envelope = ctx.envelope
-    max_forwards = message.header("max-forwards")
-    hops = int(max_forwards) if max_forwards and max_forwards.isdigit() else 70
+    max_forwards = message.header("max-forwards")  # sip.parse refuses a value that is not 0..255
+    hops = sipsyntax.number(max_forwards or "", sipsyntax.MAX_FORWARDS_LIMIT)
+    if hops is None:
+        hops = DEFAULT_MAX_FORWARDS
     if hops <= 0:
         if message.method != "ACK":
             ctx.reply(build_response(message, 483, "Too Many Hops", via_source=envelope.remote))
@@ -242,10 +249,9 @@ def _verified_flow(key: bytes, vias: list[str]) -> tuple[int, Destination | None
     branch = header_param(vias[0], "branch")
     if not token or not branch:
         return None
-    conn_text, _, _ = token.partition(".")
-    if not (conn_text.isascii() and conn_text.isdigit()) or len(conn_text) > 19:
+    conn_id = sipsyntax.number(token.partition(".")[0], MAX_CONN_ID)
+    if not conn_id:
         return None
-    conn_id = int(conn_text)
     fallback = _fallback_of(vias[1])
     if not hmac.compare_digest(token, _flow_token(key, branch, conn_id, fallback)):
         return None
