@@ -526,45 +526,59 @@ class RunResult:
     abusers: list[AbuseTally] = field(default_factory=list)
     pss_kib_before: int = 0
     pss_kib_peak: int = 0
-    pss_kib_end: int = 0
+    pss_kib_end: int = 0  # right after the client's last exchange, abusers still connected
+    pss_kib_after: int = 0  # once the abusers are gone and the server is quiet again
     rss_kib_end: int = 0  # summed VmRSS of the tree (counts shared pages once per process)
-    settle_s: float = 0.0
+    settle_s: float = 0.0  # waited before the run for the server to be quiet
+    drain_s: float = 0.0  # waited after it (abusers gone) before pss_kib_after
     notes: list[str] = field(default_factory=list)
 
     def abuse_sum(self, name: str) -> int:
         return sum(int(getattr(t, name)) for t in self.abusers)
 
 
+def abusers_for(server: Server, ctx: sb.Context, args: argparse.Namespace) -> AbuserGroup:
+    """The abuser children of the next run (not started), with a deadline that outlasts the client."""
+    rundir = ctx.work / f"{ctx.prefix}{ctx.runs + 1:02d}-abuser-children"  # next to sipp's run dir
+    rundir.mkdir(parents=True, exist_ok=True)
+    deadline = WARMUP_S + args.calls / args.rate + ABUSER_SLACK_S
+    counts = {"flooder": args.flooders, "non-reader": args.non_readers}
+    return AbuserGroup(server.target, counts, deadline, rundir)
+
+
+def measure_client(server: Server, ctx: sb.Context, res: RunResult, args: argparse.Namespace, loaded: bool) -> None:
+    """The client's sipp run, the server's CPU per process over it, and its state and memory at the end."""
+    ticks0, t0 = tree_ticks(server.pid), time.monotonic()
+    profile = args.profile and isinstance(server, SipwireServer)
+    res.load = sb.run_load(ctx, "t1", args.rate, args.calls, f"{server.name}-{res.scenario}", profile=profile)
+    res.notes.append(busiest(ticks0, tree_ticks(server.pid), time.monotonic() - t0, server.pid))
+    res.notes += server.while_loaded() if loaded else []
+    res.pss_kib_end, res.rss_kib_end = tree_memory_kib(server.pid)
+
+
 def run_once(server: Server, ctx: sb.Context, scenario: str, args: argparse.Namespace) -> RunResult:
-    """The client's sipp run; with ``abusers`` the children start WARMUP_S before it and stop right after."""
-    settle = wait_quiet(server.pid)
-    server.before_run()
-    pss0, _ = tree_memory_kib(server.pid)
+    """One client run, alone or with the abusers (started before it, stopped right after it)."""
     res = RunResult(server.name, scenario, sb.LoadResult(label="", conn="t1", rate=args.rate, calls=args.calls))
-    res.settle_s, res.pss_kib_before = settle, pss0
-    if settle >= QUIET_MAX_S:
+    res.settle_s = wait_quiet(server.pid)
+    if res.settle_s >= QUIET_MAX_S:
         res.notes.append(f"server still busy after {QUIET_MAX_S:.0f} s of waiting before the run")
-    group = None
+    server.before_run()
+    res.pss_kib_before, _ = tree_memory_kib(server.pid)
+    group = abusers_for(server, ctx, args) if scenario == "abusers" else None
     with MemoryPeak(server.pid) as peak:
-        if scenario == "abusers":
-            rundir = ctx.work / f"{ctx.prefix}{ctx.runs + 1:02d}-abuser-children"  # next to sipp's run dir
-            rundir.mkdir(parents=True, exist_ok=True)
-            deadline = WARMUP_S + args.calls / args.rate + ABUSER_SLACK_S
-            counts = {"flooder": args.flooders, "non-reader": args.non_readers}
-            group = AbuserGroup(server.target, counts, deadline, rundir)
-            group.start()
-            time.sleep(WARMUP_S)
-        ticks0, t0 = tree_ticks(server.pid), time.monotonic()
         try:
-            profile = args.profile and isinstance(server, SipwireServer)
-            res.load = sb.run_load(ctx, "t1", args.rate, args.calls, f"{server.name}-{scenario}", profile=profile)
-            res.notes.append(busiest(ticks0, tree_ticks(server.pid), time.monotonic() - t0, server.pid))
-            res.notes += server.while_loaded() if group else []
-            res.pss_kib_end, res.rss_kib_end = tree_memory_kib(server.pid)
+            if group is not None:
+                group.start()  # stop() below also ends a group that failed half-way through its start
+                time.sleep(WARMUP_S)
+            measure_client(server, ctx, res, args, loaded=group is not None)
         finally:
             if group is not None:
                 res.abusers = group.stop()
     res.pss_kib_peak = max(peak.peak_kib, res.pss_kib_end)
+    res.drain_s = wait_quiet(server.pid)
+    res.pss_kib_after, _ = tree_memory_kib(server.pid)
+    if res.drain_s >= QUIET_MAX_S:
+        res.notes.append(f"server still busy {QUIET_MAX_S:.0f} s after the run")
     res.notes += server.after_run()
     if (spy := Path(res.load.rundir) / "profile.speedscope.json").exists():
         print(f"\npy-spy profile of {server.name}/{scenario} ({spy}):\n{sb.summarise_profile(spy, server.pid)}")
@@ -592,12 +606,13 @@ def run_server(server: Server, work: Path, shim: Path | None, args: argparse.Nam
 # --------------------------------------------------------------------------- output
 
 HEADS = ["server", "scenario", "calls", "failed", "p50", "p95", "p99", "max", "abuse sent", "answered (200)",
-         "srv CPU%", "PSS MiB before/peak/end", "others%"]  # fmt: skip
+         "srv CPU%", "PSS MiB before/peak/end/after", "others%"]  # fmt: skip
 
 
 def row(r: RunResult) -> list[str]:
     lat, load = r.load.latency_ms, r.load
-    mib = "/".join(f"{kib / 1024:.0f}" for kib in (r.pss_kib_before, r.pss_kib_peak, r.pss_kib_end))
+    kibs = (r.pss_kib_before, r.pss_kib_peak, r.pss_kib_end, r.pss_kib_after)
+    mib = "/".join(f"{kib / 1024:.0f}" for kib in kibs)
     abused = bool(r.abusers)
     return [
         r.server,
