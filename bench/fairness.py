@@ -679,7 +679,7 @@ def machine() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "cpu": cpu_model(),
         "python": platform.python_version(),
-        "sipp": version(["sipp", "-v"], r"v\d+\.\d+\.\d+\S*"),
+        "sipp": version(["sipp", "-v"], r"v\d+\.\d+\.\d+[\w-]*"),
         "kamailio": version(["kamailio", "-v"], r"kamailio \d+\.\d+\.\d+"),
         "loadavg": os.getloadavg(),
     }
