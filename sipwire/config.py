@@ -110,6 +110,12 @@ class Settings:
         33554432,
         "Bytes queued over all connections before write jobs fail with limit_reached (32 MiB; Kamailio 10 MB).",
     )
+    max_in_flight_per_connection: int = _setting(
+        32,
+        "Messages of one connection waiting on workers at most. Past it, the rest of what the connection sent "
+        "waits in the transport and the connection is not read until workers answer, so a flooding peer cannot "
+        "queue ahead of everyone else (fairness); a busy trunk still gets this many in parallel.",
+    )
     dispatch_backlog_bytes: int = _setting(
         8388608, "Bytes waiting for one worker before new requests are answered 503 (overload protection)."
     )
@@ -281,6 +287,7 @@ def _validate(settings: Settings) -> None:
         "dns_cache_entries",
         "dns_threads",
         "dns_max_pending",
+        "max_in_flight_per_connection",
     )
     for name in positive:
         if getattr(settings, name) <= 0:

@@ -107,6 +107,7 @@ class Connection:
         "deadline",
         "destination",
         "framer",
+        "held",
         "id",
         "in_flight",
         "jobs",
@@ -168,7 +169,10 @@ class Connection:
         self.message_started = 0.0  # monotonic time the message in progress began; 0: none
         # CONNECTING/HANDSHAKE: when to give up; CLOSING: when to stop waiting for answers.
         self.deadline = 0.0
-        self.out_chunks: list[bytes] = []
+        self.out_chunks: deque[bytes | memoryview] = deque()
+        # Framed messages past max_in_flight_per_connection, oldest first: (MESSAGE record, raw message).
+        # While any wait here the connection is not read, so this holds at most one read's worth.
+        self.held: deque[tuple[bytes, bytes]] = deque()
         self.queued_total = 0  # bytes ever queued
         self.sent_total = 0  # bytes ever written to the socket
         self.jobs: deque[PendingJob] = deque()

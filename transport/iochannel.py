@@ -173,6 +173,8 @@ class ChannelLayer(ConnectLayer):
             if conn.worker == worker:
                 conn.in_flight = 0
                 conn.worker = -1
+                if conn.held:
+                    self._release_held(conn)
 
     def add_channel(self, worker: int, sock: socket.socket) -> None:
         """Inbox job: a (re)started worker's channel; parked messages go to it."""
@@ -201,6 +203,8 @@ class ChannelLayer(ConnectLayer):
         conn = self.conns.get(conn_id)
         if conn is not None:
             conn.in_flight = max(0, conn.in_flight - count)
+            if conn.held:
+                self._release_held(conn)
             if conn.state is ConnState.CLOSING and not conn.in_flight and not conn.out_chunks:
                 self._close(conn, "closed after its last answer", WriteResult.CONNECTION_GONE)
             return

@@ -5,7 +5,10 @@ message in those bytes (keep-alive pings are answered here). All messages of one
 read become MESSAGE records for one worker, appended to its channel buffer and
 sent once at the end of the loop pass: the worker still holding this
 connection's earlier messages, so they are processed in order, else the worker
-with the least outstanding work. While no worker is alive, messages are parked
+with the least outstanding work. A connection has at most
+``max_in_flight_per_connection`` messages at the workers; the rest of a read
+waits in the connection (``held``), which is not read meanwhile, so flooding
+peers take turns with everyone else. While no worker is alive, messages are parked
 (``iochannel.py`` hands them to the next channel); above the worker's backlog
 cap they are answered 503; a framing error is answered and closes the
 connection once its answers are out.
@@ -27,6 +30,11 @@ from sipwire.transport.outcome import WriteResult
 from sipwire.transport.sip import response_for_unparsable
 from sipwire.transport.streams import StreamError
 from sipwire.transport.wire import encode_message
+
+#: How many times max_in_flight_per_connection a connection may have at the workers when it is the only
+#: one with messages there: whole batches keep a busy trunk fast, and a newcomer still finds a bounded
+#: queue ahead of it.
+SOLE_CONNECTION_FACTOR: Final = 8
 
 _FRAMING_ANSWERS: Final = {
     FramingErrorReason.MESSAGE_TOO_LARGE: (413, "Request Entity Too Large"),
@@ -75,6 +83,7 @@ class ReadLayer(WriteLayer):
     def _dispatch(self, conn: Connection, events: list[Event], read_ns: int = 0) -> None:
         received_at = time.time()
         records: list[bytes] = []
+        messages: list[bytes] = []  # the raw messages of ``records``, to answer 503 from
         prefix = conn.prefix
         tracing = self._tracing
         traced: list[tuple[int, int]] = []  # (trace id, span id) of the sampled messages
@@ -82,7 +91,9 @@ class ReadLayer(WriteLayer):
             if isinstance(event, Ping):
                 self.counters["keepalive_pings"] += 1
                 self._enqueue(conn, PONG, 0, -1)
-            elif tracing is None:
+                continue
+            messages.append(event)
+            if tracing is None:
                 records.append(encode_message(prefix, received_at, b"", event))
             else:
                 trace_id = tracing.root_trace_id()
@@ -97,31 +108,68 @@ class ReadLayer(WriteLayer):
         count = len(records)
         conn.messages_in += count
         self.counters["messages_in"] += count
-        # Keep a connection's messages on the worker that holds its earlier ones (or parked
-        # behind them while no worker is alive), so they are processed in arrival order.
+        room = self._in_flight_limit(conn) - conn.in_flight
+        if conn.held or room < count:
+            # Fairness: past its in-flight bound a connection's messages wait here, in arrival order,
+            # and it is not read until workers answer (see IOState._update_events).
+            take = 0 if conn.held else max(room, 0)
+            conn.held.extend(zip(records[take:], messages[take:], strict=True))
+            self.counters["held_messages"] += count - take
+            records, messages = records[:take], messages[:take]
+            self._update_events(conn)
+        error = self._to_workers(conn, records, messages) if records else ""
+        if traced:
+            self._received(conn, traced, read_ns, error)
+
+    def _to_workers(self, conn: Connection, records: list[bytes], messages: list[bytes]) -> str:
+        """Give one connection's messages to one worker; the error of their receive spans ("" or "overload").
+
+        The worker that holds this connection's earlier messages gets them (or they are parked behind
+        them while no worker is alive), so a connection's messages are processed in arrival order.
+        """
         worker = conn.worker
         if not conn.in_flight or (worker >= 0 and self.channels[worker] is None):
             worker = self._least_busy_worker()
         if worker < 0:
             self._park(conn, records)
-            if traced:
-                self._received(conn, traced, read_ns, "")
-            return
+            return ""
         channel = self.channels[worker]
         assert channel is not None
         if channel.backlog_bytes > self.settings.dispatch_backlog_bytes:
-            self._reject_overload(conn, events)
-            if traced:
-                self._received(conn, traced, read_ns, "overload")
-            return
+            self._reject_overload(conn, messages)
+            return "overload"
+        count = len(records)
         channel.out.extend(records)
         self._dirty_channels.add(channel)
         conn.worker = worker
         conn.in_flight += count
         self.outstanding[worker] += count
         channel.sent_at.append((time.monotonic(), count))
-        if traced:
-            self._received(conn, traced, read_ns, "")
+        return ""
+
+    def _release_held(self, conn: Connection) -> None:
+        """Messages that waited for room go to a worker, oldest first; reading resumes once none wait."""
+        held = conn.held
+        room = self._in_flight_limit(conn) - conn.in_flight
+        if room <= 0:
+            return
+        records: list[bytes] = []
+        messages: list[bytes] = []
+        while held and room:
+            record, message = held.popleft()
+            records.append(record)
+            messages.append(message)
+            room -= 1
+        self._to_workers(conn, records, messages)
+        if not held:
+            self._update_events(conn)
+
+    def _in_flight_limit(self, conn: Connection) -> int:
+        """``max_in_flight_per_connection``, or SOLE_CONNECTION_FACTOR times it while no other connection
+        of this thread has messages at the workers (no one to take turns with: bigger batches)."""
+        if sum(self.outstanding) > conn.in_flight:
+            return self._max_in_flight
+        return self._max_in_flight * SOLE_CONNECTION_FACTOR
 
     def _received(self, conn: Connection, traced: list[tuple[int, int]], read_ns: int, error: str) -> None:
         """Record the ``sip.receive`` spans of the sampled messages of one read."""
@@ -153,13 +201,12 @@ class ReadLayer(WriteLayer):
         self._parked.append((conn.id, records))
         conn.in_flight += len(records)
 
-    def _reject_overload(self, conn: Connection, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, bytes):
-                answer = response_for_unparsable(event, 503, "Service Unavailable (worker backlog full)")
-                self.counters["overload_rejected"] += 1
-                if answer is not None:
-                    self._enqueue(conn, answer, 0, -1)
+    def _reject_overload(self, conn: Connection, messages: list[bytes]) -> None:
+        for message in messages:
+            answer = response_for_unparsable(message, 503, "Service Unavailable (worker backlog full)")
+            self.counters["overload_rejected"] += 1
+            if answer is not None:
+                self._enqueue(conn, answer, 0, -1)
         self.ratelog.log(
             logging.WARNING,
             "overload",

@@ -133,6 +133,9 @@ class IOState:
         self._running: bool = True
         self._retire_deadline: float = 0.0
         self._shutdown_deadline: float = 0.0
+        # Read gates (fairness and backpressure, see _update_events).
+        self._write_queue_cap: int = settings.write_queue_bytes
+        self._max_in_flight: int = settings.max_in_flight_per_connection
         self.alive: bool = True
 
     # -- cross-thread API: the only entry points other threads may call ----------------------
@@ -155,10 +158,25 @@ class IOState:
     # -- selector registration of connections --------------------------------------------------
 
     def _update_events(self, conn: Connection) -> None:
-        """Register exactly the selector events the connection's state and stream need."""
+        """Register exactly the selector events the connection's state and stream need.
+
+        An open connection is read only while it keeps within its bounds: messages
+        waiting beyond ``max_in_flight_per_connection`` (fairness between peers) and
+        ``write_queue_bytes`` queued for it, the transport's own answers and pongs
+        included (a peer that never reads stops being read). TCP flow control then
+        slows the peer down; nothing it sends piles up here.
+        """
         state = conn.state
         if state is ConnState.OPEN:
-            events = (0 if self._shutdown_deadline else READ) | (WRITE if conn.out_chunks else 0)
+            events = WRITE if conn.out_chunks else 0
+            if self._shutdown_deadline:
+                pass
+            elif conn.held:
+                events |= self._gate_closed(conn, "paused.in_flight")
+            elif conn.pending_bytes >= self._write_queue_cap:
+                events |= self._gate_closed(conn, "paused.write_queue")
+            else:
+                events |= READ
         elif state is ConnState.CLOSING:
             events = WRITE if conn.out_chunks else 0
         elif state is ConnState.CONNECTING:
@@ -168,6 +186,12 @@ class IOState:
         else:
             return
         self._set_events(conn, events | conn.stream.wants)
+
+    def _gate_closed(self, conn: Connection, counter: str) -> int:
+        """Count a connection that stops being read (once per pause); the events to add: none."""
+        if conn.registered_events & READ:
+            self.counters[counter] += 1
+        return 0
 
     def _set_events(self, conn: Connection, events: int) -> None:
         current = conn.registered_events

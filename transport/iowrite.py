@@ -4,7 +4,8 @@ A write job (a worker's WRITE record; job id 0 is the transport's own answer,
 such as a 503 or a keep-alive pong) is queued on its connection within two
 caps: per connection (``write_queue_bytes``) and over all connections
 (``global_write_queue_bytes``). A connection with queued bytes is flushed once
-at the end of the loop pass, one ``send`` of its joined chunks. Every job gets
+at the end of the loop pass: one ``send`` of its leading chunks joined (up to
+:data:`FLUSH_JOIN_BYTES`). Every job gets
 one outcome record back to its worker: ``sent`` once its last byte is in the
 kernel (riding with later records unless the worker wants it promptly), or why
 it failed. Closing a connection lives here because that is mostly what a close
@@ -14,6 +15,8 @@ does: answer the connection's remaining jobs with the close's result.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from typing import Final
 
 from sipwire.otel.recorder import WriteTrace
 from sipwire.transport.connection import Connection, ConnState, PendingJob
@@ -23,6 +26,10 @@ from sipwire.transport.streams import StreamError
 from sipwire.transport.wire import encode_outcome
 
 log = logging.getLogger("sipwire.transport")
+
+#: Queued chunks are joined into one send up to this many bytes: small answers leave together, and a
+#: long backlog is sent a piece at a time instead of being copied whole on every flush.
+FLUSH_JOIN_BYTES: Final = 65536
 
 
 class WriteLayer(MetricsLayer):
@@ -87,7 +94,9 @@ class WriteLayer(MetricsLayer):
             return
         chunks = conn.out_chunks
         if chunks:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            data = chunks[0]
+            if len(chunks) > 1 and len(data) < FLUSH_JOIN_BYTES:
+                data = self._join_front(chunks)
             try:
                 sent = conn.stream.send(data)
             except StreamError as error:
@@ -96,10 +105,13 @@ class WriteLayer(MetricsLayer):
             conn.sent_total += sent
             conn.bytes_out += sent
             self.pending_write_bytes -= sent
-            conn.out_chunks = [data[sent:]] if sent < len(data) else []
+            if sent == len(data):
+                chunks.popleft()
+            else:
+                chunks[0] = memoryview(data)[sent:]  # the unsent tail, without copying it
             if sent:
                 conn.last_activity = self._now
-            if not conn.out_chunks:
+            if not chunks:
                 conn.write_progress = 0.0
             elif sent or not conn.write_progress:
                 conn.write_progress = self._now
@@ -112,6 +124,22 @@ class WriteLayer(MetricsLayer):
             self._close(conn, "closed after flush", WriteResult.CONNECTION_GONE)
             return
         self._update_events(conn)
+
+    @staticmethod
+    def _join_front(chunks: deque[bytes | memoryview]) -> bytes:
+        """Join the leading small chunks (answers, pongs) into one send of at most about FLUSH_JOIN_BYTES.
+
+        Only the front is joined, so a peer that reads slowly never makes the whole backlog copied again.
+        """
+        parts = [chunks.popleft()]
+        size = len(parts[0])
+        while chunks and size + len(chunks[0]) <= FLUSH_JOIN_BYTES:
+            part = chunks.popleft()
+            parts.append(part)
+            size += len(part)
+        joined = b"".join(parts)
+        chunks.appendleft(joined)
+        return joined
 
     def _outcome(
         self,
@@ -167,6 +195,9 @@ class WriteLayer(MetricsLayer):
         conn.stream.close()
         self.hub.forget(conn.id, conn.destination)
         self.counters["closed"] += 1
+        if conn.held:  # requests of a peer that is gone: nobody to answer
+            self.counters["held_dropped_on_close"] += len(conn.held)
+            conn.held.clear()
         if conn.trace is not None:  # still connecting or in its TLS handshake
             self._end_connection_span(conn, result.label, reason)
         for job in conn.jobs:

@@ -92,7 +92,7 @@ class TcpStream:
         except OSError as error:
             raise _os_error("read", error) from error
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes | memoryview) -> int:
         """Bytes the kernel took (0 when its buffer is full)."""
         try:
             return self.sock.send(data)
@@ -179,7 +179,7 @@ class TlsStream:
             total += count
         return view[:total].tobytes() if total else None
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes | memoryview) -> int:
         total = 0
         self.wants &= ~READ_EVENT
         view = memoryview(data)
