@@ -69,13 +69,17 @@ def _split_host_port(value: str, text: str) -> tuple[str, int | None]:
         end = value.find("]")
         if end < 0:
             raise SipUriError(f"unclosed IPv6 reference in {text[:80]!r}")
-        host, port_text = value[1:end], value[end + 1 :].lstrip(":")
+        host, after = value[1:end], value[end + 1 :]
+        if after and not after.startswith(":"):
+            raise SipUriError(f"{after[:20]!r} after an IPv6 reference in {text[:80]!r}")
+        port_text = after[1:]
     else:
         host, _, port_text = value.partition(":")
     if not host:
         raise SipUriError(f"no host in {text[:80]!r}")
     if not port_text:
         return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise SipUriError(f"invalid port {port_text!r} in {text[:80]!r}")
+    # ASCII digits only: str.isdigit() also takes "²" or "٣", which int() refuses or reads as a port.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not 0 < int(port_text) < 65536:
+        raise SipUriError(f"invalid port {port_text[:20]!r} in {text[:80]!r}")
     return host, int(port_text)
