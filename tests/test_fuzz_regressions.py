@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
 from sipwire.transport.sipuri import SipUriError, parse_uri
 
 # -- sipuri: str.isdigit() took non-ASCII digits, and int() then raised ValueError (not SipUriError) ------
@@ -44,3 +45,37 @@ def test_ports_are_ascii_digits_or_the_uri_is_refused(uri: str) -> None:
 def test_valid_ports_still_parse(uri: str, host: str, port: int | None) -> None:
     parsed = parse_uri(uri)
     assert (parsed.host, parsed.port) == (host, port)
+
+
+# -- sip: a Via of only commas parsed, then build_response (and the proxy) indexed its empty value list ----
+
+
+def _request(via: str) -> bytes:
+    return (
+        f"OPTIONS sip:bob@example.com SIP/2.0\r\nVia: {via}\r\nFrom: <sip:a@example.com>;tag=1\r\n"
+        "To: <sip:bob@example.com>\r\nCall-ID: c1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("via", [",", " , ,", ""])
+def test_a_via_without_a_value_is_a_parse_error_answered_400(via: str) -> None:
+    raw = _request(via)
+    with pytest.raises(SipParseError, match="Via header without a value") as caught:
+        parse(raw)
+    assert caught.value.is_request, "a request: the worker answers it 400"
+    answer = response_for_unparsable(raw, 400, "Bad Request")
+    assert answer is not None and answer.startswith(b"SIP/2.0 400 Bad Request\r\n")
+
+
+def test_a_response_with_an_empty_via_is_refused_too() -> None:
+    raw = b"SIP/2.0 200 OK\r\nVia: ,\r\nCall-ID: c\r\nContent-Length: 0\r\n\r\n"
+    with pytest.raises(SipParseError, match="Via header without a value") as caught:
+        parse(raw)
+    assert not caught.value.is_request
+
+
+def test_vias_with_values_still_parse_and_are_answered() -> None:
+    message = parse(_request("SIP/2.0/TCP a.example.com;branch=z9hG4bK1, SIP/2.0/TCP b.example.com,"))
+    assert len(message.values("via")) == 2
+    response = parse(build_response(message, 200, "OK", via_source=("192.0.2.1", 5060)))
+    assert response.values("via")[0] == "SIP/2.0/TCP a.example.com;branch=z9hG4bK1;received=192.0.2.1"
