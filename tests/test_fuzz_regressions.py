@@ -10,6 +10,7 @@ import pytest
 
 from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
 from sipwire.transport.sipuri import SipUriError, parse_uri
+from sipwire.transport.wire import RecordReader, WireError, WriteRecord, encode_done, encode_write
 
 # -- sipuri: str.isdigit() took non-ASCII digits, and int() then raised ValueError (not SipUriError) ------
 
@@ -79,3 +80,20 @@ def test_vias_with_values_still_parse_and_are_answered() -> None:
     assert len(message.values("via")) == 2
     response = parse(build_response(message, 200, "OK", via_source=("192.0.2.1", 5060)))
     assert response.values("via")[0] == "SIP/2.0/TCP a.example.com;branch=z9hG4bK1;received=192.0.2.1"
+
+
+# -- wire: records decoded before a corrupt one were lost, so the outcome depended on how reads split -------
+
+
+@pytest.mark.parametrize("garbage", [b"\x63\xff\xff\xff\xff", b"\x09\x00\x00\x00\x01x", b"\x04\x00\x00\x00\x02ab"])
+def test_a_wire_error_carries_the_records_decoded_before_it(garbage: bytes) -> None:
+    good = encode_write(8, 0, "tls", "::1", 5061, b"a", server_name="sip.example.com") + encode_done(3, 2)
+    with pytest.raises(WireError) as caught:
+        RecordReader().feed(good + garbage)
+    assert len(caught.value.records) == 2
+    assert isinstance(caught.value.records[0], WriteRecord) and caught.value.records[0].payload == b"a"
+    split = RecordReader()
+    assert len(split.feed(good)) == 2
+    with pytest.raises(WireError) as again:
+        split.feed(garbage)
+    assert again.value.records == []
