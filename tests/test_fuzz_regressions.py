@@ -1,18 +1,29 @@
 """Inputs the atheris harnesses (fuzz/) found, each with its fix, as plain tests.
 
-Every test states the fixed behaviour directly; the fuzzer's own input is kept verbatim too, replayed
-through the harness's ``check``.
+Every test keeps the fuzzer's input verbatim (replayed through the harness's
+``check``, which must now pass) and states the fixed behaviour directly.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from fuzz import fuzz_sip, fuzz_wire
 from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
 from sipwire.transport.sipuri import SipUriError, parse_uri
 from sipwire.transport.wire import RecordReader, WireError, WriteRecord, encode_done, encode_write
 
 # -- sipuri: str.isdigit() took non-ASCII digits, and int() then raised ValueError (not SipUriError) ------
+
+#: fuzz_sip, URI mode: "[2001:db8::1]95061²" -- int() refused the superscript two with a bare ValueError.
+PORT_SUPERSCRIPT_INPUT = (
+    b"\x01sips:bob@[2001:db8::1]95061\xc2\xb2;transpoAlice <sip:\x01\x00\x00\x00alice@examp:bK1s;lm>;rt=tl\r\n"
+    b"Via: S\x00OPTIP/2.0/TCP host:5060;branch=z9IONS sihG"
+)
+
+
+def test_fuzz_input_port_with_a_superscript_digit() -> None:
+    fuzz_sip.check(PORT_SUPERSCRIPT_INPUT)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +61,16 @@ def test_valid_ports_still_parse(uri: str, host: str, port: int | None) -> None:
 
 # -- sip: a Via of only commas parsed, then build_response (and the proxy) indexed its empty value list ----
 
+#: fuzz_sip, message mode: "v:," -- build_response(..., via_source=...) raised IndexError.
+VIA_COMMA_INPUT = (
+    b"\x00A s:x SIP/2.0\r\nv:,\r\nf:b\r\nt:/2.0\r\nv:a\r\nf:b\r\nt:c\r\ni:d\r\nCSeq:1 A\rc\r\ni:d\r\nCSeq:1 A\r\n"
+    b"l:0\r\n\r\n"
+)
+
+
+def test_fuzz_input_via_of_only_a_comma() -> None:
+    fuzz_sip.check(VIA_COMMA_INPUT)
+
 
 def _request(via: str) -> bytes:
     return (
@@ -83,6 +104,17 @@ def test_vias_with_values_still_parse_and_are_answered() -> None:
 
 
 # -- wire: records decoded before a corrupt one were lost, so the outcome depended on how reads split -------
+
+#: fuzz_wire, decode mode: a WRITE record then a header claiming 761488429 bytes. Fed whole, feed() raised
+#: and the WRITE was gone; split after the WRITE, the first feed returned it.
+WIRE_SPLIT_INPUT = (
+    b"\x00\x00:\x03\x00\x00\x005\x00\x00\x00\x00\x00\x00\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x13\xc5"
+    b"\x03\x0f\x0b::1sip\x00\x00\x00\x00\x00\x00\x00#.example.com00-ab-cd-01x"
+)
+
+
+def test_fuzz_input_records_before_a_corrupt_header() -> None:
+    fuzz_wire.check(WIRE_SPLIT_INPUT)
 
 
 @pytest.mark.parametrize("garbage", [b"\x63\xff\xff\xff\xff", b"\x09\x00\x00\x00\x01x", b"\x04\x00\x00\x00\x02ab"])
