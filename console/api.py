@@ -71,6 +71,8 @@ def _invalid(errors: list[dict[str, Any]]) -> JSONResponse:
 def build_router(console: Console) -> APIRouter:
     router = APIRouter()
     source, history, renderer, auth = console.source, console.history, console.renderer, console.auth
+    resize_schema = ThreadsResize.model_json_schema()
+    resize_schema["properties"]["size"]["maximum"] = console.settings.max_threads  # the transport's own bound applies
 
     @router.get("/api/health", response_model=Health, tags=["transport"], summary="Transport up or down")
     def get_health(request: Request) -> Any:
@@ -115,8 +117,8 @@ def build_router(console: Console) -> APIRouter:
             "requestBody": {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": ThreadsResize.model_json_schema()},
-                    "application/x-www-form-urlencoded": {"schema": ThreadsResize.model_json_schema()},
+                    "application/json": {"schema": resize_schema},
+                    "application/x-www-form-urlencoded": {"schema": resize_schema},
                 },
             }
         },
@@ -260,7 +262,7 @@ async def _body(request: Request) -> tuple[dict[str, Any], str | None, list[dict
         return data, csrf_values[-1] if csrf_values else None, []
     try:
         document = json.loads(raw) if raw else None
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
         return {}, None, [{"type": "json_invalid", "loc": ["body"], "msg": f"body is not JSON: {error}", "input": None}]
     if not isinstance(document, dict):
         return (

@@ -23,10 +23,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
-from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
 from sipwire.config import Settings
@@ -102,7 +104,28 @@ def create_app(settings: Settings, *, assets_root: Path | None = None, sample_se
             swagger_ui_parameters={"validatorUrl": None},
         )
 
-    app.include_router(api.build_router(console))
-    app.include_router(build_router(console.traces, renderer, console.context))
-    app.include_router(pages.build_router(console))
+    routers = [
+        api.build_router(console),
+        build_router(console.traces, renderer, console.context),
+        pages.build_router(console),
+    ]
+    for router in routers:
+        app.include_router(router)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        """A 405 lists every method of the path (RFC 9110 15.5.6), not only the first route's that matched it."""
+        if error.status_code == 405:
+            path = request.url.path
+            methods = {
+                method
+                for router in routers
+                for route in router.routes
+                if isinstance(route, Route) and route.methods and route.path_regex.match(path)
+                for method in route.methods
+            }
+            if methods:
+                error.headers = {**(error.headers or {}), "Allow": ", ".join(sorted(methods))}
+        return await http_exception_handler(request, error)
+
     return app

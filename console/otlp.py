@@ -234,7 +234,7 @@ def _pb_value(value: Any) -> str:
 def decode_json(body: bytes) -> list[Span]:
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
         raise OtlpDecodeError(f"JSON body does not parse: {error}") from error
     if not isinstance(document, dict):
         raise OtlpDecodeError("JSON body must be an object with resourceSpans")
@@ -261,8 +261,9 @@ def decode_json(body: bytes) -> list[Span]:
                             attributes=tuple((k, _cut(v)) for k, v in _json_attributes(span.get("attributes")).items()),
                         )
                     )
-    except (TypeError, ValueError, AttributeError) as error:
-        raise OtlpDecodeError(f"JSON body is not an OTLP trace export: {error}") from error
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as error:
+        # KeyError: an attribute without "key"; OverflowError: a kind or time of 1e999 (infinity) for int()
+        raise OtlpDecodeError(f"JSON body is not an OTLP trace export: {error!r}") from error
     return _checked(spans)
 
 
@@ -391,6 +392,57 @@ def detail(trace: Trace) -> TraceDetail:
     return TraceDetail(**summary(trace).model_dump(), spans=spans)
 
 
+_ATTRIBUTES: Final[dict[str, Any]] = {
+    "type": "array",
+    "items": {"type": "object", "properties": {"key": {"type": "string"}, "value": {"type": "object"}}},
+}
+#: The request body in the OpenAPI document: the shape of an OTLP export, not its every rule (ids, enums).
+EXPORT_CONTENT: Final[dict[str, Any]] = {
+    "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "description": "ExportTraceServiceRequest in the OTLP JSON encoding (ids in hex)",
+            "properties": {
+                "resourceSpans": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "resource": {"type": "object", "properties": {"attributes": _ATTRIBUTES}},
+                            "scopeSpans": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "spans": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "traceId": {"type": "string"},
+                                                    "spanId": {"type": "string"},
+                                                    "parentSpanId": {"type": "string"},
+                                                    "name": {"type": "string"},
+                                                    "kind": {"type": "integer"},
+                                                    "startTimeUnixNano": {"type": "string"},
+                                                    "endTimeUnixNano": {"type": "string"},
+                                                    "status": {"type": "object"},
+                                                    "attributes": _ATTRIBUTES,
+                                                },
+                                            },
+                                        }
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        }
+    },
+}
+
 #: Traces listed by ``GET /api/traces`` and the traces page.
 TRACES_LISTED: Final = 100
 
@@ -417,7 +469,12 @@ def build_router(store: TraceStore, renderer: Renderer, context: Any) -> APIRout
     @router.post(
         "/v1/traces",
         summary="OTLP/HTTP trace receiver (protobuf or JSON)",
-        responses={413: {"description": "body too large"}, 415: {"description": "not protobuf or JSON"}},
+        responses={
+            400: {"description": "not an OTLP trace export"},
+            413: {"description": "body too large"},
+            415: {"description": "not protobuf or JSON"},
+        },
+        openapi_extra={"requestBody": {"required": True, "content": EXPORT_CONTENT}},
     )
     async def receive_traces(request: Request) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

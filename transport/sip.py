@@ -210,6 +210,9 @@ def parse(raw: bytes) -> SipMessage:
         key = COMPACT_FORMS.get(key, key)
         index.setdefault(key, []).append(len(headers))
         headers.append((key, value.strip()))
+    for position in index.get("via", ()):
+        if not any(split_list_value(headers[position][1])):  # "" or only commas: no hop to answer through
+            raise SipParseError("Via header without a value", start_line)
     message = SipMessage(start_line, method, uri, status, reason, headers, body, index)
     if message.is_request:
         for mandatory in MANDATORY_REQUEST_HEADERS:

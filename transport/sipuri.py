@@ -70,7 +70,10 @@ def _split_host_port(value: str, text: str) -> tuple[str, int | None]:
         end = value.find("]")
         if end < 0:
             raise SipUriError(f"unclosed IPv6 reference in {text[:80]!r}")
-        host, port_text = value[1:end], value[end + 1 :].lstrip(":")
+        host, after = value[1:end], value[end + 1 :]
+        if after and not after.startswith(":"):
+            raise SipUriError(f"{after[:20]!r} after an IPv6 reference in {text[:80]!r}")
+        port_text = after[1:]
     else:
         host, _, port_text = value.partition(":")
     if not host:

@@ -87,7 +87,15 @@ HEADER_SIZE: Final = _HEADER.size
 
 
 class WireError(ProtocolError):
-    """A channel's byte stream is corrupt (unknown kind or impossible length)."""
+    """A channel's byte stream is corrupt (unknown kind or impossible length).
+
+    ``records`` holds what the same :meth:`RecordReader.feed` call decoded before
+    the corrupt record, so what is decoded does not depend on how reads split the stream.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.records: list[Record] = []
 
 
 # Records are named tuples, not dataclasses: one is built per message on
@@ -237,18 +245,22 @@ class RecordReader:
         records: list[Record] = []
         offset = 0
         available = len(buffer)
-        while available - offset >= HEADER_SIZE:
-            kind, length = _HEADER.unpack_from(buffer, offset)
-            if length > MAX_RECORD_BYTES:
-                raise WireError(f"record of kind {kind} claims {length} bytes (max {MAX_RECORD_BYTES})")
-            end = offset + HEADER_SIZE + length
-            if end > available:
-                break
-            try:
-                records.append(_decode(kind, bytes(buffer[offset + HEADER_SIZE : end])))
-            except (struct.error, KeyError, ValueError) as error:
-                raise WireError(f"undecodable record of kind {kind}: {error}") from error
-            offset = end
+        try:
+            while available - offset >= HEADER_SIZE:
+                kind, length = _HEADER.unpack_from(buffer, offset)
+                if length > MAX_RECORD_BYTES:
+                    raise WireError(f"record of kind {kind} claims {length} bytes (max {MAX_RECORD_BYTES})")
+                end = offset + HEADER_SIZE + length
+                if end > available:
+                    break
+                try:
+                    records.append(_decode(kind, bytes(buffer[offset + HEADER_SIZE : end])))
+                except (struct.error, KeyError, ValueError) as error:
+                    raise WireError(f"undecodable record of kind {kind}: {error}") from error
+                offset = end
+        except WireError as error:
+            error.records = records
+            raise
         if offset:
             del buffer[:offset]
         return records
