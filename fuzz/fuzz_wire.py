@@ -41,8 +41,11 @@ from fuzz.common import run, sip_corpus
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.wire import (
     HEADER_SIZE,
+    MAX_COUNTER_NAME_BYTES,
     MAX_TLS_FACTS_BYTES,
     TRANSPORT_CODES,
+    CloseRecord,
+    CountRecord,
     DoneRecord,
     MessageRecord,
     OutcomeRecord,
@@ -50,6 +53,8 @@ from sipwire.transport.wire import (
     RecordReader,
     WireError,
     WriteRecord,
+    encode_close,
+    encode_count,
     encode_done,
     encode_message,
     encode_outcome,
@@ -75,6 +80,10 @@ def encode(record: Record) -> bytes:
             record.job_id, record.conn_id, record.transport, record.host, record.port, record.payload,
             record.server_name, record.flags, record.trace_context,
         )  # fmt: skip
+    if isinstance(record, CountRecord):
+        return encode_count(record.name, record.delta)
+    if isinstance(record, CloseRecord):
+        return encode_close(record.conn_id)
     assert isinstance(record, DoneRecord), type(record)
     return encode_done(record.conn_id, record.messages)
 
@@ -108,6 +117,11 @@ def check_fields(record: Record) -> None:
         assert record.host.isascii() and record.server_name.isascii() and record.trace_context.isascii(), record
     elif isinstance(record, OutcomeRecord):
         assert isinstance(record.result, WriteResult) and isinstance(record.reason, str), record
+    elif isinstance(record, CountRecord):
+        name = record.name
+        assert name.isascii() and 0 < len(name) <= MAX_COUNTER_NAME_BYTES and 0 <= record.delta < 2**64, record
+    elif isinstance(record, CloseRecord):
+        assert 0 <= record.conn_id < 2**64, record
     else:
         assert isinstance(record, DoneRecord) and 0 <= record.messages < 2**32, record
 
@@ -146,7 +160,7 @@ def ascii_text(provider: atheris.FuzzedDataProvider, limit: int) -> str:
 
 def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
     """A valid record from the provider, and the record it decodes to (text the encoder replaces or cuts)."""
-    kind = provider.ConsumeIntInRange(1, 4)
+    kind = provider.ConsumeIntInRange(1, 6)
     conn_id = provider.ConsumeIntInRange(0, 2**64 - 1)
     if kind == 1:
         tls = provider.ConsumeUnicode(provider.ConsumeIntInRange(0, 1500))
@@ -180,6 +194,13 @@ def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
             provider.ConsumeIntInRange(0, 255),
             ascii_text(provider, 255),
         )
+        return record, record
+    if kind == 5:
+        name = ascii_text(provider, MAX_COUNTER_NAME_BYTES - 1) + "n"  # never empty
+        record = CountRecord(name, provider.ConsumeIntInRange(0, 2**64 - 1))
+        return record, record
+    if kind == 6:
+        record = CloseRecord(conn_id)
         return record, record
     record = DoneRecord(conn_id, provider.ConsumeIntInRange(0, 2**32 - 1))
     return record, record

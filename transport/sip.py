@@ -248,8 +248,8 @@ def _header_problem(message: SipMessage) -> str | None:
     if max_forwards is not None and sipsyntax.number(max_forwards, sipsyntax.MAX_FORWARDS_LIMIT) is None:
         return f"Max-Forwards {max_forwards[:20]!r} is not 0..{sipsyntax.MAX_FORWARDS_LIMIT}"
     call_id = message.header("call-id")
-    if call_id is not None and (not call_id or any(char in call_id for char in " \t")):
-        return f"malformed Call-ID {call_id[:60]!r}"
+    if call_id is not None and (problem := sipsyntax.call_id_problem(call_id)) is not None:
+        return problem
     date = message.header("date")
     if date is not None and not sipsyntax.date_ok(date):
         return f"Date {date[:40]!r} is not an RFC 1123 date in GMT"
@@ -413,8 +413,8 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
 
     Used where the message cannot be fully parsed (a framing error, a bad
     header): if the header lines read so far name the request's Via, From,
-    To, Call-ID and CSeq, answer with ``status``; otherwise return None
-    and the caller just closes or drops.
+    To, Call-ID and CSeq, and those are well formed, answer with ``status``;
+    otherwise return None and the caller just closes or drops.
     """
     text = header_block.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
@@ -437,7 +437,7 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
             # Every Via, but one From/To/Call-ID/CSeq even where a broken request repeats them.
             current = wanted.setdefault(key, [])
             current.append(value.strip())
-    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS):
+    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS) or _echo_problem(wanted):
         return None
     headers = [(CANONICAL_NAMES.get(key, key), value) for key in MANDATORY_REQUEST_HEADERS for value in wanted[key]]
     out = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
@@ -446,6 +446,16 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
         out.append(f"{name}: {value}{tag}")
     out.append("Content-Length: 0")
     return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+def _echo_problem(wanted: dict[str, list[str]]) -> bool:
+    """True when a header the answer would copy is malformed: we never send what we would refuse to parse."""
+    return (
+        any(sipsyntax.via_problem(via) is not None for line in wanted["via"] for via in split_list_value(line))
+        or any(sipsyntax.address_problem(wanted[key][0], CANONICAL_NAMES[key]) is not None for key in ("from", "to"))
+        or sipsyntax.cseq_problem(wanted["cseq"][0], None) is not None
+        or sipsyntax.call_id_problem(wanted["call-id"][0]) is not None
+    )
 
 
 def _one_line(text: str) -> str:

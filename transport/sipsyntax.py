@@ -135,6 +135,13 @@ def address_problem(value: str, header: str) -> str | None:
     return None
 
 
+def call_id_problem(value: str) -> str | None:
+    """Why a Call-ID is malformed (empty, or white space inside: RFC 3261 section 25.1), or None."""
+    if not value or any(char in value for char in " \t"):
+        return f"malformed Call-ID {value[:60]!r}"
+    return None
+
+
 def cseq_problem(value: str, method: str | None) -> str | None:
     """Why a CSeq value is malformed, or None; for a request, its method must match ``method``."""
     sequence, _, cseq_method = value.strip(" \t").partition(" ")
