@@ -69,11 +69,12 @@ from sipbench import (
 
 # --------------------------------------------------------------------------- bounds and settings
 
-#: Exchanges/s of each sipp stream (t1 and tn) by default: moderate on a shared 2-vCPU box (about a
-#: tenth of what one I/O thread sustains) and low enough that the tn stream's client TIME_WAIT
-#: sockets (60 s each, so ~6000 at 100/s) stay far below the 28k ephemeral ports.
+#: Exchanges/s of each sipp stream (t1 and tn) by default: moderate on a shared 2-vCPU box (far below
+#: the thousands/s one I/O thread sustains, docs/BENCHMARKS.md) and low enough that the tn stream's
+#: client TIME_WAIT sockets (60 s each, so ~6000 at 100/s) stay well below the 28k ephemeral ports
+#: without touching net.ipv4.tcp_max_tw_buckets.
 DEFAULT_RATE: Final = 100
-#: The shortest run that still has a baseline, two kill cycles and a quiet tail (see plan_cycles).
+#: The shortest run that still has a baseline, two kill cycles and a quiet tail (Plan.for_duration).
 MIN_DURATION_S: Final = 40.0
 #: The transport's pool at start; a resize cycle goes through RESIZE_CYCLE and back to it.
 START_THREADS: Final = 2
@@ -109,9 +110,11 @@ KILL_WINDOW_MARGIN_S: Final = 3.0
 #: if it died young).
 RESTART_WAIT_S: Final = 15.0
 #: Failed exchanges allowed beyond lost_messages. Zero: every exchange sends exactly one request to
-#: a worker, a worker's reply reaches the transport before its "done" record, and every message a
-#: dead worker had not finished is counted in lost_messages (a reply sent but not yet "done" is
-#: counted too, which can only make lost_messages larger). Pings never reach a worker.
+#: a worker; a worker queues its reply's write record before the message's "done" record on the same
+#: channel (transport/worker.py), and the I/O thread counts every message of a dead worker that has
+#: no "done" yet as lost (a reply already sent but not yet "done" is counted too, which can only
+#: make lost_messages larger). Pings never reach a worker. So a kill cannot fail an exchange
+#: without counting it; any excess is an accounting hole worth a FAIL.
 LOSS_SLACK: Final = 0
 #: RFC 5626 keep-alive connections, and one ping on each per interval.
 PING_CONNECTIONS: Final = 4
@@ -223,6 +226,8 @@ def recv_some(sock: socket.socket, deadline: float) -> bytes:
 
 @dataclass(frozen=True)
 class Sample:
+    """The transport process at one moment."""
+
     at: float  # epoch seconds
     rss_kib: int
     fds: int
@@ -316,26 +321,33 @@ class PingClients(threading.Thread):
         self.tally = Tally()
         self.sent = 0
 
-    def _connect(self) -> socket.socket:
-        sock = socket.create_connection(self.address, timeout=ANSWER_TIMEOUT_S)
+    def _connect(self) -> socket.socket | None:
+        """A new keep-alive connection, or None (a failure, retried at the next interval)."""
+        try:
+            sock = socket.create_connection(self.address, timeout=ANSWER_TIMEOUT_S)
+        except OSError as error:
+            self.tally.fail(f"connect: {type(error).__name__}")
+            return None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
     def run(self) -> None:
-        conns = [self._connect() for _ in range(PING_CONNECTIONS)]
+        conns: list[socket.socket | None] = [None] * PING_CONNECTIONS
         try:
             next_at = time.monotonic()
             while time.time() < self.until:
-                for index in range(len(conns)):
-                    conns[index] = self._ping(conns[index])
+                for index, sock in enumerate(conns):
+                    fresh = sock if sock is not None else self._connect()
+                    conns[index] = self._ping(fresh) if fresh is not None else None
                 next_at += PING_INTERVAL_S
                 time.sleep(max(0.0, next_at - time.monotonic()))
         finally:
             for sock in conns:
-                sock.close()
+                if sock is not None:
+                    sock.close()
 
-    def _ping(self, sock: socket.socket) -> socket.socket:
-        """One ping-pong; on failure the connection is closed and a fresh one returned."""
+    def _ping(self, sock: socket.socket) -> socket.socket | None:
+        """One ping-pong; on failure the connection is closed and replaced (None if that fails too)."""
         try:
             sock.sendall(PING)
             self.sent += 1
@@ -569,6 +581,8 @@ def ctl(sipwire: Sipwire, *action: str) -> dict[str, Any]:
 
 @dataclass
 class Event:
+    """One step of the disturber (or its failure), for the report's timeline."""
+
     at: float  # epoch seconds
     kind: str  # resize, kill, restart, error
     detail: str
@@ -577,6 +591,8 @@ class Event:
 
 @dataclass
 class Kill:
+    """One worker kill and the restart that followed it (None until `ctl stats` shows it)."""
+
     index: int
     pid: int
     killed_at: float
@@ -647,6 +663,10 @@ class Disturber(threading.Thread):
             if new is not None and new.get("alive") and new.get("pid") != kill.pid:
                 kill.restarted_at, kill.new_pid = time.time(), int(new["pid"])
                 self.events.append(Event(kill.restarted_at, "restart", f"worker {index} pid {kill.new_pid}"))
+                log(
+                    f"{kill.killed_at - self.t0:.0f}s: resize cycle done, worker {index} pid {kill.pid} killed, "
+                    f"back as pid {kill.new_pid} within {kill.restarted_at - kill.killed_at:.1f}s"
+                )
                 return
         self.events.append(Event(time.time(), "error", f"worker {index} not restarted in {RESTART_WAIT_S:g}s", False))
 
@@ -727,6 +747,8 @@ def run_load(sipwire: Sipwire, work: Path, rate: int, plan: Plan) -> RunData:
 
 @dataclass
 class Check:
+    """One PASS condition and the figures it was decided on."""
+
     name: str
     ok: bool
     detail: str
