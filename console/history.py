@@ -39,6 +39,7 @@ ERROR_PREFIXES: Final = (
     "connect_failed.",
     "accept_failed.",
     "refused.",
+    "limited.",
     "lost_messages",
     "overload_rejected",
     "closed_send_timeout",

@@ -37,6 +37,20 @@ class ConnectionQuery:
     limit: int = 100
 
 
+#: Counters of the edge protections (limits hit, peers paused or refused): the overview's "Edge" panel.
+EDGE_PREFIXES: Final = (
+    "refused.",
+    "limited.",
+    "paused.",
+    "held_messages",
+    "router_errors",
+    "sip_parse_error.",
+    "framing_error.",
+    "closed_send_timeout",
+    "overload_rejected",
+)
+
+
 def status_context(source: TransportSource, history: History) -> dict[str, Any]:
     """Up/down and since when, for the status pill every page shows."""
     liveness = source.liveness()
@@ -73,6 +87,9 @@ def overview_context(source: TransportSource, history: History) -> dict[str, Any
     context["messages_total"] = counters.get("messages_in", 0)
     context["errors_total"] = error_total(counters)
     context["top_counters"] = sorted(counters.items(), key=lambda item: -item[1])[:12]
+    context["edge_counters"] = sorted(
+        (name, value) for name, value in counters.items() if name.startswith(EDGE_PREFIXES)
+    )
     up_samples = [s for s in samples if s.up]
     context["spark"] = {
         name: {"points": sparkline(values), "now": values[-1] if values else 0, "max": max(values) if values else 0}

@@ -81,6 +81,26 @@ class Settings:
     max_connections: int = _setting(
         2048, "Open connections at most (OpenSIPS default 2048); further accepts are closed at once and counted."
     )
+    max_connections_per_ip: int = _setting(
+        128,
+        "Open connections from one peer address at most; more are closed at accept (refused.connections_per_ip). "
+        "Phones behind one NAT share an address: raise it, or allow-list the NAT, for such sites.",
+    )
+    new_connections_per_ip: int = _setting(
+        20,
+        "New connections per second from one peer address (bursts of twice that); more are closed at accept "
+        "(refused.connection_rate), as Kamailio's pike module would block them.",
+    )
+    requests_per_ip: int = _setting(
+        500,
+        "SIP messages per second from one peer address (bursts of twice that); more are answered 503 with "
+        "Retry-After by the transport itself (limited.request_rate).",
+    )
+    source_limits_allow: str = _setting(
+        "127.0.0.0/8,::1",
+        "Comma-separated addresses or networks the per-source limits never apply to (trusted peers: "
+        "a trunk provider, an SBC; loopback by default for local tools and benchmarks).",
+    )
     max_message_bytes: int = _setting(
         65536, "Largest SIP message accepted on a stream, headers and body (64 KiB, as OpenSIPS)."
     )
@@ -269,6 +289,11 @@ def _validate(settings: Settings) -> None:
     if settings.tls:
         parse_host_port(settings.tls, "tls")
     _ = settings.insecure_destinations  # parses, so a typo fails at start
+    for item in filter(None, (part.strip() for part in settings.source_limits_allow.split(","))):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"source_limits_allow: {item!r} is not an address or network") from None
     if settings.tls_verify_clients not in ("none", "optional", "require"):
         raise ConfigError(f"tls_verify_clients: {settings.tls_verify_clients!r} is not none, optional or require")
     if not 1 <= settings.max_threads <= 1024:
@@ -288,6 +313,9 @@ def _validate(settings: Settings) -> None:
         "dns_threads",
         "dns_max_pending",
         "max_in_flight_per_connection",
+        "max_connections_per_ip",
+        "new_connections_per_ip",
+        "requests_per_ip",
     )
     for name in positive:
         if getattr(settings, name) <= 0:

@@ -17,6 +17,9 @@ Request headers drive them:
   ``X-Gate`` exists, reply on the request's own connection, and send the
   reply's outcome label to the test's listener at 127.0.0.1:PORT.
 * ``crash``: raise on every message, with the Call-ID in the exception text.
+* ``corrupt_channel``: a request with ``X-Corrupt: yes`` makes the worker put a
+  record of an unknown kind on its channel to the transport (a worker bug, as
+  the transport sees it); any other request is answered like ``responder``.
 * ``tls_facts`` (no request header): answer ``200`` with the envelope's TLS
   facts (version, cipher, SNI, peer subject and expiry) in ``X-Tls-*`` headers.
 """
@@ -122,3 +125,14 @@ def tls_facts(message: SipMessage, ctx: RouteContext) -> None:
 def crash(message: SipMessage, ctx: RouteContext) -> None:
     """Raise on every message, quoting peer text (the Call-ID) as a buggy router would."""
     raise ValueError(f"cannot route call {message.call_id}")
+
+
+def corrupt_channel(message: SipMessage, ctx: RouteContext) -> None:
+    """On ``X-Corrupt: yes``, queue bytes no record kind has on the worker's channel (it reaches into the
+    worker only because a real router cannot break the channel: this stands for a bug in the worker)."""
+    if message.header("x-corrupt") != "yes":
+        responder.route(message, ctx)
+        return
+    worker = ctx._sender  # the Worker: the one Sender there is
+    channel = worker._channel_now()  # type: ignore[attr-defined]
+    channel.out.append(b"\xff\x00\x00\x00\x00")

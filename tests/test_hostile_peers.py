@@ -9,6 +9,7 @@ built, its connection is closed; either way it is counted.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tests.conftest import RunningTransport, SipClient, sip_request, wait_for
@@ -118,3 +119,22 @@ def test_other_sip_version_is_answered_505(start_transport: Any) -> None:
             505,
             "Version Not Supported (unsupported protocol version 'SIP/7.0')",
         )
+
+
+def test_a_corrupt_worker_channel_restarts_the_worker_and_is_counted(
+    start_transport: Callable[..., RunningTransport],
+) -> None:
+    running = start_transport(workers=1, router="tests.routers_for_tests:corrupt_channel")
+    [before] = [w["pid"] for w in running.control("stats")["workers"]]
+    with SipClient.connect(running) as client:
+        client.send(sip_request("OPTIONS", call_id="break-it", headers=[("X-Corrupt", "yes")]))
+        wait_for(lambda: running.counters().get("worker_channel_broken") == 1, what="the broken channel counted")
+        wait_for(
+            lambda: [w for w in running.control("stats")["workers"] if w["alive"] and w["pid"] != before],
+            what="a fresh worker",
+        )
+    running.worker_pids.append(before)  # the fixture checks it is gone too
+    with SipClient.connect(running) as client:  # the new worker has channels again: traffic flows
+        client.send(sip_request("OPTIONS", call_id="after"))
+        assert client.read_response().status == 200
+    assert "killing it to start a fresh one" in running.log_text()

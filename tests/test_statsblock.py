@@ -29,6 +29,7 @@ from sipwire.transport.statsblock import (
     LATENCY_BUCKETS_MS,
     LAYOUT_VERSION,
     MAGIC,
+    NAME_FILE,
     SLOT_BYTES,
     STALE_SECONDS,
     STATIC_BYTES,
@@ -48,6 +49,7 @@ from sipwire.transport.statsblock import (
     StatsWriter,
     StatsWriterGoneError,
     block_name,
+    published_block_name,
     remove_stale_block,
 )
 from sipwire.transport.streams import TcpStream
@@ -537,8 +539,26 @@ def test_seqlock_against_a_writer_process_on_another_core(name: str) -> None:
 
 
 def _block_of(running: RunningTransport) -> str:
+    """The name the transport published in its runtime directory (it has a random part)."""
     runtime_dir = running.control_path.parent
-    return block_name(runtime_dir.name, runtime_dir)
+    name = published_block_name(Settings(instance=runtime_dir.name, state_dir=str(runtime_dir.parent)))
+    assert name is not None and name.startswith(block_name(runtime_dir.name, runtime_dir) + ".")
+    return name
+
+
+def test_the_block_name_is_random_and_published_privately(start_transport: Any) -> None:
+    """Another local user cannot guess the name to create the block first; readers trust only the 0600 file."""
+    first = start_transport(workers=1)
+    second = start_transport(workers=1)
+    names = {_block_of(first), _block_of(second)}
+    assert len(names) == 2
+    for running in (first, second):
+        published = running.control_path.parent / NAME_FILE
+        assert published.stat().st_mode & 0o777 == 0o600
+    settings = Settings(instance="elsewhere", state_dir=str(first.control_path.parent.parent))
+    (first.control_path.parent.parent / "elsewhere").mkdir(mode=0o700)
+    (first.control_path.parent.parent / "elsewhere" / NAME_FILE).write_text(_block_of(first))
+    assert published_block_name(settings) is None  # a name of another instance is not followed
 
 
 def _consistent(record: ConnectionRecord, max_threads: int) -> None:

@@ -28,6 +28,7 @@ from sipwire.transport.wire import message_prefix
 
 if TYPE_CHECKING:
     from sipwire.otel.recorder import ConnTrace, WriteTrace
+    from sipwire.transport.sources import Source
 
 
 class ConnState(Enum):
@@ -124,6 +125,7 @@ class Connection:
         "remote",
         "sent_total",
         "sock",
+        "source",
         "state",
         "stats_mark",
         "stats_slot",
@@ -173,6 +175,7 @@ class Connection:
         # Framed messages past max_in_flight_per_connection, oldest first: (MESSAGE record, raw message).
         # While any wait here the connection is not read, so this holds at most one read's worth.
         self.held: deque[tuple[bytes, bytes]] = deque()
+        self.source: Source | None = None  # the peer address's limits (None: outbound, or an allow-listed peer)
         self.queued_total = 0  # bytes ever queued
         self.sent_total = 0  # bytes ever written to the socket
         self.jobs: deque[PendingJob] = deque()

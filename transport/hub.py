@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from sipwire.config import Settings
+from sipwire.transport.sources import SourceLimits
 from sipwire.transport.statsblock import FreeList, StatsWriter
 from sipwire.transport.tls import TlsContexts
 
@@ -52,6 +54,10 @@ class ThreadHandle(Protocol):
 ThreadT = TypeVar("ThreadT", bound=ThreadHandle)
 
 
+def _no_supervisor(worker: int) -> None:
+    """Until a supervisor takes over restarts (tests that run I/O threads alone): nothing to restart."""
+
+
 class Hub(Generic[ThreadT]):
     """Registry of threads, connection owners and outbound destinations."""
 
@@ -72,6 +78,10 @@ class Hub(Generic[ThreadT]):
         self._destinations: dict[DestinationKey, int] = {}
         self._destinations_lock = threading.Lock()
         self._ids = itertools.count(1)
+        #: Per-source connection and request limits (transport/sources.py).
+        self.sources = SourceLimits(settings)
+        #: Set by the supervisor: asks it, from any thread, to restart a worker whose channel broke.
+        self.restart_worker: Callable[[int], None] = _no_supervisor
 
     def new_connection_id(self) -> int:
         return next(self._ids)

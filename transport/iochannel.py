@@ -47,8 +47,13 @@ class ChannelLayer(ConnectLayer):
         try:
             records = channel.reader.feed(data)
         except WireError as error:
-            log.error("I/O thread %d: corrupt channel from worker %d: %s", self.index, channel.worker, error)
+            log.error(
+                "I/O thread %d: corrupt channel from worker %d: %s; the worker is restarted",
+                self.index, channel.worker, error,
+            )  # fmt: skip
+            self.counters["worker_channel_broken"] += 1
             self._drop_channel(channel, lost_reason="corrupt channel")
+            self.hub.restart_worker(channel.worker)  # a new worker gets new channels to every thread
             return
         worker = channel.worker
         finished = 0

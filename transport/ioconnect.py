@@ -68,6 +68,15 @@ class ConnectLayer(ReadLayer):
                     limit,
                 )
                 continue
+            source = hub.sources.admit(address[0])
+            if isinstance(source, str):  # over a per-source limit: the reason is its counter label
+                sock.close()
+                self.counters[f"refused.{source}"] += 1
+                self.ratelog.log(
+                    logging.WARNING, f"refused.{source}", "refused %s:%d: %s limit reached", address[0], address[1],
+                    source,
+                )  # fmt: skip
+                continue
             self.counters[f"accepted.{transport}"] += 1
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -79,6 +88,7 @@ class ConnectLayer(ReadLayer):
             conn = Connection(
                 hub.new_connection_id(), sock, stream, transport, conn_local, address[:2], self.limits, self._now
             )
+            conn.source = source
             if transport == "tls":
                 conn.deadline = self._now + self.settings.tls_handshake_timeout
                 if self._tracing is not None:
@@ -98,6 +108,11 @@ class ConnectLayer(ReadLayer):
         there already, and this saves a selector round trip.
         """
         if conn.state is ConnState.CLOSED:
+            return
+        if self._retire_deadline:  # posted here before a shrink retired this thread: it lives on elsewhere
+            target = self.hub.least_loaded_thread()
+            self.hub.owners[conn.id] = target
+            target.post("adopt", conn, accepted)
             return
         self.conns[conn.id] = conn
         self.hub.owners[conn.id] = self
@@ -121,6 +136,9 @@ class ConnectLayer(ReadLayer):
         prompt: bool,
         trace: WriteTrace | None = None,
     ) -> None:
+        if self._retire_deadline:  # a retiring thread opens nothing: the new connection would die with it
+            self.hub.least_loaded_thread().post("_connect", key, server_name, job_id, worker, payload, prompt, trace)
+            return
         transport, host, port = key
         if transport == "tls" and self._tls is None:
             reason = "TLS is not enabled on this transport"

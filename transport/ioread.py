@@ -36,6 +36,9 @@ from sipwire.transport.wire import encode_message
 #: queue ahead of it.
 SOLE_CONNECTION_FACTOR: Final = 8
 
+#: What a 503 for a peer over its request rate tells it: try again after this many seconds (its bucket refills).
+RETRY_AFTER: Final = (("Retry-After", "1"),)
+
 _FRAMING_ANSWERS: Final = {
     FramingErrorReason.MESSAGE_TOO_LARGE: (413, "Request Entity Too Large"),
     FramingErrorReason.HEADERS_TOO_LARGE: (513, "Message Too Large"),
@@ -108,6 +111,14 @@ class ReadLayer(WriteLayer):
         count = len(records)
         conn.messages_in += count
         self.counters["messages_in"] += count
+        source = conn.source
+        if source is not None and (allowed := source.requests.take(count, self._now)) < count:
+            self._reject_over_rate(conn, messages[allowed:])
+            records, messages, count = records[:allowed], messages[:allowed], allowed
+            if not records:
+                if traced:
+                    self._received(conn, traced, read_ns, "rate_limited")
+                return
         room = self._in_flight_limit(conn) - conn.in_flight
         if conn.held or room < count:
             # Fairness: past its in-flight bound a connection's messages wait here, in arrival order,
@@ -213,6 +224,18 @@ class ReadLayer(WriteLayer):
             "worker backlog above %d bytes: answering 503",
             self.settings.dispatch_backlog_bytes,
         )
+
+    def _reject_over_rate(self, conn: Connection, messages: list[bytes]) -> None:
+        """Messages past the peer address's requests_per_ip: answered 503 with Retry-After, never routed."""
+        self.counters["limited.request_rate"] += len(messages)
+        for message in messages:
+            answer = response_for_unparsable(message, 503, "Service Unavailable (rate limit)", RETRY_AFTER)
+            if answer is not None:
+                self._enqueue(conn, answer, 0, -1)
+        self.ratelog.log(
+            logging.WARNING, "request_rate", "%s sends more than requests_per_ip %d/s: answering 503",
+            conn.remote[0], self.settings.requests_per_ip,
+        )  # fmt: skip
 
     def _framing_error(self, conn: Connection, error: FramingError) -> None:
         self.counters[f"framing_error.{error.reason.value}"] += 1

@@ -194,6 +194,9 @@ class WriteLayer(MetricsLayer):
             self._free_slot(conn)
         conn.stream.close()
         self.hub.forget(conn.id, conn.destination)
+        if conn.source is not None:
+            self.hub.sources.release(conn.source)
+            conn.source = None
         self.counters["closed"] += 1
         if conn.held:  # requests of a peer that is gone: nobody to answer
             self.counters["held_dropped_on_close"] += len(conn.held)

@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Final
@@ -44,7 +45,10 @@ from sipwire.transport.statsblock import (
     HeaderFigures,
     StatsError,
     StatsWriter,
-    block_name_for,
+    new_block_name,
+    publish_block_name,
+    published_block_name,
+    remove_stale_block,
 )
 from sipwire.transport.tls import TlsConfigError, build_contexts
 from sipwire.transport.totals import Totals, histogram_view
@@ -99,6 +103,8 @@ class TransportServer:
         self._retired_totals = Totals.empty(settings.workers)  # of joined threads, under _retired_lock
         self._worker_progress = [(0, 0.0)] * settings.workers  # (done, heartbeat) last written
         self.telemetry: Telemetry | None = None
+        self._restarts_wanted: deque[int] = deque()  # workers whose channel broke (I/O threads append)
+        self.hub.restart_worker = self._request_worker_restart
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -170,6 +176,8 @@ class TransportServer:
                 if selector.select(SUPERVISOR_TICK_SECONDS):
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_read, 512)
+                while self._restarts_wanted:
+                    self.workers.replace(self._restarts_wanted.popleft(), "a channel to it broke")
                 self.workers.reap(self.hub.threads)
                 self._reconcile_threads()
                 self._join_retired()
@@ -179,6 +187,11 @@ class TransportServer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.shutdown()
+
+    def _request_worker_restart(self, worker: int) -> None:
+        """From an I/O thread: the supervisor replaces the worker (only an append and a wake-up here)."""
+        self._restarts_wanted.append(worker)
+        os.write(self._wake_write, b"w")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.request_stop()
@@ -271,10 +284,14 @@ class TransportServer:
         """Create this instance's stats block (replacing one a dead transport left) before any thread."""
         settings = self.settings
         try:
+            previous = published_block_name(settings)
+            if previous is not None:
+                remove_stale_block(previous)  # a transport killed with SIGKILL leaves its block behind
             stats = StatsWriter.create(
-                block_name_for(settings), Capacities.for_settings(settings), settings.instance,
+                new_block_name(settings), Capacities.for_settings(settings), settings.instance,
                 (HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS),
             )  # fmt: skip
+            publish_block_name(settings, stats.name)
         except (StatsError, OSError) as error:
             for sock, _ in listeners:
                 sock.close()

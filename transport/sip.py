@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -408,7 +408,9 @@ def _rest_of_list(via_line: str) -> str:
     return "".join(f", {value}" for value in rest)
 
 
-def response_for_unparsable(header_block: bytes, status: int, reason: str) -> bytes | None:
+def response_for_unparsable(
+    header_block: bytes, status: int, reason: str, extra_headers: Sequence[tuple[str, str]] = ()
+) -> bytes | None:
     """Best-effort error answer for a request the worker or framer could not handle.
 
     Used where the message cannot be fully parsed (a framing error, a bad
@@ -444,6 +446,7 @@ def response_for_unparsable(header_block: bytes, status: int, reason: str) -> by
     for name, value in headers:
         tag = f";tag={new_tag()}" if name == "To" and header_param(value, "tag") is None else ""
         out.append(f"{name}: {value}{tag}")
+    out.extend(f"{name}: {value}" for name, value in extra_headers)
     out.append("Content-Length: 0")
     return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 

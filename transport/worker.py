@@ -75,6 +75,7 @@ COUNT_ROUTER_ERRORS: Final = "router_errors"
 COUNT_UNPARSABLE_ANSWERED: Final = "sip_parse_error.answered"
 COUNT_UNPARSABLE_CLOSED: Final = "sip_parse_error.closed"
 COUNT_UNPARSABLE_RESPONSE: Final = "sip_parse_error.response_dropped"
+COUNT_UNRESOLVABLE: Final = "write.unresolvable"  # a write job whose host name did not resolve
 
 
 class _Channel:
@@ -172,6 +173,7 @@ class Worker:
     def _send_resolved(self, job: _DestinationJob, address: str | Failure) -> None:
         """Encode a destination job once its host is an address (or fail it with ``unresolvable``)."""
         if isinstance(address, Failure):
+            self.count(COUNT_UNRESOLVABLE)
             self._fail_later(job.job_id, 0, job.on_outcome, WriteResult.UNRESOLVABLE, address.reason)
             return
         destination = job.destination
@@ -259,8 +261,11 @@ class Worker:
         try:
             records = channel.reader.feed(data)
         except WireError as error:
-            log.error("worker %d: corrupt channel from I/O thread %d: %s", self.index, channel.thread_index, error)
-            self._close_channel(channel)
+            log.error(
+                "worker %d: corrupt channel from I/O thread %d: %s; exiting so that the transport restarts this "
+                "worker with new channels", self.index, channel.thread_index, error,
+            )  # fmt: skip
+            self._running = False
             return
         done: dict[int, int] = defaultdict(int)
         self._current = channel

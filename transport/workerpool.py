@@ -126,6 +126,13 @@ class WorkerPool:
             if worker.process is None and now >= worker.restart_at:
                 self._spawn(worker, threads)
 
+    def replace(self, index: int, reason: str) -> None:
+        """Kill worker ``index`` (``reason`` is logged); :meth:`reap` restarts it with fresh channels."""
+        process = self._workers[index].process
+        if process is not None and process.poll() is None:
+            log.error("worker %d (pid %d): %s; killing it to start a fresh one", index, process.pid, reason)
+            process.kill()
+
     def statistics(self) -> list[WorkerStatistics]:
         now = time.monotonic()
         return [

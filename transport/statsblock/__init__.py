@@ -53,9 +53,15 @@ from sipwire.transport.statsblock.reader import (
 )
 from sipwire.transport.statsblock.records import ConnectionRecord
 from sipwire.transport.statsblock.shm import (
+    NAME_FILE,
+    block_name,
+    new_block_name,
+    publish_block_name,
+    published_block_name,
+)
+from sipwire.transport.statsblock.shm import (
     _open_shm as _open_shm,  # bench/statsbench.py attaches a second writer on purpose
 )
-from sipwire.transport.statsblock.shm import block_name, block_name_for
 from sipwire.transport.statsblock.views import connections_view, stats_view
 from sipwire.transport.statsblock.writer import (
     FreeList,
@@ -74,6 +80,7 @@ __all__ = [
     "LATENCY_BUCKETS_MS",
     "LAYOUT_VERSION",
     "MAGIC",
+    "NAME_FILE",
     "SLOT_BYTES",
     "STALE_SECONDS",
     "STATIC_BYTES",
@@ -96,8 +103,10 @@ __all__ = [
     "StatsWriter",
     "StatsWriterGoneError",
     "block_name",
-    "block_name_for",
     "connections_view",
+    "new_block_name",
+    "publish_block_name",
+    "published_block_name",
     "remove_stale_block",
     "stats_view",
 ]

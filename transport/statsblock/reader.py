@@ -66,7 +66,7 @@ from sipwire.transport.statsblock.records import (
     ThreadRecord,
     WorkerRecord,
 )
-from sipwire.transport.statsblock.shm import _Block, _open_shm, block_name_for
+from sipwire.transport.statsblock.shm import _Block, _open_shm, published_block_name
 
 if TYPE_CHECKING:
     from multiprocessing.shared_memory import SharedMemory
@@ -179,7 +179,14 @@ class StatsReader(_Block):
 
     @classmethod
     def for_settings(cls, settings: Settings) -> StatsReader:
-        return cls.open(block_name_for(settings))
+        """The block the instance's transport published in its runtime directory."""
+        name = published_block_name(settings)
+        if name is None:
+            raise StatsUnavailableError(
+                f"no stats block published in {settings.runtime_dir}: is the transport running, "
+                "with this --instance and --state-dir?"
+            )
+        return cls.open(name)
 
     # -- seqlock reads ---------------------------------------------------------------------------
 

@@ -12,26 +12,49 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import sys
 import weakref
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Final, Self
 
+from sipwire.statedir import read_private, runtime_directory, write_private
 from sipwire.transport.statsblock.layout import Capacities
 
 if TYPE_CHECKING:
     from sipwire.config import Settings
 
+#: The runtime-directory file that names the instance's current block. The name has a random part, so
+#: another local user cannot create (squat) a segment under it first; readers trust only this file, in
+#: a directory no other user controls (:mod:`sipwire.statedir`).
+NAME_FILE: Final = "stats-block.name"
+#: Random bytes in a block's name (hex-encoded).
+NAME_RANDOM_BYTES: Final = 8
+
 
 def block_name(instance: str, runtime_dir: str | os.PathLike[str], uid: int | None = None) -> str:
-    """``sipwire.<uid>.<instance>.<hash of the runtime dir>``: one block per instance, user and state dir."""
+    """``sipwire.<uid>.<instance>.<hash of the runtime dir>``: the prefix of every block of an instance."""
     digest = hashlib.sha256(os.path.abspath(runtime_dir).encode()).hexdigest()[:12]
     return f"sipwire.{os.getuid() if uid is None else uid}.{instance[:64]}.{digest}"
 
 
-def block_name_for(settings: Settings) -> str:
-    return block_name(settings.instance, settings.runtime_dir)
+def new_block_name(settings: Settings) -> str:
+    """A fresh name for a transport's block: the instance's prefix and a random part."""
+    return f"{block_name(settings.instance, settings.runtime_dir)}.{secrets.token_hex(NAME_RANDOM_BYTES)}"
+
+
+def publish_block_name(settings: Settings, name: str) -> None:
+    write_private(runtime_directory(settings) / NAME_FILE, name.encode("ascii"))
+
+
+def published_block_name(settings: Settings) -> str | None:
+    """The name the instance's transport published, or None (none yet, or not one of this instance's names)."""
+    try:
+        name = read_private(runtime_directory(settings) / NAME_FILE, limit=255).decode("ascii", "replace")
+    except FileNotFoundError:
+        return None
+    return name if name.startswith(block_name(settings.instance, settings.runtime_dir) + ".") else None
 
 
 # -- shared memory without resource_tracker surprises ------------------------------------------

@@ -1,0 +1,133 @@
+"""Per-source limits, as SIP edges have them (Kamailio's and OpenSIPS's ``pike`` and ``ratelimit``).
+
+One peer address may hold at most ``max_connections_per_ip`` connections, open
+at most ``new_connections_per_ip`` per second (a burst of twice that), and send
+at most ``requests_per_ip`` messages per second (same burst). Over a connection
+limit the new connection is closed at accept; over the request rate the
+transport answers ``503`` with ``Retry-After`` itself, before any worker sees the
+message. Addresses in ``source_limits_allow`` (loopback by default: local tools
+and benchmarks) are never limited.
+
+Cost and locking: the connection count and the connect-rate buckets change once
+per connection, under one lock. The request bucket is one object per address,
+attached to each of its connections at accept, so the per-message path does no
+lookup and takes no lock; two I/O threads serving the same address may race on
+it, which can only let a few more messages through, never fewer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Final
+
+from sipwire.config import Settings
+
+#: A token bucket holds this many seconds' worth of its rate: short bursts pass, floods do not.
+BURST_SECONDS: Final = 2.0
+#: Connect-rate buckets of addresses that hold no connection are forgotten past this many (least recent first).
+MAX_IDLE_SOURCES: Final = 65536
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``rate * BURST_SECONDS`` saved up."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = rate * BURST_SECONDS
+        self.tokens = self.capacity
+        self.stamp = now
+
+    def take(self, count: int, now: float) -> int:
+        """Take up to ``count`` tokens; how many were there."""
+        tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        granted = min(count, int(tokens))
+        self.tokens = tokens - granted
+        return granted
+
+
+@dataclass(slots=True)
+class Source:
+    """What the limits keep of one peer address while it has connections."""
+
+    address: str
+    connections: int
+    connect_bucket: TokenBucket
+    requests: TokenBucket
+
+
+class SourceLimits:
+    """The limits of every peer address; shared by the I/O threads (see the module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_connections = settings.max_connections_per_ip
+        self.connect_rate = float(settings.new_connections_per_ip)
+        self.request_rate = float(settings.requests_per_ip)
+        self.allowed: tuple[Network, ...] = parse_networks(settings.source_limits_allow)
+        self._lock = threading.Lock()
+        self._active: dict[str, Source] = {}
+        self._idle: OrderedDict[str, TokenBucket] = OrderedDict()  # connect buckets of sources with no connection
+
+    def exempt(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.allowed)
+
+    def admit(self, address: str) -> Source | str | None:
+        """At accept: the address's :class:`Source`, None when it is exempt, or why it is refused."""
+        if self.exempt(address):
+            return None
+        now = time.monotonic()
+        with self._lock:
+            source = self._active.get(address)
+            bucket = source.connect_bucket if source is not None else self._idle.pop(address, None)
+            if bucket is None:
+                bucket = TokenBucket(self.connect_rate, now)
+            if source is not None and source.connections >= self.max_connections:
+                return "connections_per_ip"
+            if not bucket.take(1, now):
+                if source is None:
+                    self._remember_idle(address, bucket)
+                return "connection_rate"
+            if source is None:
+                source = Source(address, 0, bucket, TokenBucket(self.request_rate, now))
+                self._active[address] = source
+            source.connections += 1
+            return source
+
+    def release(self, source: Source) -> None:
+        """A connection of ``source`` closed."""
+        with self._lock:
+            source.connections -= 1
+            if source.connections <= 0 and self._active.get(source.address) is source:
+                del self._active[source.address]
+                self._remember_idle(source.address, source.connect_bucket)
+
+    def _remember_idle(self, address: str, bucket: TokenBucket) -> None:
+        self._idle[address] = bucket
+        self._idle.move_to_end(address)
+        while len(self._idle) > MAX_IDLE_SOURCES:
+            self._idle.popitem(last=False)
+
+    def sources(self) -> int:
+        """Addresses with open connections (for the stats)."""
+        return len(self._active)
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``"127.0.0.0/8, ::1"`` -> networks; raises ValueError naming a bad entry."""
+    networks = []
+    for item in text.split(","):
+        if item.strip():
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+    return tuple(networks)
