@@ -61,3 +61,9 @@ def run(check: Callable[[bytes], None], seeds: Callable[[], Iterable[bytes]], di
         argv.append(f"-dict={FUZZ_DIR / dictionary}")
     atheris.Setup(argv, check)
     atheris.Fuzz()
+
+
+def assert_own_parts(answer: bytes, status: int) -> None:
+    """What a best-effort error answer writes itself is right: its status line and an empty body."""
+    assert answer.startswith(b"SIP/2.0 %d " % status), answer
+    assert answer.endswith(b"\r\nContent-Length: 0\r\n\r\n"), answer

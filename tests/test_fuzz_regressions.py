@@ -43,7 +43,8 @@ def test_fuzz_input_port_with_a_superscript_digit() -> None:
         "sip:bob@example.com:\u0665\u0660\u0666\u0660",  # Arabic-Indic "5060": int() read it as a port
         "sip:bob@example.com:\uff15\uff10\uff16\uff10",  # full-width "5060"
         "sip:bob@example.com:" + "1" * 5000,  # int() refuses more than 4300 digits
-        "sip:bob@example.com:005060",
+        "sip:bob@example.com:0",  # not a port
+        "sip:bob@example.com:065536",
         "sip:bob@[2001:db8::1]5060",  # a port needs its colon after an IPv6 reference too
         "sip:bob@[2001:db8::1]::5060",
     ],
@@ -51,6 +52,11 @@ def test_fuzz_input_port_with_a_superscript_digit() -> None:
 def test_ports_are_ascii_digits_or_the_uri_is_refused(uri: str) -> None:
     with pytest.raises(SipUriError, match=r"port|IPv6"):
         parse_uri(uri)
+
+
+def test_a_port_may_have_leading_zeros() -> None:
+    """``port = 1*DIGIT`` (RFC 3261 section 25.1): leading zeros are legal, the value is what counts."""
+    assert parse_uri("sip:bob@example.com:005060").port == 5060
 
 
 @pytest.mark.parametrize(

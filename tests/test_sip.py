@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sipwire.transport import sipsyntax
 from sipwire.transport.framing import Framer
 from sipwire.transport.sip import (
     COMPACT_FORMS,
@@ -866,3 +867,32 @@ def test_ack_is_never_answered_even_when_broken() -> None:
         b"To: <sip:b@c>;tag=2\r\nCall-ID: x\r\nCSeq: 1 ACK\r\nContent-Length: zz\r\n\r\n"
     )
     assert response_for_unparsable(ack, 400, "Bad Request") is None
+
+
+# The fast paths of the header checks (one regular expression for the plain shapes) must never accept a
+# value the full walk refuses: drawn from the characters that matter to the grammar.
+_GRAMMAR_CHARS = st.sampled_from([*list('SIP/2.0TCLWtcpls :;=<>"\\,?@[]abcdefhrou123456789'), "rport", "sip:", " \t"])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_GRAMMAR_CHARS, max_size=24).map("".join))
+def test_the_plain_address_fast_path_accepts_only_what_the_full_check_accepts(value: str) -> None:
+    if sipsyntax._PLAIN_ADDRESS.fullmatch(value) is not None:
+        assert sipsyntax._address_walk(value, "From") is None, value
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_GRAMMAR_CHARS, max_size=24).map(lambda parts: "SIP/2.0/TCP " + "".join(parts)))
+def test_the_plain_via_fast_path_accepts_only_what_the_full_check_accepts(value: str) -> None:
+    if sipsyntax._PLAIN_VIA.fullmatch(value) is not None:
+        assert sipsyntax._via_walk(value) is None, value
+
+
+def test_the_fast_paths_take_the_common_shapes() -> None:
+    assert sipsyntax._PLAIN_VIA.fullmatch("SIP/2.0/TCP 127.0.0.1:5090;branch=z9hG4bK-1-0;rport")
+    assert sipsyntax._PLAIN_VIA.fullmatch("SIP/2.0/TLS [::1]:5061;branch=z9hG4bKx;rport=40000;received=::1")
+    assert not sipsyntax._PLAIN_VIA.fullmatch("SIP/2.0/TCP h;rport=99999")  # the walk says why
+    assert sipsyntax._PLAIN_ADDRESS.fullmatch('"Alice Liddell" <sip:alice@example.com>;tag=9fxced76sl')
+    assert sipsyntax._PLAIN_ADDRESS.fullmatch("Bob <sips:bob@biloxi.example.com>")
+    assert sipsyntax._PLAIN_ADDRESS.fullmatch("sip:carol@chicago.example.com;tag=1")
+    assert not sipsyntax._PLAIN_ADDRESS.fullmatch("sip:carol@chicago.example.com?subject=x")

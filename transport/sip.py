@@ -210,49 +210,57 @@ def parse(raw: bytes) -> SipMessage:
         key = COMPACT_FORMS.get(key, key)
         index.setdefault(key, []).append(len(headers))
         headers.append((key, value.strip()))
-    for position in index.get("via", ()):
-        if not any(split_list_value(headers[position][1])):  # "" or only commas: no hop to answer through
-            raise SipParseError("Via header without a value", start_line)
-    message = SipMessage(start_line, method, uri, status, reason, headers, body, index)
-    if message.is_request:
+    if not status:
         for mandatory in MANDATORY_REQUEST_HEADERS:
             if mandatory not in index:
                 raise SipParseError(f"missing mandatory header {CANONICAL_NAMES.get(mandatory, mandatory)}", start_line)
-    problem = _header_problem(message)
+    problem = _header_problem(headers, index, method or None)
     if problem is not None:
         raise SipParseError(problem, start_line)
-    return message
+    return SipMessage(start_line, method, uri, status, reason, headers, body, index)
 
 
-def _header_problem(message: SipMessage) -> str | None:
-    """The first header value the grammar refuses, among those SIP elements act upon; None if all are fine."""
+def _header_problem(headers: list[tuple[str, str]], index: dict[str, list[int]], method: str | None) -> str | None:
+    """The first header value the grammar refuses, among those SIP elements act upon; None if all are fine.
+
+    Works on the parse's own header list and index (canonical names): this runs for every message.
+    ``method`` is the request's, None for a response.
+    """
     for name in SINGLE_HEADERS:
-        if len(message.index.get(name, ())) > 1:
+        positions = index.get(name)
+        if positions is not None and len(positions) > 1:
             return f"more than one {CANONICAL_NAMES[name]} header"
-    for via in message.values("via"):
-        if (problem := sipsyntax.via_problem(via)) is not None:
-            return problem
+    for position in index.get("via", ()):
+        vias = split_list_value(headers[position][1])
+        if not any(vias):  # "" or only commas: no hop to answer through
+            return "Via header without a value"
+        for via in vias:
+            if (problem := sipsyntax.via_problem(via)) is not None:
+                return problem
     for name in ("from", "to"):
-        value = message.header(name)
-        if value is not None and (problem := sipsyntax.address_problem(value, CANONICAL_NAMES[name])) is not None:
-            return problem
-    for contact in message.values("contact"):
-        if contact != "*" and (problem := sipsyntax.address_problem(contact, "Contact")) is not None:
-            return problem
-    cseq = message.header("cseq")
-    if cseq is not None:
-        problem = sipsyntax.cseq_problem(cseq, message.method if message.is_request else None)
-        if problem is not None:
-            return problem
-    max_forwards = message.header("max-forwards")
-    if max_forwards is not None and sipsyntax.number(max_forwards, sipsyntax.MAX_FORWARDS_LIMIT) is None:
-        return f"Max-Forwards {max_forwards[:20]!r} is not 0..{sipsyntax.MAX_FORWARDS_LIMIT}"
-    call_id = message.header("call-id")
-    if call_id is not None and (problem := sipsyntax.call_id_problem(call_id)) is not None:
+        positions = index.get(name)
+        if positions is not None:
+            problem = sipsyntax.address_problem(headers[positions[0]][1], CANONICAL_NAMES[name])
+            if problem is not None:
+                return problem
+    for position in index.get("contact", ()):
+        for contact in split_list_value(headers[position][1]):
+            if contact != "*" and (problem := sipsyntax.address_problem(contact, "Contact")) is not None:
+                return problem
+    positions = index.get("cseq")
+    if positions is not None and (problem := sipsyntax.cseq_problem(headers[positions[0]][1], method)) is not None:
         return problem
-    date = message.header("date")
-    if date is not None and not sipsyntax.date_ok(date):
-        return f"Date {date[:40]!r} is not an RFC 1123 date in GMT"
+    positions = index.get("max-forwards")
+    if positions is not None:
+        max_forwards = headers[positions[0]][1]
+        if sipsyntax.number(max_forwards, sipsyntax.MAX_FORWARDS_LIMIT) is None:
+            return f"Max-Forwards {max_forwards[:20]!r} is not 0..{sipsyntax.MAX_FORWARDS_LIMIT}"
+    positions = index.get("call-id")
+    if positions is not None and (problem := sipsyntax.call_id_problem(headers[positions[0]][1])) is not None:
+        return problem
+    positions = index.get("date")
+    if positions is not None and not sipsyntax.date_ok(headers[positions[0]][1]):
+        return f"Date {headers[positions[0]][1][:40]!r} is not an RFC 1123 date in GMT"
     return None
 
 
@@ -415,8 +423,9 @@ def response_for_unparsable(
 
     Used where the message cannot be fully parsed (a framing error, a bad
     header): if the header lines read so far name the request's Via, From,
-    To, Call-ID and CSeq, and those are well formed, answer with ``status``;
-    otherwise return None and the caller just closes or drops.
+    To, Call-ID and CSeq, answer with ``status``, those headers copied as the
+    request had them (RFC 4475 wants the 400 even when one of them is what is
+    malformed); otherwise return None and the caller just closes or drops.
     """
     text = header_block.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
@@ -439,7 +448,7 @@ def response_for_unparsable(
             # Every Via, but one From/To/Call-ID/CSeq even where a broken request repeats them.
             current = wanted.setdefault(key, [])
             current.append(value.strip())
-    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS) or _echo_problem(wanted):
+    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS):
         return None
     headers = [(CANONICAL_NAMES.get(key, key), value) for key in MANDATORY_REQUEST_HEADERS for value in wanted[key]]
     out = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
@@ -449,16 +458,6 @@ def response_for_unparsable(
     out.extend(f"{name}: {value}" for name, value in extra_headers)
     out.append("Content-Length: 0")
     return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
-
-
-def _echo_problem(wanted: dict[str, list[str]]) -> bool:
-    """True when a header the answer would copy is malformed: we never send what we would refuse to parse."""
-    return (
-        any(sipsyntax.via_problem(via) is not None for line in wanted["via"] for via in split_list_value(line))
-        or any(sipsyntax.address_problem(wanted[key][0], CANONICAL_NAMES[key]) is not None for key in ("from", "to"))
-        or sipsyntax.cseq_problem(wanted["cseq"][0], None) is not None
-        or sipsyntax.call_id_problem(wanted["call-id"][0]) is not None
-    )
 
 
 def _one_line(text: str) -> str:

@@ -27,6 +27,24 @@ _VIA: Final = re.compile(
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]+)(?:\s*:\s*(?P<port>[^\s;]*))?\s*(?P<params>;.*)?",
     re.DOTALL,
 )
+#: The common, plainly well-formed shapes of a From, To or Contact value, in one regular expression: a
+#: quoted (no escapes) or token display name, ``<uri>``, token parameters; or a bare URI with token
+#: parameters. Every value it matches passes :func:`address_problem` (a property test checks it), so a
+#: match skips that slower walk; anything else, odd or wrong, still gets the full check and its reason.
+_PLAIN_ADDRESS: Final = re.compile(
+    r"""(?:(?:"[^"\\\r\n]*"[ \t]*|[A-Za-z0-9\-.!%*_+`'~]+(?:[ \t]+[A-Za-z0-9\-.!%*_+`'~]+)*[ \t]*)?"""
+    r"<[A-Za-z][A-Za-z0-9+\-.]*:[^<>\s]*>"
+    r"|[A-Za-z][A-Za-z0-9+\-.]*:[^;?,\s<>\"]+)"
+    r"(?:[ \t]*;[ \t]*[A-Za-z0-9\-.!%*_+`'~]+(?:[ \t]*=[ \t]*[^;,\s]+)?)*"
+)
+#: A port 1..65535 as decimal digits without leading zeros (the fast paths' port).
+_PORT: Final = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+#: The common, plainly well-formed Via value: like :data:`_PLAIN_ADDRESS`, a match always passes
+#: :func:`via_problem` (property-tested) and skips its walk over the parameters.
+_PLAIN_VIA: Final = re.compile(
+    r"SIP/2\.0/[A-Za-z0-9\-.!%*_+`'~]+ (?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]+)(?::" + _PORT + r")?"
+    r"(?:;(?:(?i:rport)(?:=" + _PORT + r")?(?=;|$)|(?!(?i:rport)(?:[=;]|$))[A-Za-z0-9\-.!%*_+`'~]+(?:=[^;,\s]+)?))*"
+)
 #: ``rfc1123-date`` (RFC 3261 section 20.17): the only Date form SIP allows, always GMT.
 _DATE: Final = re.compile(
     r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
@@ -82,6 +100,13 @@ def request_uri_problem(uri: str) -> str | None:
 
 def via_problem(value: str) -> str | None:
     """Why one Via value is malformed (RFC 3261 section 20.42), or None."""
+    if _PLAIN_VIA.fullmatch(value) is not None:
+        return None
+    return _via_walk(value)
+
+
+def _via_walk(value: str) -> str | None:
+    """:func:`via_problem` the long way: every part of the value, with the reason of the first that fails."""
     match = _VIA.fullmatch(value.strip())
     if match is None or not is_token(match["transport"]):
         return f"malformed Via {value[:60]!r}"
@@ -103,6 +128,13 @@ def address_problem(value: str, header: str) -> str | None:
     brackets). A display name is a quoted string or tokens; no white space
     inside the brackets.
     """
+    if _PLAIN_ADDRESS.fullmatch(value) is not None:
+        return None
+    return _address_walk(value, header)
+
+
+def _address_walk(value: str, header: str) -> str | None:
+    """:func:`address_problem` the long way, with the reason of the first part that fails."""
     quote_end = _quoted_string_end(value)
     if quote_end < 0:
         return f"unbalanced quotes in {header} {value[:60]!r}"
