@@ -56,21 +56,26 @@ class TlsFacts(Protocol):
     def cipher(self) -> str: ...
 
 
-class TracedConnection(Protocol):
-    """What a span reads of a connection; the transport's ``Connection`` has it.
+class Endpoints(Protocol):
+    """The network facts every span carries: transport name and both addresses.
 
-    A protocol rather than an import keeps telemetry below the transport:
+    Protocols rather than imports keep telemetry below the transport:
     ``sipwire.otel`` never imports ``sipwire.transport``.
     """
 
-    @property
-    def id(self) -> int: ...
     @property
     def transport(self) -> str: ...
     @property
     def local(self) -> tuple[str, int]: ...
     @property
     def remote(self) -> tuple[str, int]: ...
+
+
+class TracedConnection(Endpoints, Protocol):
+    """What a span reads of a connection; the transport's ``Connection`` has it."""
+
+    @property
+    def id(self) -> int: ...
     @property
     def tls(self) -> TlsFacts | None: ...
     @property

@@ -34,28 +34,18 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from sipwire.otel import attributes as attr
 from sipwire.otel.pipeline import Telemetry
-from sipwire.otel.recorder import SPAN_ROUTE, SpanRecorder, traceparent
+from sipwire.otel.recorder import SPAN_ROUTE, Endpoints, SpanRecorder, traceparent
 
 #: Call-IDs longer than this are cut in the span attribute (a peer could send a huge one).
 MAX_CALL_ID_CHARS: Final = 256
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 
 
-class RoutedRecord(Protocol):
-    """What a route span reads of a received message's envelope (the transport's ``MessageRecord``).
-
-    Protocols rather than imports keep telemetry below the transport: ``sipwire.otel``
-    never imports ``sipwire.transport``.
-    """
+class RoutedRecord(Endpoints, Protocol):
+    """What a route span reads of a received message's envelope (the transport's ``MessageRecord``)."""
 
     @property
     def conn_id(self) -> int: ...
-    @property
-    def transport(self) -> str: ...
-    @property
-    def local(self) -> tuple[str, int]: ...
-    @property
-    def remote(self) -> tuple[str, int]: ...
     @property
     def trace_context(self) -> str: ...
     @property

@@ -43,15 +43,17 @@ from sipwire.transport.statsblock import (
     SUPERVISOR_INTERVAL_SECONDS,
     Capacities,
     HeaderFigures,
+    Histogram,
     StatsError,
     StatsWriter,
+    histogram_view,
     new_block_name,
     publish_block_name,
     published_block_name,
     remove_stale_block,
 )
 from sipwire.transport.tls import TlsConfigError, build_contexts
-from sipwire.transport.totals import Totals, histogram_view
+from sipwire.transport.totals import Totals
 from sipwire.transport.workerpool import WorkerPool
 
 if TYPE_CHECKING:
@@ -439,7 +441,9 @@ class TransportServer:
             "queue_depth": sum(s.queue_depth for s in stats),
             "dispatch_in_flight": sum(in_flight),
             "counters": dict(sorted(counters.items())),
-            "tls_handshake_ms": histogram_view(handshakes),
+            "tls_handshake_ms": histogram_view(
+                Histogram("tls_handshake_ms", HANDSHAKE_BUCKETS_MS, tuple(handshakes), sum(handshakes), 0.0)
+            ),
             "workers": workers,
             "threads": [dataclasses.asdict(s) for s in stats],
             "telemetry": self.telemetry.statistics() if self.telemetry is not None else None,

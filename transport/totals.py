@@ -8,7 +8,6 @@ threads that retired, so the published figures never dip after a resize.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from sipwire.transport.iometrics import ThreadTotals
 from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS
@@ -47,18 +46,3 @@ class Totals:
                 mine[index] += value
         self.dispatch_ms += thread.dispatch_ms
         self.write_ms += thread.write_ms
-
-
-def histogram_view(buckets: list[int]) -> dict[str, Any]:
-    """Cumulative buckets (Prometheus style) and percentiles read off their upper bounds."""
-    total = sum(buckets)
-    cumulative: list[dict[str, Any]] = []
-    running = 0
-    for bound, count in zip((*HANDSHAKE_BUCKETS_MS, "+Inf"), buckets, strict=True):
-        running += count
-        cumulative.append({"le": bound, "count": running})
-    percentiles: dict[str, Any] = {}
-    for name, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
-        rank = fraction * total
-        percentiles[name] = next((b["le"] for b in cumulative if total and b["count"] >= rank), None)
-    return {"count": total, "buckets": cumulative, **percentiles}

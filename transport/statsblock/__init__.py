@@ -51,7 +51,7 @@ from sipwire.transport.statsblock.reader import (
     StatsUnavailableError,
     StatsWriterGoneError,
 )
-from sipwire.transport.statsblock.records import ConnectionRecord
+from sipwire.transport.statsblock.records import ConnectionRecord, Histogram
 from sipwire.transport.statsblock.shm import (
     NAME_FILE,
     block_name,
@@ -62,7 +62,7 @@ from sipwire.transport.statsblock.shm import (
 from sipwire.transport.statsblock.shm import (
     _open_shm as _open_shm,  # bench/statsbench.py attaches a second writer on purpose
 )
-from sipwire.transport.statsblock.views import connections_view, stats_view
+from sipwire.transport.statsblock.views import connections_view, histogram_view, stats_view
 from sipwire.transport.statsblock.writer import (
     FreeList,
     HeaderFigures,
@@ -95,6 +95,7 @@ __all__ = [
     "ConnectionRecord",
     "FreeList",
     "HeaderFigures",
+    "Histogram",
     "StatsBusyError",
     "StatsError",
     "StatsLayoutError",
@@ -104,6 +105,7 @@ __all__ = [
     "StatsWriterGoneError",
     "block_name",
     "connections_view",
+    "histogram_view",
     "new_block_name",
     "publish_block_name",
     "published_block_name",
