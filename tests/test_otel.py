@@ -635,9 +635,15 @@ def test_a_failed_write_job_span_carries_its_outcome(in_process: Callable[..., I
     harness = in_process(send_and_report)
     response = harness.exchange(sip_request("OPTIONS", headers=[("X-Target-Port", str(closed_port))]))
     assert response.startswith(b"SIP/2.0 200 refused")
-    spans = wait_for(
-        lambda: harness.spans() if len(by_name(harness.spans(), "sip.write")) >= 2 else None,
-        what="both write spans",
+    spans = wait_for(  # the worker's route span arrives on its own path: wait for it as well
+        lambda: (
+            spans
+            if len(by_name(spans := harness.spans(), "sip.write")) >= 2
+            and by_name(spans, "sip.route")
+            and by_name(spans, "tcp.connect")
+            else None
+        ),
+        what="both write spans, the route span and the connect span",
     )
     [route] = by_name(spans, "sip.route")
     assert route.context is not None
