@@ -502,7 +502,11 @@ def response_for_unparsable(
             # Every Via, but one From/To/Call-ID/CSeq even where a broken request repeats them.
             current = wanted.setdefault(key, [])
             current.append(value.strip())
-    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS) or _echo_problem(wanted):
+    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS):
+        return None
+    # A Via line without a value ("", ","): nothing to echo; the answer goes back on the connection anyway.
+    wanted["via"] = [line for line in wanted["via"] if any(split_list_value(line))]
+    if _echo_problem(wanted):
         return None
     headers = [(CANONICAL_NAMES.get(key, key), value) for key in MANDATORY_REQUEST_HEADERS for value in wanted[key]]
     out = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
