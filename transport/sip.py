@@ -502,11 +502,7 @@ def response_for_unparsable(
             # Every Via, but one From/To/Call-ID/CSeq even where a broken request repeats them.
             current = wanted.setdefault(key, [])
             current.append(value.strip())
-    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS):
-        return None
-    # A Via line without a value ("", ","): nothing to echo; the answer goes back on the connection anyway.
-    wanted["via"] = [line for line in wanted["via"] if any(split_list_value(line))]
-    if _echo_problem(wanted):
+    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS) or _echo_problem(wanted):
         return None
     headers = [(CANONICAL_NAMES.get(key, key), value) for key in MANDATORY_REQUEST_HEADERS for value in wanted[key]]
     out = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
@@ -521,7 +517,8 @@ def response_for_unparsable(
 def _echo_problem(wanted: dict[str, list[str]]) -> bool:
     """True when a header the answer would copy is malformed: we never send what we would refuse to parse."""
     return (
-        any(sipsyntax.via_problem(via) is not None for line in wanted["via"] for via in split_list_value(line))
+        # An empty Via line ("" as "," already was) is echoed as sent: the answer goes back on its connection.
+        any(sipsyntax.via_problem(via) is not None for line in wanted["via"] for via in split_list_value(line) if via)
         or any(sipsyntax.address_problem(wanted[key][0], CANONICAL_NAMES[key]) is not None for key in ("from", "to"))
         or sipsyntax.cseq_problem(wanted["cseq"][0], None) is not None
         or sipsyntax.call_id_problem(wanted["call-id"][0]) is not None
