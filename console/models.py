@@ -135,3 +135,49 @@ class TraceList(BaseModel):
 
 class TraceDetail(TraceSummary):
     spans: list[TraceSpan]
+
+
+class RegisteredContact(BaseModel):
+    """One registered contact of an AOR and the flow that reaches it."""
+
+    contact: str = Field(description="the Contact URI")
+    expires: int = Field(description="seconds left")
+    q: float | None = Field(default=None, description="the q value, when the phone sent one")
+    instance: str | None = Field(default=None, description="+sip.instance (RFC 5626), without quotes")
+    reg_id: int | None = Field(default=None, description="reg-id (RFC 5626)")
+    flow: Literal["outbound", "connection"] = Field(
+        description="outbound: an RFC 5626 flow (instance and reg-id); connection: the connection it registered on"
+    )
+    connection: int = Field(description="id of the connection requests for it leave on")
+    transport: str
+    local: str = Field(description="our HOST:PORT the phone connected to")
+    remote: str = Field(description="HOST:PORT the REGISTER came from")
+    user_agent: str
+    last_seen: float = Field(description="UNIX time of the REGISTER that last refreshed it")
+
+
+class Registration(BaseModel):
+    aor: str = Field(description="address-of-record, user@domain")
+    contacts: list[RegisteredContact]
+
+
+class RegistrationList(BaseModel):
+    registrations: list[Registration]
+
+
+class UserEntry(BaseModel):
+    """A user of the proxy, without any secret."""
+
+    aor: str
+    realm: str
+    created: float = Field(description="UNIX time it was added")
+
+
+class UserList(BaseModel):
+    users: list[UserEntry]
+
+
+class UserPassword(BaseModel):
+    """A user's new password; it is hashed at once (HA1, MD5 and SHA-256) and never stored."""
+
+    password: str = Field(min_length=8, max_length=1024)

@@ -41,10 +41,12 @@ from fuzz.common import run, sip_corpus
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.wire import (
     HEADER_SIZE,
+    MAX_CLOSED_PER_RECORD,
     MAX_COUNTER_NAME_BYTES,
     MAX_TLS_FACTS_BYTES,
     TRANSPORT_CODES,
     CloseRecord,
+    ConnectionsClosedRecord,
     CountRecord,
     DoneRecord,
     MessageRecord,
@@ -54,6 +56,7 @@ from sipwire.transport.wire import (
     WireError,
     WriteRecord,
     encode_close,
+    encode_connections_closed,
     encode_count,
     encode_done,
     encode_message,
@@ -84,6 +87,8 @@ def encode(record: Record) -> bytes:
         return encode_count(record.name, record.delta)
     if isinstance(record, CloseRecord):
         return encode_close(record.conn_id)
+    if isinstance(record, ConnectionsClosedRecord):
+        return encode_connections_closed(list(record.conn_ids))
     assert isinstance(record, DoneRecord), type(record)
     return encode_done(record.conn_id, record.messages)
 
@@ -122,6 +127,8 @@ def check_fields(record: Record) -> None:
         assert name.isascii() and 0 < len(name) <= MAX_COUNTER_NAME_BYTES and 0 <= record.delta < 2**64, record
     elif isinstance(record, CloseRecord):
         assert 0 <= record.conn_id < 2**64, record
+    elif isinstance(record, ConnectionsClosedRecord):
+        assert 0 < len(record.conn_ids) <= MAX_CLOSED_PER_RECORD, record
     else:
         assert isinstance(record, DoneRecord) and 0 <= record.messages < 2**32, record
 
@@ -160,7 +167,7 @@ def ascii_text(provider: atheris.FuzzedDataProvider, limit: int) -> str:
 
 def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
     """A valid record from the provider, and the record it decodes to (text the encoder replaces or cuts)."""
-    kind = provider.ConsumeIntInRange(1, 6)
+    kind = provider.ConsumeIntInRange(1, 7)
     conn_id = provider.ConsumeIntInRange(0, 2**64 - 1)
     if kind == 1:
         tls = provider.ConsumeUnicode(provider.ConsumeIntInRange(0, 1500))
@@ -201,6 +208,10 @@ def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
         return record, record
     if kind == 6:
         record = CloseRecord(conn_id)
+        return record, record
+    if kind == 7:
+        ids = tuple(provider.ConsumeIntInRange(0, 2**64 - 1) for _ in range(provider.ConsumeIntInRange(1, 40)))
+        record = ConnectionsClosedRecord(ids)
         return record, record
     record = DoneRecord(conn_id, provider.ConsumeIntInRange(0, 2**32 - 1))
     return record, record

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it:
-# Debian packages (sipp as the real SIP peer, stunnel to put TLS under it, chromium for the console's browser
-# tests, python3-venv, Node.js/npm for the console's browser assets), the npm packages, a virtual environment
-# .venv with the Python package and its test extras, the linters, and pytest (arguments go to pytest).
+# Debian packages (sipp as the real SIP peer, baresip as a real phone, stunnel to put TLS under it, chromium for
+# the console's browser tests, python3-venv, Node.js/npm for the console's browser assets), the npm packages, a
+# virtual environment .venv with the Python package and its test extras, the linters, and pytest (arguments go to
+# pytest).
 # Run as root or with sudo available. Nothing is installed into the system's Python: Debian's /usr/bin/python3
 # is externally managed (PEP 668) and refuses a plain `pip install`.
 set -euo pipefail
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 if command -v dpkg >/dev/null 2>&1; then
   SUDO=""
   if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
-  DEBIAN_PACKAGES=(sip-tester stunnel4 chromium python3-venv)
+  DEBIAN_PACKAGES=(sip-tester stunnel4 chromium python3-venv baresip)
   command -v npm >/dev/null 2>&1 || DEBIAN_PACKAGES+=(nodejs npm)
   missing=()
   for package in "${DEBIAN_PACKAGES[@]}"; do

@@ -1,8 +1,9 @@
 """The ``sipwire`` command: run the transport, or talk to a running one.
 
 Subcommands follow the contract in the architecture notes: ``run``,
-``transport``, ``ctl`` (threads, stats, connections, close, health), plus
-``config`` to print every setting with its value and description.
+``transport``, ``ctl`` (threads, stats, connections, close, health),
+``users`` (the proxy's users, :mod:`sipwire.usercmd`), plus ``config`` to
+print every setting with its value and description.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from sipwire import usercmd
 from sipwire.config import ConfigError, Settings, descriptions, load
 from sipwire.errors import ConfigurationError, ControlError
 from sipwire.supervisor import ConsoleSupervisor
@@ -45,6 +47,12 @@ def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", metavar="NAME", help="responder, proxy or module:function (default responder)")
     parser.add_argument("--upstream", metavar="SIP-URI", help="where the proxy router forwards requests")
     parser.add_argument("--state-dir", metavar="DIR", help="directory for the control socket and generated files")
+    parser.add_argument(
+        "--open-registrar",
+        action="store_true",
+        default=None,
+        help="labs only: the proxy router authenticates nobody (needed to start it without users)",
+    )
     _add_log_level(parser)
 
 
@@ -84,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help=text, description=text)
     _add_common(config)
     config.add_argument("--markdown", action="store_true", help="print the settings reference (docs/CONFIGURATION.md)")
+    users = usercmd.add_parser(commands)
+    _add_common(users)
+    users.add_argument("--state-dir", metavar="DIR", help="directory of the instance's runtime files")
     text = "ask a running transport: its stats block (stats, connections) or its control socket (the rest)"
     ctl = commands.add_parser("ctl", help=text, description=text)
     _add_common(ctl)
@@ -126,6 +137,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "state_dir",
             "log_level",
             "console_listen",
+            "open_registrar",
         )
     }
     return load(args.config, overrides)
@@ -156,6 +168,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return serve(settings, args.lifeline)
     if args.command == "transport":
         return _run_transport(settings)
+    if args.command == "users":
+        return usercmd.run(settings, args)
     if args.command == "config":
         print(settings_reference() if args.markdown else _settings_text(settings))
         return 0
@@ -201,7 +215,9 @@ def _configure_logging(settings: Settings, process: str) -> None:
 def _run_transport(settings: Settings) -> int:
     _configure_logging(settings, "transport")
     try:
-        load_router(settings.router)  # fail here, clearly, rather than in every worker
+        router = load_router(settings.router)  # fail here, clearly, rather than in every worker
+        if router.preflight is not None:
+            router.preflight(settings)
         server = TransportServer(settings)
         server.start()
     except (ConfigurationError, ControlError, OSError) as error:

@@ -78,6 +78,38 @@ class Settings:
     upstream: str = _setting(
         "", "SIP URI the `proxy` router forwards requests to, e.g. sip:127.0.0.1:5070;transport=tcp."
     )
+    open_registrar: bool = _setting(
+        False,
+        "Labs only: the `proxy` router authenticates nobody (any REGISTER binds any address-of-record, any request "
+        "is relayed). Without it, `--router proxy` needs at least one user (`sipwire users add`) and refuses to start.",
+    )
+    registrar_min_expires: int = _setting(
+        60, "Shortest registration accepted, seconds; a shorter non-zero Expires is answered 423 with Min-Expires."
+    )
+    registrar_max_expires: int = _setting(3600, "Longest registration granted, seconds; longer requests are cut to it.")
+    registrar_default_expires: int = _setting(
+        3600, "Registration time when a REGISTER names none (no Expires header, no expires parameter), seconds."
+    )
+    registrar_max_contacts: int = _setting(
+        10, "Contacts one address-of-record may hold; a REGISTER that would exceed it is answered 403."
+    )
+    registrar_wait_seconds: float = _setting(
+        2.0,
+        "Seconds a worker waits for the registrar database when another process writes; past it the request is "
+        "answered 500 with Retry-After (registrar.busy).",
+    )
+    registrar_purge_seconds: float = _setting(
+        30.0, "Seconds between purges of expired bindings and nonce counts by each worker."
+    )
+    digest_nonce_seconds: float = _setting(
+        300.0,
+        "Seconds a digest nonce is accepted; an older one (its HMAC still valid) is answered with stale=true, "
+        "so the phone retries at once with a new nonce and no password prompt.",
+    )
+    digest_algorithms: str = _setting(
+        "SHA-256,MD5",
+        "Digest algorithms offered, in order (RFC 8760: SHA-256 first, MD5 for older phones); one challenge each.",
+    )
     max_connections: int = _setting(
         2048, "Open connections at most (OpenSIPS default 2048); further accepts are closed at once and counted."
     )
@@ -219,6 +251,11 @@ class Settings:
     def control_path(self) -> Path:
         return self.runtime_dir / "control.sock"
 
+    @property
+    def offered_digest_algorithms(self) -> tuple[str, ...]:
+        """``digest_algorithms`` as a tuple, in the order the challenges are sent."""
+        return tuple(item.strip() for item in self.digest_algorithms.split(",") if item.strip())
+
 
 def descriptions() -> dict[str, str]:
     """Setting name to description, for docs and ``sipwire config``."""
@@ -271,9 +308,11 @@ def load(config_file: str | None = None, overrides: Mapping[str, Any] | None = N
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:
-    kind = {"int": int, "float": float, "str": str}[str(type_name)]
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[str(type_name)]
     if kind is str:
         return str(value)
+    if kind is bool:
+        return _boolean(name, value)
     expected = "an integer" if kind is int else "a number"
     if isinstance(value, bool) or (kind is int and isinstance(value, float)):
         raise ConfigError(f"{name}: {value!r} is not {expected}")
@@ -281,6 +320,21 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: {value!r} is not {expected}") from None
+
+
+#: How a boolean setting may be written in the environment or a file.
+BOOLEAN_WORDS: Final = {
+    "true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False,
+}  # fmt: skip
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word not in BOOLEAN_WORDS:
+        raise ConfigError(f"{name}: {value!r} is not true or false")
+    return BOOLEAN_WORDS[word]
 
 
 def _validate(settings: Settings) -> None:
@@ -316,6 +370,8 @@ def _validate(settings: Settings) -> None:
         "max_connections_per_ip",
         "new_connections_per_ip",
         "requests_per_ip",
+        "registrar_min_expires",
+        "registrar_max_contacts",
     )
     for name in positive:
         if getattr(settings, name) <= 0:
@@ -330,10 +386,14 @@ def _validate(settings: Settings) -> None:
         "dns_timeout",
         "dns_cache_seconds",
         "dns_negative_cache_seconds",
+        "registrar_wait_seconds",
+        "registrar_purge_seconds",
+        "digest_nonce_seconds",
     ):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: {getattr(settings, name)} must be a positive number of seconds")
     _validate_together(settings)
+    _validate_registrar(settings)
     parse_host_port(settings.console_listen, "console_listen")
     for path in settings.console_public_paths.split(","):
         if path.strip() and not path.strip().startswith("/"):
@@ -346,6 +406,27 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"log_level: {settings.log_level!r} is not debug, info, warning or error")
     if not settings.instance or "/" in settings.instance or settings.instance.startswith("."):
         raise ConfigError(f"instance: {settings.instance!r} must be a plain name")
+
+
+#: Digest algorithms the proxy can verify (RFC 8760 names).
+DIGEST_ALGORITHMS: Final = ("SHA-256", "MD5")
+
+
+def _validate_registrar(settings: Settings) -> None:
+    low, high, default = (
+        settings.registrar_min_expires, settings.registrar_max_expires, settings.registrar_default_expires,
+    )  # fmt: skip
+    if not low <= default <= high:
+        raise ConfigError(
+            f"registrar_default_expires: {default} is outside registrar_min_expires..registrar_max_expires "
+            f"({low}..{high})"
+        )
+    algorithms = [item.strip() for item in settings.digest_algorithms.split(",") if item.strip()]
+    unknown = [item for item in algorithms if item not in DIGEST_ALGORITHMS]
+    if not algorithms or unknown:
+        raise ConfigError(
+            f"digest_algorithms: {settings.digest_algorithms!r} must list some of {', '.join(DIGEST_ALGORITHMS)}"
+        )
 
 
 def _validate_together(settings: Settings) -> None:

@@ -12,7 +12,8 @@ grouped by kind; each concrete class lives in the module that raises it::
     │   ├── ConsoleStartupError           console.serve: the console cannot listen
     │   ├── AssetsMissingError            console.assets: templates or browser assets not installed
     │   ├── StateDirError                 sipwire.statedir: a state directory another user could control
-    │   └── AuthSetupError                console.auth: the admin token cannot be set up
+    │   ├── AuthSetupError                console.auth: the admin token cannot be set up
+    │   └── NoUsersError                  transport.routers.proxy: the proxy would authenticate nobody
     ├── TlsError                      a TLS peer or configuration failed
     │   ├── TlsVerifyError                transport.tls: an outbound peer's name does not match
     │   └── TlsConfigError
@@ -28,9 +29,13 @@ grouped by kind; each concrete class lives in the module that raises it::
     ├── ControlError                  a control-socket request failed or was refused (this module)
     │   ├── TransportDownError            console.source: the transport does not answer
     │   └── TransportRefusedError         console.source: it answered with a refusal
-    └── StatsError                    the shared-memory stats block cannot be read (this module)
-        ├── StatsUnavailableError, StatsLayoutError, StatsWriterGoneError   transport.statsblock.reader
-        └── StatsBusyError                                                 transport.statsblock.writer
+    ├── StatsError                    the shared-memory stats block cannot be read (this module)
+    │   ├── StatsUnavailableError, StatsLayoutError, StatsWriterGoneError   transport.statsblock.reader
+    │   └── StatsBusyError                                                 transport.statsblock.writer
+    └── StoreError                    the registrar's store refused or could not answer (this module)
+        ├── StoreBusyError                transport.routers.sqlitestore: the database stayed locked too long
+        ├── UserError                     transport.routers.store: no such user, already exists, not USER@DOMAIN
+        └── PasswordError                 sipwire.usercmd: a password too short, or two prompts that differ
 
 Messages are full sentences that name the offending value. Library errors
 (``OSError``, ``OpenSSL.SSL.Error``) are translated once, where they are
@@ -66,3 +71,7 @@ class ControlError(SipwireError):
 
 class StatsError(SipwireError):
     """The stats block cannot be read; the message says why and what to do."""
+
+
+class StoreError(SipwireError):
+    """The registrar's store refused a change or could not answer in time; the message says which."""

@@ -83,10 +83,15 @@ def pid_alive(pid: int) -> bool:
 def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]:
     started: list[RunningTransport] = []
 
-    def start(*extra_args: str, env: dict[str, str] | None = None, **settings: Any) -> RunningTransport:
+    def start(
+        *extra_args: str, env: dict[str, str] | None = None, users: dict[str, str] | None = None, **settings: Any
+    ) -> RunningTransport:
+        """``users``: USER@DOMAIN to password, added to the registrar database before the start."""
         index = len(started)
         state_dir = tmp_path / f"state{index}"
         log_path = tmp_path / f"transport{index}.log"
+        if users:
+            add_users(state_dir, f"test{index}", users)
         args = ["--tcp", "127.0.0.1:0", "--tls", "127.0.0.1:0", "--instance", f"test{index}"]
         args += ["--state-dir", str(state_dir)]
         for name, value in settings.items():
@@ -127,6 +132,20 @@ def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]
             time.sleep(0.05)
         orphans = [pid for pid in running.worker_pids if pid_alive(pid)]
         assert not orphans, f"worker processes left behind: {orphans}"
+
+
+def add_users(state_dir: Path, instance: str, users: dict[str, str]) -> None:
+    """Add proxy users to an instance's registrar database (what ``sipwire users add`` does)."""
+    from sipwire.config import Settings
+    from sipwire.transport.routers.digest import credentials_for
+    from sipwire.transport.routers.sqlitestore import open_store
+
+    store = open_store(Settings(instance=instance, state_dir=str(state_dir)))
+    try:
+        for aor, password in users.items():
+            store.add_user(credentials_for(aor, password))
+    finally:
+        store.close()
 
 
 # -- helpers for the integration tests (SIP client, polling, config files, the ctl CLI) ------------

@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -140,6 +141,7 @@ class Sipp:
         calls: int,
         rate: int,
         timeout: float,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if SIPP is None:
             raise RuntimeError("sipp is not on PATH")
@@ -166,6 +168,7 @@ class Sipp:
             "-trace_counts",
             "-trace_screen", "-screen_file", "screen.log",
             "-trace_err", "-error_file", "errors.log",
+            *extra_args,
         ]  # fmt: skip
         self.deadline = timeout + KILL_MARGIN_SECONDS
         self._output_path = workdir / "sipp-output.log"
@@ -214,10 +217,20 @@ class Sipp:
 
 
 def run_sipp(
-    host: str, port: int, workdir: Path, *, scenario: str, transport: str, calls: int, rate: int, timeout: float
+    host: str,
+    port: int,
+    workdir: Path,
+    *,
+    scenario: str,
+    transport: str,
+    calls: int,
+    rate: int,
+    timeout: float,
+    extra_args: Sequence[str] = (),
 ) -> SippResult:
     """Run sipp to completion; see :class:`Sipp`."""
     with Sipp(
-        host, port, workdir, scenario=scenario, transport=transport, calls=calls, rate=rate, timeout=timeout
-    ) as sipp:
+        host, port, workdir, scenario=scenario, transport=transport, calls=calls, rate=rate, timeout=timeout,
+        extra_args=extra_args,
+    ) as sipp:  # fmt: skip
         return sipp.wait()

@@ -66,7 +66,7 @@ def test_write_job_to_a_port_beyond_16_bits_is_a_bad_destination_not_a_crash(sta
 
 def test_proxy_refuses_bad_numbers_with_400_and_a_reason(start_transport: Any) -> None:
     """``²`` passes ``str.isdigit`` but not ``int``; rport 99999 would not fit a WRITE record's port."""
-    running = start_transport(workers=1, router="proxy")
+    running = start_transport("--open-registrar", workers=1, router="proxy")
     via = "Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-{call_id}-{cseq}"
     cases = [
         ("mf-superscript", "Max-Forwards: 70", "Max-Forwards: ²", "Max-Forwards '²' is not 0..255"),

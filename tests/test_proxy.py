@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from sipwire.config import Settings
 from sipwire.transport.framing import Framer
+from sipwire.transport.routers.sqlitestore import open_store
 from sipwire.transport.sip import SipMessage, build_response, parse
-from tests.conftest import RunningTransport
+from tests.conftest import RunningTransport, wait_for
 
 CLIENT_VIA = "SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKclient1;rport"
 
@@ -85,7 +87,9 @@ def upstream() -> Iterator[Upstream]:
 def test_request_forwarded_upstream_and_response_relayed(
     start_transport: Callable[..., RunningTransport], upstream: Upstream
 ) -> None:
-    proxy = start_transport(router="proxy", upstream=f"sip:127.0.0.1:{upstream.port};transport=tcp", workers=2)
+    proxy = start_transport(
+        "--open-registrar", router="proxy", upstream=f"sip:127.0.0.1:{upstream.port};transport=tcp", workers=2
+    )
     with proxy.connect() as client:
         client_port = client.getsockname()[1]
         client.sendall(request("OPTIONS", "sip:service@example.test", "fwd-1"))
@@ -108,7 +112,9 @@ def test_refused_forward_is_answered_503_from_the_outcome(start_transport: Calla
     closed = socket.create_server(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    proxy = start_transport(router="proxy", upstream=f"sip:127.0.0.1:{port};transport=tcp", workers=1)
+    proxy = start_transport(
+        "--open-registrar", router="proxy", upstream=f"sip:127.0.0.1:{port};transport=tcp", workers=1
+    )
     with proxy.connect() as client:
         client.sendall(request("OPTIONS", "sip:service@example.test", "refused-1"))
         response = read_message(client, Framer())
@@ -118,7 +124,7 @@ def test_refused_forward_is_answered_503_from_the_outcome(start_transport: Calla
 
 
 def test_registered_user_is_reached_over_its_own_connection(start_transport: Callable[..., RunningTransport]) -> None:
-    proxy = start_transport(router="proxy", workers=2)
+    proxy = start_transport("--open-registrar", router="proxy", workers=2)
     alice_framer, bob_framer = Framer(), Framer()
     with proxy.connect() as alice, proxy.connect() as bob:
         alice.sendall(
@@ -137,23 +143,54 @@ def test_registered_user_is_reached_over_its_own_connection(start_transport: Cal
     assert relayed.status == 200 and relayed.call_id == "to-alice-1"
 
 
-def test_flow_gone_gives_480_and_max_forwards_zero_gives_483(start_transport: Callable[..., RunningTransport]) -> None:
-    proxy = start_transport(router="proxy", workers=1)
+INSTANCE = '"<urn:uuid:00000000-0000-1000-8000-00aa00bb00cc>"'
+
+
+def test_a_flow_goes_with_its_connection_and_max_forwards_zero_gives_483(
+    start_transport: Callable[..., RunningTransport],
+) -> None:
+    proxy = start_transport("--open-registrar", router="proxy", workers=2)
     alice = proxy.connect()
-    alice.sendall(request("REGISTER", "sip:carol@example.test", "reg-2", extra="Contact: <sip:carol@127.0.0.9>\r\n"))
+    flow = f"Contact: <sip:carol@127.0.0.9>;+sip.instance={INSTANCE};reg-id=1\r\n"
+    alice.sendall(request("REGISTER", "sip:carol@example.test", "reg-2", extra=flow))
     assert read_message(alice, Framer()).status == 200
     alice.close()
-    deadline = time.monotonic() + 5
-    while proxy.control("stats")["connections"] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The transport announces the close to every worker (CONNECTIONS_CLOSED); one removes the flow.
+    wait_for(lambda: proxy.counters().get("registrar.flows_closed") == 1, what="the flow's binding removed")
     with proxy.connect() as bob:
         framer = Framer()
         bob.sendall(request("MESSAGE", "sip:carol@example.test", "to-carol"))
         gone = read_message(bob, framer)
-        assert gone.status == 480
-        assert gone.reason == "Temporarily Unavailable (connection_gone)"
+        assert (gone.status, gone.reason) == (404, "Not Found (no binding and no upstream)")
         bob.sendall(request("OPTIONS", "sip:x@example.test", "hops", max_forwards=0))
         assert read_message(bob, framer).status == 483
+
+
+def test_a_plain_binding_outlives_its_connection_and_is_reached_at_its_contact(
+    start_transport: Callable[..., RunningTransport],
+) -> None:
+    """Without reg-id a binding is RFC 3261's: once its connection is gone, the Contact's address is used."""
+    proxy = start_transport("--open-registrar", router="proxy", workers=2)
+    with socket.create_server(("127.0.0.9", 0)) as phone:
+        port = phone.getsockname()[1]
+        registration = proxy.connect()
+        contact = f"Contact: <sip:dave@127.0.0.9:{port};transport=tcp>\r\n"
+        registration.sendall(request("REGISTER", "sip:dave@example.test", "reg-3", extra=contact))
+        assert read_message(registration, Framer()).status == 200
+        registration.close()
+        store = open_store(Settings(instance="test0", state_dir=str(proxy.control_path.parent.parent)))
+        try:  # the workers learnt of the close: the binding no longer names a connection
+            wait_for(lambda: store.registrations(0.0)[0].conn_id == 0, what="the binding released its connection")
+        finally:
+            store.close()
+        with proxy.connect() as bob:
+            bob.sendall(request("MESSAGE", "sip:dave@example.test", "to-dave"))
+            phone.settimeout(5.0)
+            peer, _ = phone.accept()
+            with peer:
+                delivered = read_message(peer, Framer())
+    assert delivered.uri == f"sip:dave@127.0.0.9:{port};transport=tcp" and delivered.call_id == "to-dave"
+    assert proxy.counters().get("registrar.flows_closed", 0) == 0
 
 
 def _connection_ids(proxy: RunningTransport) -> dict[int, int]:
@@ -173,7 +210,7 @@ def _forged_response(top_via: str, second_via: str, call_id: str) -> bytes:
 
 def test_forged_responses_reach_no_other_user_and_no_address(start_transport: Callable[..., RunningTransport]) -> None:
     """A response is relayed only through a Via this proxy made: ids and addresses a peer names are not trusted."""
-    proxy = start_transport(router="proxy", workers=1)
+    proxy = start_transport("--open-registrar", router="proxy", workers=1)
     with proxy.connect() as alice, proxy.connect() as mallory, socket.create_server(("127.0.0.1", 0)) as victim:
         wait_until = time.monotonic() + 5
         while len(_connection_ids(proxy)) < 2 and time.monotonic() < wait_until:
@@ -204,7 +241,9 @@ def test_forged_responses_reach_no_other_user_and_no_address(start_transport: Ca
 def test_a_genuine_token_does_not_work_for_another_connection(
     start_transport: Callable[..., RunningTransport], upstream: Upstream
 ) -> None:
-    proxy = start_transport(router="proxy", upstream=f"sip:127.0.0.1:{upstream.port};transport=tcp", workers=1)
+    proxy = start_transport(
+        "--open-registrar", router="proxy", upstream=f"sip:127.0.0.1:{upstream.port};transport=tcp", workers=1
+    )
     with proxy.connect() as alice, proxy.connect() as mallory:
         mallory.sendall(request("OPTIONS", "sip:service@example.test", "genuine"))
         assert read_message(mallory, Framer()).status == 200

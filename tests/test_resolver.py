@@ -142,7 +142,9 @@ def _options(call: str) -> bytes:
 def test_a_proxy_upstream_by_name_is_resolved_and_reached(start_transport: Callable[..., RunningTransport]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as upstream:
         port = upstream.getsockname()[1]
-        running = start_transport(router="proxy", upstream=f"sip:localhost:{port};transport=tcp", workers=1)
+        running = start_transport(
+            "--open-registrar", router="proxy", upstream=f"sip:localhost:{port};transport=tcp", workers=1
+        )
         with SipClient.connect(running) as client:
             client.send(_options("by-name"))
             upstream.settimeout(5.0)
@@ -157,7 +159,9 @@ def test_a_proxy_upstream_by_name_is_resolved_and_reached(start_transport: Calla
 def test_an_unresolvable_upstream_is_answered_503_and_others_are_served(
     start_transport: Callable[..., RunningTransport],
 ) -> None:
-    running = start_transport(router="proxy", upstream="sip:no-such-host.invalid:5070;transport=tcp", workers=1)
+    running = start_transport(
+        "--open-registrar", router="proxy", upstream="sip:no-such-host.invalid:5070;transport=tcp", workers=1
+    )
     with SipClient.connect(running) as client:
         client.send(_options("unresolvable"))
         response = client.read_response()

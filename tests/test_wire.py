@@ -24,6 +24,7 @@ from sipwire.transport.wire import (
     MAX_RECORD_BYTES,
     MAX_TLS_FACTS_BYTES,
     CloseRecord,
+    ConnectionsClosedRecord,
     CountRecord,
     DoneRecord,
     MessageRecord,
@@ -33,6 +34,7 @@ from sipwire.transport.wire import (
     WireError,
     WriteRecord,
     encode_close,
+    encode_connections_closed,
     encode_count,
     encode_done,
     encode_message,
@@ -74,6 +76,8 @@ def encode(record: Record) -> bytes:
         return encode_count(record.name, record.delta)
     if isinstance(record, CloseRecord):
         return encode_close(record.conn_id)
+    if isinstance(record, ConnectionsClosedRecord):
+        return encode_connections_closed(list(record.conn_ids))
     return encode_done(record.conn_id, record.messages)
 
 
@@ -123,6 +127,8 @@ RECORDS: list[Record] = [
     CountRecord("x", 0),
     CloseRecord(9),
     CloseRecord(2**64 - 1),
+    ConnectionsClosedRecord((9,)),
+    ConnectionsClosedRecord((1, 2**64 - 1, 0)),
 ]
 
 
@@ -374,7 +380,7 @@ def test_largest_record_round_trips() -> None:
     assert RecordReader().feed(data) == [record]
 
 
-@pytest.mark.parametrize("kind", [0, 7, 8, 127, 255])
+@pytest.mark.parametrize("kind", [0, 8, 9, 127, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(WireError) as caught:
         RecordReader().feed(raw_record(kind, b"abc"))

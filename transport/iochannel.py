@@ -26,7 +26,15 @@ from sipwire.transport.ioconnect import ConnectLayer
 from sipwire.transport.iostate import KIND_CHANNEL, READ, WRITE, WorkerChannel
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.statsblock import LATENCY_BUCKETS_MS
-from sipwire.transport.wire import FLAG_PROMPT_OUTCOME, CloseRecord, CountRecord, DoneRecord, WireError, WriteRecord
+from sipwire.transport.wire import (
+    FLAG_PROMPT_OUTCOME,
+    CloseRecord,
+    CountRecord,
+    DoneRecord,
+    WireError,
+    WriteRecord,
+    encode_connections_closed,
+)
 
 log = logging.getLogger("sipwire.transport")
 
@@ -109,6 +117,19 @@ class ChannelLayer(ConnectLayer):
             self._connect(key, record.server_name, record.job_id, worker, record.payload, prompt, trace)
         else:
             self._write_to(conn_id, record.job_id, worker, record.payload, prompt, trace)
+
+    def _announce_closed(self) -> None:
+        """One CONNECTIONS_CLOSED record to every live worker for the connections closed this pass.
+
+        A worker that is down misses it; bindings on those connections then last until they expire
+        (and a request sent to one fails with connection_gone, which removes it too).
+        """
+        records = encode_connections_closed(self._closed_ids)
+        self._closed_ids = []
+        for channel in self.channels:
+            if channel is not None:
+                channel.out.append(records)
+                self._dirty_channels.add(channel)
 
     def _dispatch_done(self, channel: WorkerChannel, finished: int) -> None:
         """Dispatch latency of ``finished`` messages: the oldest ones sent on ``channel``."""

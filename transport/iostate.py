@@ -117,6 +117,8 @@ class IOState:
         self._write_buckets: list[int] = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self._write_ms: float = 0.0
         self._parked: list[tuple[int, list[bytes]]] = []  # messages waiting for any live worker
+        # Ids of connections closed in this loop pass that carried messages: announced to every worker.
+        self._closed_ids: list[int] = []
         self._listeners: list[socket.socket] = []
         self._tls: TlsContexts | None = hub.tls
         # Telemetry (None when off): the recorder, and the same object only when traces are recorded.

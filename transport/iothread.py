@@ -11,8 +11,9 @@ One loop pass:
   2. handle ready sockets: connections (read, frame, batch messages per
      worker), worker channels (write jobs, done counts), the listener
      (thread 0 only), the inbox;
-  3. flush every connection that got replies (one ``send`` per connection)
-     and every channel that got messages (one ``send`` per channel);
+  3. flush every connection that got replies (one ``send`` per connection),
+     announce the connections closed in this pass to every worker, and
+     flush every channel that got records (one ``send`` per channel);
   4. on a tick: connect timeouts, per-message timeouts, idle connections.
 
 Jobs about a connection this thread does not own (it moved or closed) are
@@ -106,6 +107,8 @@ class IOThread(ChannelLayer, ControlLayer):
                 self._dirty_conns = {}
                 for conn in dirty.values():
                     self._flush(conn)
+            if self._closed_ids:
+                self._announce_closed()
             if self._dirty_channels:
                 channels = self._dirty_channels
                 self._dirty_channels = set()

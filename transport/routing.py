@@ -17,7 +17,13 @@ Both return a job id at once; the transport later reports the job's
 Outcome callbacks run in the same worker, between messages.
 
 A router module may also define ``setup(settings)``, called once per
-worker before the first message (read your own settings there).
+worker before the first message (read your own settings there);
+``preflight(settings)``, called once by the transport before it starts
+(raise a :class:`~sipwire.errors.ConfigurationError` to refuse to start);
+and ``connections_closed(conn_ids, count)``, called in every worker with
+the ids of connections that closed after carrying messages (a registrar
+drops the bindings that lived on them; ``count(name)`` adds to a counter). ``ctx.count(name)`` adds one to a transport
+counter (``ctl stats``); names must come from a fixed set, never from peer text.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sipwire.transport.outcome import WriteResult
 from sipwire.transport.tlsinfo import TlsInfo
 
 if TYPE_CHECKING:
+    from sipwire.config import Settings
     from sipwire.transport.sip import SipMessage
 
 
@@ -86,6 +93,8 @@ class Sender(Protocol):
         self, conn_id: int, destination: Destination | None, data: bytes, on_outcome: OutcomeCallback | None
     ) -> int: ...
 
+    def count(self, name: str) -> None: ...
+
 
 class RouteContext:
     """Per-message handle given to a router."""
@@ -108,6 +117,10 @@ class RouteContext:
         """Send ``data`` on another open connection, named by its id."""
         return self._sender.submit(conn_id, None, data, on_outcome)
 
+    def count(self, name: str) -> None:
+        """Add one to the transport counter ``name`` (a fixed name, ASCII, at most 56 bytes)."""
+        self._sender.count(name)
+
 
 Router = Callable[["SipMessage", RouteContext], None]
 
@@ -121,8 +134,17 @@ class RouterLoadError(ConfigurationError):
     """The configured router cannot be imported or is not callable."""
 
 
-def load_router(spec: str) -> tuple[Router, Callable[..., None] | None]:
-    """Resolve ``responder``, ``proxy`` or ``module:function``; return (route, setup)."""
+class LoadedRouter(NamedTuple):
+    """A router function and its module's optional hooks (see the module docstring)."""
+
+    route: Router
+    setup: Callable[[Settings], None] | None
+    preflight: Callable[[Settings], None] | None
+    connections_closed: Callable[[list[int], Callable[[str], None]], None] | None
+
+
+def load_router(spec: str) -> LoadedRouter:
+    """Resolve ``responder``, ``proxy`` or ``module:function`` and its module's hooks."""
     target = BUILTIN_ROUTERS.get(spec, spec)
     module_name, sep, function_name = target.partition(":")
     if not sep or not module_name or not function_name:
@@ -136,5 +158,6 @@ def load_router(spec: str) -> tuple[Router, Callable[..., None] | None]:
     route = getattr(module, function_name, None)
     if not callable(route):
         raise RouterLoadError(f"router {spec!r}: module {module_name!r} has no callable {function_name!r}")
-    setup = getattr(module, "setup", None)
-    return route, setup if callable(setup) else None
+    hooks = [getattr(module, name, None) for name in ("setup", "preflight", "connections_closed")]
+    setup, preflight, closed = (hook if callable(hook) else None for hook in hooks)
+    return LoadedRouter(route, setup, preflight, closed)

@@ -325,14 +325,77 @@ def split_list_value(value: str) -> list[str]:
 
 
 def header_param(value: str, name: str) -> str | None:
-    """Value of a ``;name=value`` parameter outside any ``<...>`` URI (``""`` for a flag)."""
-    closing = value.rfind(">")
-    params = value[closing + 1 :] if closing >= 0 else value
-    for part in params.split(";")[1:]:
-        key, _, param_value = part.partition("=")
-        if key.strip().lower() == name:
-            return param_value.strip()
+    """Value of a ``;name=value`` parameter outside any ``<...>`` URI (``""`` for a flag).
+
+    The parameters start after the name-addr's closing ``>``, found by scanning
+    from its opening ``<`` outside quotes: a parameter may itself quote a
+    bracketed value (``+sip.instance="<urn:uuid:...>"``), so the last ``>`` of
+    the line is not the end of the URI. Quoted values are returned with their quotes.
+    """
+    wanted = name.lower()
+    for key, param_value in header_params(value):
+        if key == wanted:
+            return param_value
     return None
+
+
+def header_params(value: str) -> list[tuple[str, str]]:
+    """Every ``;name=value`` parameter after the URI of a header value, names lower-cased, in order."""
+    start = _params_start(value)
+    params: list[tuple[str, str]] = []
+    for part in _split_outside_quotes(value[start:], ";")[1:]:
+        key, _, param_value = part.partition("=")
+        if key.strip():
+            params.append((key.strip().lower(), param_value.strip()))
+    return params
+
+
+def _params_start(value: str) -> int:
+    """Where the parameters of a header value begin: after the name-addr's ``>``, else at the start."""
+    quoted = False
+    i = 0
+    length = len(value)
+    while i < length:
+        char = value[i]
+        if quoted:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "<":
+            closing = value.find(">", i)
+            return length if closing < 0 else closing + 1
+        elif char == ";":
+            return i  # an addr-spec (no brackets): its parameters start here
+        i += 1
+    return length
+
+
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    """Split ``text`` at ``separator`` characters that are not inside a quoted string."""
+    if '"' not in text:
+        return text.split(separator)
+    parts: list[str] = []
+    quoted = False
+    start = 0
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if quoted:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == separator:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
+    return parts
 
 
 def new_tag() -> str:

@@ -15,6 +15,15 @@ Transport to worker
              receive time (UNIX seconds), trace context length; the trace
              context (W3C ``traceparent``, may be empty); the raw message.
     OUTCOME  ``!QQB`` job id, conn id, result code; the reason (UTF-8).
+    CONNECTIONS_CLOSED  ``!Q`` per connection: ids of connections that
+             closed, sent by the I/O thread that closed them to every worker,
+             batched (one record per worker per loop pass, at most
+             :data:`MAX_CLOSED_PER_RECORD` ids). Only connections that carried
+             a message are listed: the others cannot matter to a router. On a
+             channel it follows every MESSAGE of those connections that
+             thread sent to that worker, so a worker never learns of a close
+             before the connection's last message (a registrar binding made by
+             that message is removed, not left behind).
 
 Worker to transport
     WRITE    ``!QQBBHBBB`` job id, conn id (0: send by destination), flags,
@@ -57,6 +66,7 @@ KIND_WRITE: Final = 3
 KIND_DONE: Final = 4
 KIND_COUNT: Final = 5
 KIND_CLOSE: Final = 6
+KIND_CONNECTIONS_CLOSED: Final = 7
 
 TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2}
 TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
@@ -71,6 +81,8 @@ MAX_WRITE_PAYLOAD: Final = MAX_RECORD_BYTES - 1024
 MAX_TLS_FACTS_BYTES: Final = 4096
 #: WRITE flag: report a ``sent`` outcome at once (someone waits for it).
 FLAG_PROMPT_OUTCOME: Final = 1
+#: Connection ids per CONNECTIONS_CLOSED record (32 KiB): a mass close becomes several records.
+MAX_CLOSED_PER_RECORD: Final = 4096
 #: Counter names are short fixed labels (``sip_parse_error.closed``); 64 bytes is ample
 #: and keeps them within the stats block's 56-byte names plus a prefix.
 MAX_COUNTER_NAME_BYTES: Final = 64
@@ -83,6 +95,7 @@ _WRITE = struct.Struct("!QQBBHBBB")
 _DONE = struct.Struct("!QI")
 _COUNT = struct.Struct("!Q")
 _CLOSE = struct.Struct("!Q")
+_CONN_ID = struct.Struct("!Q")
 HEADER_SIZE: Final = _HEADER.size
 
 
@@ -147,7 +160,11 @@ class CloseRecord(NamedTuple):
     conn_id: int
 
 
-Record = MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord
+class ConnectionsClosedRecord(NamedTuple):
+    conn_ids: tuple[int, ...]
+
+
+Record = MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord | ConnectionsClosedRecord
 
 
 def message_prefix(
@@ -229,6 +246,17 @@ def encode_count(name: str, delta: int) -> bytes:
 
 def encode_close(conn_id: int) -> bytes:
     return _HEADER.pack(KIND_CLOSE, _CLOSE.size) + _CLOSE.pack(conn_id)
+
+
+def encode_connections_closed(conn_ids: list[int]) -> bytes:
+    """CONNECTIONS_CLOSED records for ``conn_ids``: one per :data:`MAX_CLOSED_PER_RECORD` ids."""
+    records = []
+    for start in range(0, len(conn_ids), MAX_CLOSED_PER_RECORD):
+        chunk = conn_ids[start : start + MAX_CLOSED_PER_RECORD]
+        records.append(
+            _HEADER.pack(KIND_CONNECTIONS_CLOSED, _CONN_ID.size * len(chunk)) + struct.pack(f"!{len(chunk)}Q", *chunk)
+        )
+    return b"".join(records)
 
 
 class RecordReader:
@@ -320,6 +348,10 @@ def _decode(kind: int, body: bytes) -> Record:
     if kind == KIND_CLOSE:
         (conn_id,) = _CLOSE.unpack(body)
         return CloseRecord(conn_id)
+    if kind == KIND_CONNECTIONS_CLOSED:
+        if not body or len(body) % _CONN_ID.size or len(body) > _CONN_ID.size * MAX_CLOSED_PER_RECORD:
+            raise WireError(f"CONNECTIONS_CLOSED record of {len(body)} bytes")
+        return ConnectionsClosedRecord(struct.unpack(f"!{len(body) // _CONN_ID.size}Q", body))
     if kind == KIND_OUTCOME:
         job_id, conn_id, code = _OUTCOME.unpack_from(body)
         return OutcomeRecord(job_id, conn_id, WriteResult.from_code(code), body[_OUTCOME.size :].decode("utf-8"))

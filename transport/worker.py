@@ -41,6 +41,7 @@ from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     MAX_WRITE_PAYLOAD,
+    ConnectionsClosedRecord,
     MessageRecord,
     OutcomeRecord,
     RecordReader,
@@ -100,10 +101,12 @@ class Worker:
         route: Router,
         resolver: Resolver,
         tracing: RouteTracing | None = None,
+        connections_closed: Callable[[list[int], Callable[[str], None]], None] | None = None,
     ) -> None:
         self.index = index
         self._control = control
         self._route = route
+        self._connections_closed = connections_closed
         self._selector = selectors.DefaultSelector()
         self._selector.register(control, selectors.EVENT_READ, None)
         self._resolver = resolver
@@ -281,6 +284,11 @@ class Worker:
                         self._trace_context = self._callback_contexts.pop(record.job_id, "")
                     self._run_callback(callback, Outcome(record.job_id, record.conn_id, record.result, record.reason))
                     self._trace_context = ""
+            elif isinstance(record, ConnectionsClosedRecord) and self._connections_closed is not None:
+                try:
+                    self._connections_closed(list(record.conn_ids), self.count)
+                except Exception as error:
+                    self._router_failed(error, f"in connections_closed for {len(record.conn_ids)} connections")
         self._current = None
         for conn_id, count in done.items():
             channel.out.append(encode_done(conn_id, count))
@@ -450,14 +458,14 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s worker-{args.index}[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    route, setup = load_router(settings.router)
-    if setup is not None:
-        setup(settings)
+    router = load_router(settings.router)
+    if router.setup is not None:
+        router.setup(settings)
     control = socket.socket(fileno=args.control_fd)
     tracing = worker_tracing(settings.instance, args.index)
     resolver = Resolver(ResolverLimits.from_settings(settings))
     try:
-        Worker(args.index, control, route, resolver, tracing).run()
+        Worker(args.index, control, router.route, resolver, tracing, router.connections_closed).run()
     finally:
         resolver.close()
         if tracing is not None:
