@@ -104,6 +104,8 @@ def test_token_bucket_and_idle_sources_are_bounded() -> None:
     assert bucket.take(25, now=0.0) == 20  # a burst of two seconds' worth
     assert bucket.take(5, now=0.0) == 0
     assert bucket.take(5, now=0.3) == 3  # refills at the rate
+    fresh = TokenBucket(5.0, now=10.0)
+    assert fresh.take(10, now=9.99) == 10  # a clock read a moment earlier elsewhere never drains it
     limits = SourceLimits(Settings(source_limits_allow="10.0.0.0/8", max_connections_per_ip=1))
     assert limits.admit("10.1.2.3") is None  # allow-listed
     first = limits.admit("192.0.2.1")

@@ -55,8 +55,6 @@ _DATE: Final = re.compile(
 MAX_NUMBER_DIGITS: Final = 32
 #: The largest port number (16 bits); 0 is not a port a message can name.
 MAX_PORT: Final = 65535
-#: Digits of the largest port: a longer one (leading zeros) is refused, as the fuzz regressions ask.
-MAX_PORT_DIGITS: Final = 5
 #: Max-Forwards is ``1*DIGIT`` and RFC 3261 section 20.22 bounds it to 0..255.
 MAX_FORWARDS_LIMIT: Final = 255
 #: A CSeq number must fit 32 bits (RFC 3261 section 8.1.1.5; RFC 4475 section 3.1.2.4).
@@ -77,9 +75,7 @@ def number(text: str, maximum: int) -> int | None:
 
 
 def port(text: str) -> int | None:
-    """``text`` as a port 1..65535 in at most five digits (``005060`` is not a port), or None."""
-    if len(text.strip(" \t")) > MAX_PORT_DIGITS:
-        return None
+    """``text`` as a port 1..65535, or None (leading zeros are legal: ``port = 1*DIGIT``)."""
     value = number(text, MAX_PORT)
     return value if value else None
 

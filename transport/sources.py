@@ -47,10 +47,11 @@ class TokenBucket:
 
     def take(self, count: int, now: float) -> int:
         """Take up to ``count`` tokens; how many were there."""
-        tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        granted = min(count, int(tokens))
-        self.tokens = tokens - granted
+        if now > self.stamp:  # callers' clocks are read at different moments: never refill backwards
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        granted = min(count, int(self.tokens))
+        self.tokens -= granted
         return granted
 
 
