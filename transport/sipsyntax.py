@@ -33,9 +33,9 @@ _VIA: Final = re.compile(
 #: match skips that slower walk; anything else, odd or wrong, still gets the full check and its reason.
 _PLAIN_ADDRESS: Final = re.compile(
     r"""(?:(?:"[^"\\\r\n]*"[ \t]*|[A-Za-z0-9\-.!%*_+`'~]+(?:[ \t]+[A-Za-z0-9\-.!%*_+`'~]+)*[ \t]*)?"""
-    r"<[A-Za-z][A-Za-z0-9+\-.]*:[^<>\s]*>"
-    r"|[A-Za-z][A-Za-z0-9+\-.]*:[^;?,\s<>\"]+)"
-    r"(?:[ \t]*;[ \t]*[A-Za-z0-9\-.!%*_+`'~]+(?:[ \t]*=[ \t]*[^;,\s]+)?)*"
+    r"<[A-Za-z][A-Za-z0-9+\-.]*:[^<>\s\"\x00-\x1f\x7f]*>"
+    r"|[A-Za-z][A-Za-z0-9+\-.]*:[^;?,\s<>\"\x00-\x1f\x7f]+)"
+    r"(?:[ \t]*;[ \t]*[A-Za-z0-9\-.!%*_+`'~]+(?:[ \t]*=[ \t]*[^;,\s\"<>\x00-\x1f\x7f]+)?)*"
 )
 #: A port 1..65535 as decimal digits without leading zeros (the fast paths' port).
 _PORT: Final = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
@@ -149,7 +149,7 @@ def _address_walk(value: str, header: str) -> str | None:
             return f"display name {display[:40]!r} in {header} is neither quoted nor tokens"
         uri = rest[opening + 1 : closing]
         params = rest[closing + 1 :]
-        if uri != uri.strip(" \t") or not has_scheme(uri):
+        if uri != uri.strip(" \t") or not has_scheme(uri) or _unquotable(uri):
             return f"malformed URI {uri[:60]!r} in {header}"
     else:
         if quote_end:
@@ -157,13 +157,15 @@ def _address_walk(value: str, header: str) -> str | None:
         uri, semicolon, params = rest.partition(";")
         params = semicolon + params
         uri = uri.strip(" \t")
-        if not has_scheme(uri) or "?" in uri or " " in uri:
+        if not has_scheme(uri) or "?" in uri or " " in uri or _unquotable(uri):
             return f"malformed URI {uri[:60]!r} in {header} (one with '?' needs '<...>')"
     if params.strip(" \t") and not params.lstrip(" \t").startswith(";"):
         return f"text after the URI in {header} {value[:60]!r}"
-    for name, _param_value in _params(params.strip(" \t")):
+    for name, param_value in _params(params.strip(" \t")):
         if not is_token(name):
             return f"malformed parameter {name[:30]!r} in {header}"
+        if param_value is not None and not _plain_or_quoted(param_value):
+            return f"malformed value of parameter {name[:30]!r} in {header}"
     return None
 
 
@@ -187,6 +189,25 @@ def cseq_problem(value: str, method: str | None) -> str | None:
 
 def date_ok(value: str) -> bool:
     return _DATE.fullmatch(value.strip(" \t")) is not None
+
+
+def _plain_or_quoted(value: str) -> bool:
+    """A parameter value is one quoted string, or has no quote at all; never a control character.
+
+    An unbalanced quote would make every later reader of the header (``header_param``, a phone)
+    take the rest of it, the ``tag`` an answer adds included, as quoted text.
+    """
+    if any(char < " " or char == "\x7f" for char in value):
+        return False
+    if '"' not in value:
+        return True
+    return _quoted_string_end(value) == len(value) and value.startswith('"')
+
+
+def _unquotable(uri: str) -> bool:
+    """A URI cannot hold a double quote or a control character (RFC 3986 section 2): both would
+    change how the rest of the header is read (a quote opens a quoted string for the next reader)."""
+    return '"' in uri or any(char < " " or char == "\x7f" for char in uri)
 
 
 def _params(text: str) -> list[tuple[str, str | None]]:
