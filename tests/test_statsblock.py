@@ -122,8 +122,8 @@ def test_layout_offsets_match_the_docstring(name: str) -> None:
     capacities = Capacities(threads=4, workers=3, slots=5, counters=8)
     layout = capacities.layout()
     assert layout.header == STATIC_BYTES == 256
-    assert layout.threads == 512
-    assert layout.workers == 512 + 4 * THREAD_BYTES
+    assert layout.threads == 640
+    assert layout.workers == 640 + 4 * THREAD_BYTES
     assert layout.counters == layout.workers + 3 * WORKER_BYTES
     assert layout.histograms == layout.counters + 64 + 64 * 8
     assert layout.slots == layout.histograms + 3 * 576
