@@ -9,6 +9,7 @@ test_ws_browser.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -95,8 +96,8 @@ def test_ctl_and_stats_name_ws_and_wss(start_transport: StartTransport) -> None:
 
 def test_websockets_move_with_a_pool_shrink_and_keep_working(start_transport: StartTransport) -> None:
     running = start_transport(workers=1, threads=3, **WEBSOCKETS)
-    clients = [ws_connect(running, secure=index % 2 == 1) for index in range(6)]
-    try:
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws_connect(running, secure=index % 2 == 1)) for index in range(6)]
         for index, ws in enumerate(clients):
             ws.send(sip_over_ws(sip_request("OPTIONS", 1, call_id=f"before-{index}")).decode())
             assert parse_response(ws.recv(timeout=5)).status == 200
@@ -107,9 +108,6 @@ def test_websockets_move_with_a_pool_shrink_and_keep_working(start_transport: St
         for index, ws in enumerate(clients):
             ws.send(sip_over_ws(sip_request("OPTIONS", 2, call_id=f"after-{index}")).decode())
             assert parse_response(ws.recv(timeout=5)).all("call-id") == [f"after-{index}"]
-    finally:
-        for ws in clients:
-            ws.close()
 
 
 def test_proxy_reaches_a_registered_websocket_client_over_its_own_connection(start_transport: StartTransport) -> None:
@@ -155,3 +153,45 @@ def test_sigterm_closes_websockets_with_1001(start_transport: StartTransport) ->
         with pytest.raises(ConnectionClosed) as caught:
             ws.recv(timeout=5)
         assert caught.value.rcvd is not None and caught.value.rcvd.code == 1001
+
+
+def test_console_lists_filters_counts_and_exports_ws_and_wss(start_transport: StartTransport, tmp_path: Any) -> None:
+    from tests.console_process import console_starter
+
+    starter = console_starter(tmp_path)
+    start_console = next(starter)
+    try:
+        running = start_transport(workers=1, **WEBSOCKETS)
+        console = start_console(running)
+        with ws_connect(running, False) as plain, ws_connect(running, True) as secure:
+            for ws in (plain, secure):
+                ws.send(sip_over_ws(sip_request("OPTIONS", 1)).decode())
+                assert parse_response(ws.recv(timeout=5)).status == 200
+            with console.client() as http:
+                for proto in ("ws", "wss"):
+                    listed = wait_for(
+                        lambda p=proto: (
+                            (r := http.get("/api/connections", params={"proto": p}).json())["total"] == 1 and r
+                        ),
+                        what=f"one {proto} connection in the console",
+                    )
+                    assert listed["connections"][0]["transport"] == proto
+                assert http.get("/api/connections", params={"proto": "tcp"}).json()["total"] == 0
+                stats = http.get("/api/stats").json()
+                assert stats["ws_handshake_ms"]["count"] == 2
+                page = http.get("/connections", params={"proto": "wss"}).text
+                assert 'value="wss" selected' in page
+                metrics = wait_for(
+                    lambda: (
+                        'sipwire_connections_by_transport{transport="wss"} 1' in (t := http.get("/metrics").text) and t
+                    ),
+                    what="the WSS connection in /metrics",
+                )
+                assert 'sipwire_events_total{event="accepted.ws"} 1' in metrics
+                assert "sipwire_ws_handshake_seconds_count 2" in metrics
+                overview = wait_for(lambda: 'data-testid="connections-wss">1<' in (t := http.get("/").text) and t,
+                                    what="WSS counted on the overview")  # fmt: skip
+                assert 'data-testid="connections-ws">1<' in overview
+    finally:
+        for _ in starter:
+            pass

@@ -121,7 +121,7 @@ class WsFramer:
         self._size = 0  # bytes in _parts
         self._frame_bytes = 0  # payload bytes of the data frame in progress
         self.open = False  # the 101 went out: messages flow
-        self.awaiting_pong = False  # a ping of ours is unanswered (see :meth:`ping`)
+        self.awaiting_pong = False  # a ping of ours went out and nothing came back since (see :meth:`ping`)
         self.origin = ""  # the handshake's Origin, for logs
 
     @property
@@ -138,6 +138,7 @@ class WsFramer:
         """Add bytes read from the connection; return the events they complete (see the module docstring)."""
         ws = self._ws
         events: list[Event] = []
+        self.awaiting_pong = False  # anything from the peer shows it is there, as a pong would
         try:
             ws.receive_data(data)
         except RemoteProtocolError as error:  # the upgrade request is not one: refuse it
@@ -152,7 +153,7 @@ class WsFramer:
             elif isinstance(event, WsPing):
                 events.append(WsControl(ws.send(event.response()), "ws_pings"))
             elif isinstance(event, Pong):
-                self.awaiting_pong = False
+                pass  # the answer to our ping: awaiting_pong is already cleared
             elif isinstance(event, CloseConnection):
                 raise self._closed(event, events)
             elif isinstance(event, Request):
@@ -175,7 +176,7 @@ class WsFramer:
             return b""
 
     def ping(self) -> bytes:
-        """A ping frame to see an idle peer is there; its pong clears :attr:`awaiting_pong`."""
+        """A ping frame to see an idle peer is there; its pong (or any bytes) clears :attr:`awaiting_pong`."""
         if not self.open:
             return b""
         try:
