@@ -84,7 +84,7 @@ def _writer(name: str, threads: int = 4, workers: int = 2, slots: int = 16, coun
         name,
         Capacities(threads=threads, workers=workers, slots=slots, counters=counters),
         "unit",
-        (HANDSHAKE_BOUNDS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS),
+        (HANDSHAKE_BOUNDS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS, HANDSHAKE_BOUNDS),
     )
 
 
@@ -150,7 +150,7 @@ def test_layout_offsets_match_the_docstring(name: str) -> None:
         # static header
         assert bytes(buf[0:8]) == MAGIC
         assert (u32(8), u64(16), u32(24), u32(28)) == (LAYOUT_VERSION, layout.total, os.getpid(), 4)
-        assert (u32(48), u32(52), u32(56), u32(60), text(64, 64)) == (3, 5, 8, 3, "layout")
+        assert (u32(48), u32(52), u32(56), u32(60), text(64, 64)) == (3, 5, 8, 4, "layout")
         # dynamic header
         h = layout.header
         assert u64(h) % 2 == 0 and u64(h) > 0

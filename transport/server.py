@@ -296,7 +296,7 @@ class TransportServer:
                 remove_stale_block(previous)  # a transport killed with SIGKILL leaves its block behind
             stats = StatsWriter.create(
                 new_block_name(settings), Capacities.for_settings(settings), settings.instance,
-                (HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS),
+                (HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS, HANDSHAKE_BUCKETS_MS),
             )  # fmt: skip
             publish_block_name(settings, stats.name)
         except (StatsError, OSError) as error:
