@@ -23,6 +23,10 @@ thread and 1 worker unless told otherwise) on free loopback ports, then:
    the memory per connection; every connection must still be open at the end
    and the transport must have sent at least one ping per connection.
 
+3. **codec** — in-process, no sockets: microseconds per message of the
+   WebSocket layer (feed of one client frame, frame of one answer) against
+   the SIP framer's feed of the same request (``--codec`` messages).
+
 Targets checked (``--p99-ratio``, ``--idle-target-kib``): WSS p99 within 1.2x
 of TLS p99, at most 32 KiB per idle WSS connection, all idle connections
 held. Everything stays on 127.0.0.1 and is bounded in count and time.
@@ -58,6 +62,7 @@ sys.path.insert(0, str(REPO))
 
 from sipwire.transport.control import ControlClient  # noqa: E402 - after the path set-up above
 from sipwire.transport.framing import Framer  # noqa: E402
+from sipwire.transport.wsframing import WsControl, WsFramer, WsLimits  # noqa: E402
 
 OPTIONS = (
     "OPTIONS sip:bench@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/{via} {host};branch=z9hG4bK-{cseq};rport\r\n"
@@ -207,6 +212,31 @@ async def open_idle(port: int, count: int, concurrency: int) -> list[ClientConne
 
     opened = await asyncio.gather(*(one() for _ in range(count)))
     return [conn for conn in opened if conn is not None]
+
+
+def codec_costs(count: int) -> dict[str, float]:
+    """In-process microseconds per message: the WebSocket layer's feed and frame against the SIP framer's feed."""
+    framer = WsFramer(WsLimits(65536, 65536))
+    client = WSConnection(ConnectionType.CLIENT)
+    [accept] = framer.feed(client.send(Request(host="127.0.0.1", target="/", subprotocols=["sip"])))
+    assert isinstance(accept, WsControl)
+    client.receive_data(accept.data)
+    list(client.events())
+    request = OPTIONS.format(via="WSS", host="wsbench.invalid", cseq=1)
+    frame = client.send(TextMessage(data=request))
+    answer = request.replace("OPTIONS sip:bench@127.0.0.1 SIP/2.0", "SIP/2.0 200 OK").encode()
+    sip = Framer()
+    timings = {}
+    for name, step in (
+        ("ws_feed_us", lambda: framer.feed(frame)),
+        ("ws_frame_us", lambda: framer.frame(answer)),
+        ("sip_feed_us", lambda: sip.feed(request.encode())),
+    ):
+        started = time.perf_counter()
+        for _ in range(count):
+            step()
+        timings[name] = round((time.perf_counter() - started) / count * 1e6, 2)
+    return timings
 
 
 def cpu_seconds(pid: int) -> float:
@@ -379,6 +409,7 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=60.0, help="seconds to hold them")
     parser.add_argument("--ping-interval", type=float, default=10.0, help="the transport's ws_ping_interval")
     parser.add_argument("--concurrency", type=int, default=100, help="upgrades in progress at once")
+    parser.add_argument("--codec", type=int, default=20000, help="messages for the in-process codec timing (0: skip)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--p99-ratio", type=float, default=1.2)
@@ -387,10 +418,15 @@ def main() -> int:
     args = parser.parse_args()
     if not (0 < args.rate <= 5000 and 0 <= args.messages <= 200_000 and 0 <= args.idle <= 20_000):
         parser.error("rate 1..5000, messages 0..200000, idle 0..20000")
+    codec = codec_costs(args.codec) if args.codec else None
+    if codec:
+        print(f"codec, in-process, per message: {codec}")
     with tempfile.TemporaryDirectory(prefix="wsbench-") as work:
         server = Sipwire(Path(work), args.threads, args.workers, args.idle, args.ping_interval)
         try:
             result = asyncio.run(main_async(args, server))
+            if codec:
+                result["codec"] = codec
         finally:
             server.stop()
     failures = verdict(result, args)
