@@ -42,7 +42,6 @@ from sipwire.transport.connection import ConnectionInfo
 if TYPE_CHECKING:
     from sipwire.console.state import Console
 
-Proto = Literal["tcp", "tls", ""]  # "" (any) is what an HTML form's "any" option sends
 SortKey = Literal[
     "id", "transport", "state", "local", "remote", "thread", "age", "idle", "bytes_in", "bytes_out",
     "messages_in", "messages_out", "pending_write_bytes", "tls_handshake_ms",
@@ -163,7 +162,7 @@ def build_router(console: Console) -> APIRouter:
     def list_connections(
         request: Request,
         state: Annotated[str | None, Query(description="only this state, e.g. open, handshake, connecting")] = None,
-        proto: Annotated[Proto | None, Query(description="only tcp or tls")] = None,
+        proto: Annotated[views.Proto | None, Query(description="only tcp, tls, ws or wss")] = None,
         limit: Annotated[int, Query(ge=1, le=100_000, description="at most this many")] = 100,
         offset: Annotated[int, Query(ge=0, description="skip this many first (paging)")] = 0,
         sort: Annotated[SortKey, Query(description="sort by this field")] = "id",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sipwire.console.source import TransportDownError, TransportRefusedError, TransportSource
+from sipwire.transport.wire import TRANSPORTS
 
 log = logging.getLogger("sipwire.console")
 
@@ -147,7 +148,7 @@ class History:
 
     def _proto_counts(self, stats: Mapping[str, Any]) -> dict[str, int]:
         if not stats.get("connections"):
-            return {"tcp": 0, "tls": 0}
+            return dict.fromkeys(TRANSPORTS, 0)
         expensive_ok = self._ticks % PROTO_COUNT_EVERY == 0 or not self._by_proto
         try:
             counts = self.source.proto_counts(allow_control=expensive_ok)

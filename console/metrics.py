@@ -158,7 +158,11 @@ def _transport(out: _Writer, stats: Mapping[str, Any], by_proto: Mapping[str, in
     )  # fmt: skip
     histogram = stats.get("tls_handshake_ms")
     if histogram:
-        _histogram(out, "sipwire_tls_handshake_seconds", "TLS handshake duration.", histogram)
+        _histogram(out, "sipwire_tls_handshake_seconds", "TLS handshake duration (TLS and WSS).", histogram)
+    histogram = stats.get("ws_handshake_ms")
+    if histogram:
+        text = "WebSocket upgrade duration (WS from accept, WSS from the end of TLS)."
+        _histogram(out, "sipwire_ws_handshake_seconds", text, histogram)
 
 
 def _histogram(out: _Writer, name: str, text: str, histogram: Mapping[str, Any]) -> None:

@@ -96,6 +96,7 @@ class Stats(BaseModel):
     dispatch_in_flight: int
     counters: dict[str, int]
     tls_handshake_ms: Histogram
+    ws_handshake_ms: Histogram | None = Field(None, description="WebSocket upgrades (WS, WSS), ms")
     workers: list[Worker]
     threads: list[dict[str, Any]]
 

@@ -46,7 +46,7 @@ def build_router(console: Console) -> APIRouter:
     def connections(
         request: Request,
         state: str = "",
-        proto: Literal["", "tcp", "tls"] = "",
+        proto: views.Proto = "",
         q: Annotated[str, Query(max_length=200)] = "",
         sort: Annotated[str, Query(max_length=40)] = "id",
         order: Literal["asc", "desc"] = "asc",

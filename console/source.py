@@ -26,6 +26,7 @@ from typing import Any, Final, TypeVar
 from sipwire.config import Settings
 from sipwire.errors import ControlError
 from sipwire.transport.control import ControlClient
+from sipwire.transport.wire import TRANSPORTS
 
 #: Seconds one control request may take before the transport counts as down.
 CONTROL_TIMEOUT_SECONDS: Final = 3.0
@@ -229,11 +230,11 @@ class TransportSource:
         return result
 
     def proto_counts(self, allow_control: bool = True) -> dict[str, int] | None:
-        """Open connections by transport: a count over the stats block, else (if allowed) two control requests."""
+        """Open connections by transport: a count over the stats block, else (if allowed) one control request each."""
         counted = self._from_block(_block_proto_counts)
         if counted is not None or not allow_control:
             return counted
-        return {proto: int(self.connections(transport=proto, limit=1)["total"]) for proto in ("tcp", "tls")}
+        return {proto: int(self.connections(transport=proto, limit=1)["total"]) for proto in TRANSPORTS}
 
     def _all_connections(self) -> dict[str, Any]:
         with self._lock:
@@ -287,7 +288,7 @@ def _block_stats(reader: Any) -> dict[str, Any]:
 
 
 def _block_proto_counts(reader: Any) -> dict[str, int]:
-    counts = {"tcp": 0, "tls": 0}
+    counts = dict.fromkeys(TRANSPORTS, 0)
     for record in reader.connections():
         counts[record.transport] = counts.get(record.transport, 0) + 1
     return counts

@@ -11,10 +11,13 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from sipwire.console.history import History, Sample, error_total, sparkline
 from sipwire.console.source import TransportDownError, TransportRefusedError, TransportSource
+
+#: A connection list's transport filter: one of transport.wire.TRANSPORTS, or "" (any: an HTML form's "any").
+Proto = Literal["", "tcp", "tls", "ws", "wss"]
 
 #: Sparklines show the last this many samples (one a second).
 SPARK_SAMPLES: Final = 180

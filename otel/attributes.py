@@ -68,7 +68,7 @@ def connection_attributes(
     if server is not None and server[0] and server[0] not in ("0.0.0.0", "::"):
         attributes[SERVER_ADDRESS] = server[0]
         attributes[SERVER_PORT] = server[1]
-    if transport == "tls":
+    if transport in {"tls", "wss"}:
         attributes[TLS_PROTOCOL_NAME] = "tls"
         if tls is not None:  # (OpenSSL version name, cipher)
             attributes[TLS_PROTOCOL_VERSION] = tls_version(tls[0])

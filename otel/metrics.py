@@ -138,8 +138,10 @@ class TransportMetrics:
     def _opened(self, _options: CallbackOptions) -> Iterable[Observation]:
         counters = self._read()[0]
         return [
-            Observation(counters.get("accepted.tcp", 0), {attr.SIP_TRANSPORT: "tcp", _DIRECTION: "inbound"}),
-            Observation(counters.get("accepted.tls", 0), {attr.SIP_TRANSPORT: "tls", _DIRECTION: "inbound"}),
+            *(
+                Observation(counters.get(f"accepted.{name}", 0), {attr.SIP_TRANSPORT: name, _DIRECTION: "inbound"})
+                for name in ("tcp", "tls", "ws", "wss")
+            ),
             Observation(counters.get("connects", 0), {_DIRECTION: "outbound"}),
         ]
 

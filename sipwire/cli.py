@@ -39,6 +39,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tcp", metavar="HOST:PORT", help="TCP listen address (default 127.0.0.1:5060)")
     parser.add_argument("--tls", metavar="HOST:PORT", help="TLS listen address (default 127.0.0.1:5061)")
+    parser.add_argument("--ws", metavar="HOST:PORT", help="SIP over WebSocket listen address (default: off)")
+    parser.add_argument("--wss", metavar="HOST:PORT", help="SIP over secure WebSocket listen address (default: off)")
     parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain (default: generated dev cert)")
     parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle for client and outbound verification")
@@ -67,7 +69,9 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sipwire", description="Observable SIP-over-TCP/TLS transport.")
+    parser = argparse.ArgumentParser(
+        prog="sipwire", description="Observable SIP transport over TCP, TLS and WebSocket."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "run the transport, its workers and the console together, on embedded defaults"),
@@ -127,6 +131,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             "instance",
             "tcp",
             "tls",
+            "ws",
+            "wss",
             "tls_cert",
             "tls_key",
             "tls_ca",

@@ -53,6 +53,38 @@ class Settings:
     tls: str = _setting(
         "127.0.0.1:5061", "TLS listen address HOST:PORT (port 0 picks a free port); empty disables TLS."
     )
+    ws: str = _setting(
+        "",
+        "SIP over WebSocket (RFC 7118) listen address HOST:PORT (port 0 picks a free port); empty (the default) "
+        "disables WS.",
+    )
+    wss: str = _setting(
+        "",
+        "SIP over secure WebSocket listen address HOST:PORT, with the TLS listener's certificate and policy; empty "
+        "(the default) disables WSS.",
+    )
+    ws_allowed_origins: str = _setting(
+        "",
+        "Comma-separated Origin values (e.g. https://phone.example.com) a WebSocket upgrade may carry; any other "
+        "is refused 403 (ws_handshake_failed.origin). Requests without Origin (non-browser clients) pass. "
+        "Empty: any origin.",
+    )
+    ws_max_frame_bytes: int = _setting(
+        65536,
+        "Largest WebSocket frame payload accepted; a larger one closes the WebSocket with 1009 (ws_close.1009). "
+        "A whole WebSocket message carries one SIP message and is bounded by max_message_bytes the same way.",
+    )
+    ws_handshake_timeout: float = _setting(
+        5.0,
+        "Seconds from accept (WS) or the end of the TLS handshake (WSS) to a complete WebSocket upgrade request; "
+        "then the connection is closed (ws_handshake_failed.timeout).",
+    )
+    ws_ping_interval: float = _setting(
+        30.0,
+        "Seconds a WebSocket may stay silent before the transport pings it (browsers send no keep-alives, and the "
+        "pong keeps the connection within idle_timeout); no pong by the next interval closes it "
+        "(closed_ws_ping_timeout).",
+    )
     tls_cert: str = _setting(
         "", "PEM certificate chain for the TLS listener; empty: a self-signed ECDSA P-256 certificate is generated."
     )
@@ -221,6 +253,18 @@ class Settings:
         return parse_host_port(self.tls, "tls") if self.tls else None
 
     @property
+    def ws_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.ws, "ws") if self.ws else None
+
+    @property
+    def wss_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.wss, "wss") if self.wss else None
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        return frozenset(item.strip() for item in self.ws_allowed_origins.split(",") if item.strip())
+
+    @property
     def console_address(self) -> tuple[str, int]:
         return parse_host_port(self.console_listen, "console_listen")
 
@@ -342,6 +386,12 @@ def _validate(settings: Settings) -> None:
         parse_host_port(settings.tcp, "tcp")
     if settings.tls:
         parse_host_port(settings.tls, "tls")
+    for name in ("ws", "wss"):
+        if getattr(settings, name):
+            parse_host_port(getattr(settings, name), name)
+    for origin in settings.allowed_origins:
+        if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
+            raise ConfigError(f"ws_allowed_origins: {origin!r} is not an origin like https://host[:port]")
     _ = settings.insecure_destinations  # parses, so a typo fails at start
     for item in filter(None, (part.strip() for part in settings.source_limits_allow.split(","))):
         try:
@@ -372,6 +422,7 @@ def _validate(settings: Settings) -> None:
         "requests_per_ip",
         "registrar_min_expires",
         "registrar_max_contacts",
+        "ws_max_frame_bytes",
     )
     for name in positive:
         if getattr(settings, name) <= 0:
@@ -389,6 +440,8 @@ def _validate(settings: Settings) -> None:
         "registrar_wait_seconds",
         "registrar_purge_seconds",
         "digest_nonce_seconds",
+        "ws_handshake_timeout",
+        "ws_ping_interval",
     ):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: {getattr(settings, name)} must be a positive number of seconds")

@@ -19,6 +19,7 @@ grouped by kind; each concrete class lives in the module that raises it::
     │   └── TlsConfigError
     ├── ProtocolError                 bytes from a peer do not follow the protocol; one connection or message is refused
     │   ├── FramingError                  transport.framing: SIP stream framing broken
+    │   ├── WebSocketClosedError          transport.wsframing: a WebSocket closed, refused or broken by its peer
     │   ├── SipParseError                 transport.sip: not a valid SIP message
     │   ├── SipUriError (+ ValueError)    transport.sipuri: not a usable SIP URI
     │   ├── WireError                     transport.wire: a worker channel's records are corrupt

@@ -39,6 +39,8 @@ class RunningTransport:
     log_path: Path
     worker_pids: list[int] = field(default_factory=list)
     tls_port: int = 0  # 0 when the transport runs without TLS
+    ws_port: int = 0  # 0 unless started with ws=...
+    wss_port: int = 0  # 0 unless started with wss=...
 
     def control(self, op: str, **arguments: Any) -> Any:
         with ControlClient(self.control_path) as client:
@@ -121,6 +123,9 @@ def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]
         running.worker_pids = [w["pid"] for w in workers]
         if "tls" in health["listening"]:
             running.tls_port = int(health["listening"]["tls"].rpartition(":")[2])
+        for name in ("ws", "wss"):
+            if name in health["listening"]:
+                setattr(running, f"{name}_port", int(health["listening"][name].rpartition(":")[2]))
         started.append(running)
         return running
 

@@ -23,6 +23,7 @@ def test_defaults_are_loopback_and_documented_limits(monkeypatch: pytest.MonkeyP
     assert settings.max_message_bytes == 65536
     assert settings.message_timeout == 4.0
     assert settings.idle_timeout == 120.0
+    assert settings.ws_address is None and settings.wss_address is None  # WebSocket listeners: off unless given
 
 
 def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +52,12 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ({"connect_timeout": -1}, "connect_timeout: -1.0 must be a positive number of seconds"),
         ({"max_header_bytes": 70000}, "max_header_bytes: 70000 exceeds max_message_bytes 65536"),
         ({"instance": "../x"}, "instance: '../x' must be a plain name"),
+        ({"ws": "localhost:8088"}, "host 'localhost'"),
+        ({"wss": "127.0.0.1"}, "wss: '127.0.0.1' is not HOST:PORT"),
+        ({"ws_allowed_origins": "phone.example"}, "ws_allowed_origins: 'phone.example' is not an origin"),
+        ({"ws_allowed_origins": "https://phone.example/"}, "'https://phone.example/' is not an origin like https"),
+        ({"ws_max_frame_bytes": 0}, "ws_max_frame_bytes: 0 must be positive"),
+        ({"ws_ping_interval": 0}, "ws_ping_interval: 0.0 must be a positive number of seconds"),
         ({"log_level": "loud"}, "log_level: 'loud'"),
         # Limits checked against each other: a message must fit every queue and a channel record.
         ({"max_message_bytes": 2 << 20}, "max_message_bytes: 2097152 exceeds 524288"),

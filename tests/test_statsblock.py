@@ -84,7 +84,7 @@ def _writer(name: str, threads: int = 4, workers: int = 2, slots: int = 16, coun
         name,
         Capacities(threads=threads, workers=workers, slots=slots, counters=counters),
         "unit",
-        (HANDSHAKE_BOUNDS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS),
+        (HANDSHAKE_BOUNDS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS, HANDSHAKE_BOUNDS),
     )
 
 
@@ -122,18 +122,19 @@ def test_layout_offsets_match_the_docstring(name: str) -> None:
     capacities = Capacities(threads=4, workers=3, slots=5, counters=8)
     layout = capacities.layout()
     assert layout.header == STATIC_BYTES == 256
-    assert layout.threads == 512
-    assert layout.workers == 512 + 4 * THREAD_BYTES
+    assert layout.threads == 640
+    assert layout.workers == 640 + 4 * THREAD_BYTES
     assert layout.counters == layout.workers + 3 * WORKER_BYTES
     assert layout.histograms == layout.counters + 64 + 64 * 8
-    assert layout.slots == layout.histograms + 3 * 576
+    assert layout.slots == layout.histograms + 4 * 576
     assert layout.total == layout.slots + 5 * SLOT_BYTES
     assert all(offset % 64 == 0 for offset in (layout.threads, layout.workers, layout.counters, layout.slots))
 
     writer = StatsWriter.create(name, capacities, "layout", (HANDSHAKE_BOUNDS, LATENCY_BUCKETS_MS))
     try:
         now = time.monotonic()
-        writer.write_header(_figures(connections=7, listening={"tcp": "127.0.0.1:5060", "tls": "[::1]:5061"}))
+        listening = {"tcp": "127.0.0.1:5060", "tls": "[::1]:5061", "ws": "127.0.0.1:8088", "wss": "[::1]:8089"}
+        writer.write_header(_figures(connections=7, listening=listening))
         writer.write_thread(2, THREAD_ACTIVE, 1, 11, 0.25, 1.5, 3, 4, 99, 1234, now, now - 1)
         writer.write_worker(1, 4242, True, 5, 77, 2, now, now - 2)
         writer.write_counters({"messages_in": 42})
@@ -149,12 +150,13 @@ def test_layout_offsets_match_the_docstring(name: str) -> None:
         # static header
         assert bytes(buf[0:8]) == MAGIC
         assert (u32(8), u64(16), u32(24), u32(28)) == (LAYOUT_VERSION, layout.total, os.getpid(), 4)
-        assert (u32(48), u32(52), u32(56), u32(60), text(64, 64)) == (3, 5, 8, 3, "layout")
+        assert (u32(48), u32(52), u32(56), u32(60), text(64, 64)) == (3, 5, 8, 4, "layout")
         # dynamic header
         h = layout.header
         assert u64(h) % 2 == 0 and u64(h) > 0
         assert (u64(h + 32), u8(h + 40), u16(h + 42), u32(h + 52), u32(h + 56)) == (1, 1, 2, 16, 7)
         assert (text(h + 96, 48), text(h + 144, 48)) == ("127.0.0.1:5060", "[::1]:5061")
+        assert (text(h + 192, 48), text(h + 240, 48)) == ("127.0.0.1:8088", "[::1]:8089")
         # thread record 2
         t = layout.threads + 2 * THREAD_BYTES
         assert (u8(t + 16), u16(t + 18), u32(t + 20), f64(t + 24), f64(t + 32)) == (1, 1, 11, 0.25, 1.5)

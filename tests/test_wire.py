@@ -472,7 +472,7 @@ CORRUPT_BODIES: list[tuple[str, int, bytes, str]] = [
     (
         "message_unknown_transport",
         KIND_MESSAGE,
-        struct.pack("!QBHHBBH", 1, 3, 1, 1, 0, 0, 0) + _TIME,
+        struct.pack("!QBHHBBH", 1, 9, 1, 1, 0, 0, 0) + _TIME,
         "undecodable record of kind 1",
     ),
     (

@@ -1,4 +1,4 @@
-"""One TCP or TLS connection as the transport sees it, and its state machine.
+"""One TCP, TLS, WS or WSS connection as the transport sees it, and its state machine.
 
 A connection is owned by exactly one I/O thread at a time: only that thread
 calls its methods. Moving it to another thread (resize) hands over the
@@ -6,10 +6,13 @@ whole object, buffers and pending write jobs included.
 
 States and the only transitions allowed (see :data:`TRANSITIONS`)::
 
-    CONNECTING --connected--> [HANDSHAKE --TLS done-->] OPEN --flush then close--> CLOSING --> CLOSED
-      CONNECTING and HANDSHAKE may also go straight to CLOSED (refused, timeout, TLS failure).
+    CONNECTING --connected--> [HANDSHAKE --TLS and/or WebSocket upgrade done-->] OPEN
+        --flush then close--> CLOSING --> CLOSED
+      CONNECTING and HANDSHAKE may also go straight to CLOSED (refused, timeout, TLS failure);
+      HANDSHAKE goes to CLOSING when a refused WebSocket upgrade is answered before the close.
 
-An accepted TCP connection starts OPEN, an accepted TLS one in HANDSHAKE.
+An accepted TCP connection starts OPEN; TLS, WS and WSS ones in HANDSHAKE (a WSS one stays there
+after its TLS handshake until its WebSocket upgrade: :attr:`Connection.upgrading`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from sipwire.transport.framing import Framer, FramerLimits
 from sipwire.transport.streams import Stream
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import message_prefix
+from sipwire.transport.wsframing import WsFramer
 
 if TYPE_CHECKING:
     from sipwire.otel.recorder import ConnTrace, WriteTrace
@@ -41,7 +45,7 @@ class ConnState(Enum):
 
 TRANSITIONS: Final[dict[ConnState, frozenset[ConnState]]] = {
     ConnState.CONNECTING: frozenset({ConnState.HANDSHAKE, ConnState.OPEN, ConnState.CLOSED}),
-    ConnState.HANDSHAKE: frozenset({ConnState.OPEN, ConnState.CLOSED}),
+    ConnState.HANDSHAKE: frozenset({ConnState.OPEN, ConnState.CLOSING, ConnState.CLOSED}),
     ConnState.OPEN: frozenset({ConnState.CLOSING, ConnState.CLOSED}),
     ConnState.CLOSING: frozenset({ConnState.CLOSED}),
     ConnState.CLOSED: frozenset(),
@@ -99,7 +103,7 @@ CONNECTION_INFO_FIELDS: Final = tuple(field.name for field in fields(ConnectionI
 
 
 class Connection:
-    """Socket, framer, write queue and counters of one connection."""
+    """Socket, framer, write queue and counters of one connection; ``ws`` is its WebSocket layer (WS, WSS)."""
 
     __slots__ = (
         "bytes_in",
@@ -135,6 +139,7 @@ class Connection:
         "transport",
         "worker",
         "write_progress",
+        "ws",
     )  # fmt: skip
 
     def __init__(
@@ -150,6 +155,7 @@ class Connection:
         *,
         outbound: bool = False,
         destination: tuple[str, str, int] | None = None,
+        ws: WsFramer | None = None,
     ) -> None:
         self.id = conn_id
         self.sock = sock
@@ -158,13 +164,16 @@ class Connection:
         if outbound:
             self.state = ConnState.CONNECTING
         else:
-            self.state = ConnState.HANDSHAKE if transport == "tls" else ConnState.OPEN
+            self.state = ConnState.OPEN if transport == "tcp" else ConnState.HANDSHAKE
         self.transport = transport
         self.local = local
         self.remote = remote
         self.outbound = outbound
         self.destination = destination
-        self.framer = Framer(limits)
+        # WS and WSS: the WebSocket layer frames messages in place of the SIP stream framer, and wraps
+        # what is sent (WriteLayer._enqueue); None on TCP and TLS, which pay one test per write for it.
+        self.ws = ws
+        self.framer: Framer | WsFramer = ws if ws is not None else Framer(limits)
         self.prefix = message_prefix(conn_id, transport, local, remote)
         self.created = now
         self.last_activity = now
@@ -194,6 +203,12 @@ class Connection:
     @property
     def pending_bytes(self) -> int:
         return self.queued_total - self.sent_total
+
+    @property
+    def upgrading(self) -> bool:
+        """A WebSocket waiting for its upgrade request: read in HANDSHAKE (any TLS handshake is done)."""
+        ws = self.ws
+        return ws is not None and not ws.open and (self.tls is not None or self.transport == "ws")
 
     def transition(self, new_state: ConnState) -> None:
         if new_state not in TRANSITIONS[self.state]:

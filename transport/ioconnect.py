@@ -1,5 +1,11 @@
 """How connections arrive on an I/O thread: accept, outbound connect, TLS handshake, adoption.
 
+WS and WSS connections are accepted like TCP and TLS ones, with a WebSocket
+layer (``transport/wsframing.py``) in place of the SIP framer; they stay in
+HANDSHAKE until their upgrade request is answered (after the TLS handshake, for
+WSS). Nothing opens a WebSocket outbound: a WebSocket peer is reached over its
+own connection.
+
 Thread 0 accepts (up to :data:`ACCEPT_BATCH` per wake-up) and hands each
 connection to the least loaded thread, which *adopts* it; adoption is also how
 connections move when the pool shrinks (``retire`` in ``iocontrol.py``). A write
@@ -29,6 +35,7 @@ from sipwire.transport.outcome import WriteResult
 from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS
 from sipwire.transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
 from sipwire.transport.tls import TlsVerifyError, connection_info, verify_server_name
+from sipwire.transport.wsframing import WsFramer
 
 #: Connections accepted per listener wake-up before other sockets get a turn.
 ACCEPT_BATCH: Final = 64
@@ -81,18 +88,23 @@ class ConnectLayer(ReadLayer):
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn_local = sock.getsockname()[:2] if wildcard else local
-            if transport == "tls" and self._tls is not None:
+            secure = transport in {"tls", "wss"}
+            if secure and self._tls is not None:
                 stream: TcpStream | TlsStream = TlsStream(sock, self._tls.server, server_side=True)
             else:
                 stream = TcpStream(sock)
+            ws = WsFramer(self.ws_limits) if transport in {"ws", "wss"} else None
             conn = Connection(
-                hub.new_connection_id(), sock, stream, transport, conn_local, address[:2], self.limits, self._now
-            )
+                hub.new_connection_id(), sock, stream, transport, conn_local, address[:2], self.limits, self._now,
+                ws=ws,
+            )  # fmt: skip
             conn.source = source
-            if transport == "tls":
+            if secure:
                 conn.deadline = self._now + self.settings.tls_handshake_timeout
                 if self._tracing is not None:
                     conn.trace = self._tracing.start_connection(SPAN_HANDSHAKE, None)
+            elif ws is not None:
+                conn.deadline = self._now + self.settings.ws_handshake_timeout
             target = hub.least_loaded_thread()
             hub.owners[conn.id] = target
             if target is self:
@@ -140,6 +152,10 @@ class ConnectLayer(ReadLayer):
             self.hub.least_loaded_thread().post("_connect", key, server_name, job_id, worker, payload, prompt, trace)
             return
         transport, host, port = key
+        if transport in {"ws", "wss"}:
+            reason = "no outbound WebSocket connections: a WebSocket peer is reached over its own connection"
+            self._outcome(worker, job_id, 0, WriteResult.BAD_DESTINATION, reason, trace=trace)
+            return
         if transport == "tls" and self._tls is None:
             reason = "TLS is not enabled on this transport"
             self._outcome(worker, job_id, 0, WriteResult.BAD_DESTINATION, reason, trace=trace)
@@ -219,7 +235,14 @@ class ConnectLayer(ReadLayer):
         self._flush(conn)
 
     def _handshake(self, conn: Connection) -> None:
-        """Advance a TLS handshake; on success the connection opens and flushes what waited."""
+        """Advance a TLS handshake, or read a WebSocket's upgrade request once TLS (if any) is done.
+
+        When the TLS handshake succeeds the connection opens and flushes what waited; a WSS one
+        waits for its upgrade request first, within ``ws_handshake_timeout``.
+        """
+        if conn.upgrading:
+            self._read(conn)
+            return
         stream = conn.stream
         assert isinstance(stream, TlsStream)
         try:
@@ -241,7 +264,10 @@ class ConnectLayer(ReadLayer):
             self._end_connection_span(conn, "", "")
         if self._recorder is not None and self._recorder.metrics:
             self._recorder.handshake(elapsed_ms / 1000.0, info.version, "")
-        conn.transition(ConnState.OPEN)
+        if conn.ws is None:
+            conn.transition(ConnState.OPEN)
+        else:  # WSS: the WebSocket upgrade comes next
+            conn.deadline = self._now + self.settings.ws_handshake_timeout
         conn.last_activity = self._now
         self.counters["tls_handshakes"] += 1
         self._handshake_buckets[bisect.bisect_left(HANDSHAKE_BUCKETS_MS, elapsed_ms)] += 1
@@ -249,6 +275,15 @@ class ConnectLayer(ReadLayer):
             self._dirty_conns[conn.id] = conn
         self._update_events(conn)
         self._read(conn)  # the peer's first message may already sit decrypted in OpenSSL
+
+    def _handshake_timeout(self, conn: Connection) -> None:
+        """HANDSHAKE past its deadline: the TLS handshake, or the WebSocket upgrade, took too long."""
+        if conn.upgrading:
+            self._ws_upgrade_timeout(conn)
+        else:
+            self._tls_failed(
+                conn, "timeout", WriteResult.TIMEOUT, f"not done within {self.settings.tls_handshake_timeout}s"
+            )
 
     def _tls_failed(self, conn: Connection, reason: str, result: WriteResult, detail: str) -> None:
         self.counters[f"tls_handshake_failed.{reason}"] += 1

@@ -38,14 +38,14 @@ class ControlLayer(ConnectLayer):
         message_timeout = settings.message_timeout
         idle_timeout = settings.idle_timeout
         send_timeout = settings.send_timeout
+        ws_ping_interval = settings.ws_ping_interval
         for conn in list(self.conns.values()):
             if conn.state is ConnState.CLOSING:
                 if now > conn.deadline:
                     self._close(conn, "closing: answers not done in time", WriteResult.CONNECTION_GONE)
             elif conn.state is ConnState.HANDSHAKE:
                 if now > conn.deadline:
-                    timeout = f"not done within {settings.tls_handshake_timeout}s"
-                    self._tls_failed(conn, "timeout", WriteResult.TIMEOUT, timeout)
+                    self._handshake_timeout(conn)
             elif conn.state is ConnState.CONNECTING:
                 if now > conn.deadline:
                     timeout = (
@@ -65,6 +65,8 @@ class ControlLayer(ConnectLayer):
                     FramingErrorReason.MESSAGE_TIMEOUT, f"message not complete within {message_timeout}s"
                 )
                 self._framing_error(conn, error)
+            elif conn.ws is not None and now - conn.last_activity > ws_ping_interval and not conn.in_flight:
+                self._ws_quiet(conn)
             elif not conn.in_flight and not conn.out_chunks and now - conn.last_activity > idle_timeout:
                 self.counters["closed_idle"] += 1
                 self._close(conn, f"idle for {idle_timeout}s", WriteResult.CONNECTION_GONE)
@@ -111,7 +113,10 @@ class ControlLayer(ConnectLayer):
         self._listeners = []
         self._shutdown_deadline = self._now + grace
         for conn in list(self.conns.values()):
-            self._update_events(conn)
+            if conn.ws is not None and conn.state is ConnState.OPEN and not conn.in_flight:
+                self._ws_fail(conn, 1001, "server shutting down")  # RFC 6455: 1001, going away (answers first)
+            else:
+                self._update_events(conn)
         self._next_tick = self._now
 
     def close_connection(self, conn_id: int, future: Future[bool]) -> None:

@@ -35,6 +35,7 @@ class ThreadStatistics:
     outstanding: tuple[int, ...]
     counters: dict[str, int]
     handshake_buckets: tuple[int, ...]
+    ws_handshake_buckets: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class ThreadTotals:
 
     counters: dict[str, int]
     handshake_buckets: list[int]
+    ws_handshake_buckets: list[int]
     dispatch_buckets: list[int]
     dispatch_ms: float
     write_buckets: list[int]
@@ -107,7 +109,8 @@ class MetricsLayer(IOState):
     def stats_totals(self) -> ThreadTotals:
         """Cross-thread read for the supervisor: copies made under the GIL (each one atomic), no lock."""
         return ThreadTotals(
-            dict(self.counters), list(self._handshake_buckets), list(self._dispatch_buckets), self._dispatch_ms,
+            dict(self.counters), list(self._handshake_buckets), list(self._ws_handshake_buckets),
+            list(self._dispatch_buckets), self._dispatch_ms,
             list(self._write_buckets), self._write_ms, list(self.done_by_worker), list(self.outstanding),
             len(self.inbox),
         )  # fmt: skip
@@ -125,6 +128,7 @@ class MetricsLayer(IOState):
             outstanding=tuple(self.outstanding),
             counters=dict(self.counters),
             handshake_buckets=tuple(self._handshake_buckets),
+            ws_handshake_buckets=tuple(self._ws_handshake_buckets),
         )
         now = self._now
         infos = [conn.info(self.index, now) for conn in self.conns.values()] if with_connections else []

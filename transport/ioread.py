@@ -8,7 +8,9 @@ connection's earlier messages, so they are processed in order, else the worker
 with the least outstanding work. A connection has at most
 ``max_in_flight_per_connection`` messages at the workers; the rest of a read
 waits in the connection (``held``), which is not read meanwhile, so flooding
-peers take turns with everyone else. While no worker is alive, messages are parked
+peers take turns with everyone else. On WS and WSS connections the WebSocket layer
+(``transport/wsframing.py``) stands in for the framer and returns the same events,
+plus the bytes it sends by itself (``iows.py`` acts on them). While no worker is alive, messages are parked
 (``iochannel.py`` hands them to the next channel); above the worker's backlog
 cap they are answered 503; a framing error is answered and closes the
 connection once its answers are out.
@@ -24,12 +26,13 @@ from typing import Final
 
 from sipwire.otel.recorder import traceparent
 from sipwire.transport.connection import Connection
-from sipwire.transport.framing import PONG, Event, FramingError, FramingErrorReason, Ping
-from sipwire.transport.iowrite import WriteLayer
+from sipwire.transport.framing import PING_EVENT, PONG, Event, FramingError, FramingErrorReason, Ping
+from sipwire.transport.iows import WebSocketLayer
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.sip import response_for_unparsable
 from sipwire.transport.streams import StreamError
 from sipwire.transport.wire import encode_message
+from sipwire.transport.wsframing import WebSocketClosedError
 
 #: How many times max_in_flight_per_connection a connection may have at the workers when it is the only
 #: one with messages there: whole batches keep a busy trunk fast, and a newcomer still finds a bounded
@@ -45,7 +48,7 @@ _FRAMING_ANSWERS: Final = {
 }
 
 
-class ReadLayer(WriteLayer):
+class ReadLayer(WebSocketLayer):
     """Read, framing and dispatch of an I/O thread; see the module docstring."""
 
     def _read(self, conn: Connection) -> None:
@@ -75,6 +78,10 @@ class ReadLayer(WriteLayer):
                 self._dispatch(conn, error.events, read_ns)
             self._framing_error(conn, error)
             return
+        except WebSocketClosedError as error:  # WS, WSS: its last frame or refusal is among the events
+            self._dispatch(conn, error.events, read_ns)
+            self._ws_closed(conn, error)
+            return
         if events:
             self._dispatch(conn, events, read_ns)
         if framer.buffered_bytes and framer.in_message:
@@ -92,8 +99,11 @@ class ReadLayer(WriteLayer):
         traced: list[tuple[int, int]] = []  # (trace id, span id) of the sampled messages
         for event in events:
             if isinstance(event, Ping):
-                self.counters["keepalive_pings"] += 1
-                self._enqueue(conn, PONG, 0, -1)
+                if event is PING_EVENT:
+                    self.counters["keepalive_pings"] += 1
+                    self._enqueue(conn, PONG, 0, -1)  # over a WebSocket, a message of its own
+                else:
+                    self._ws_control(conn, event)
                 continue
             messages.append(event)
             if tracing is None:
@@ -243,6 +253,9 @@ class ReadLayer(WriteLayer):
             logging.WARNING, f"framing.{error.reason.value}",
             "closing connection %d from %s:%d: %s", conn.id, conn.remote[0], conn.remote[1], error,
         )  # fmt: skip
+        if conn.ws is not None:  # only the message timeout reaches a WebSocket: close it as policy (1008)
+            self._ws_fail(conn, 1008, str(error))
+            return
         status, reason = _FRAMING_ANSWERS.get(error.reason, (400, "Bad Request"))
         answer = response_for_unparsable(error.header_block, status, f"{reason} ({error.reason.value})")
         if answer is not None:

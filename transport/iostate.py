@@ -39,6 +39,7 @@ from sipwire.transport.readbuffer import ReadBuffer
 from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, StatsWriter
 from sipwire.transport.tls import TlsContexts
 from sipwire.transport.wire import RecordReader
+from sipwire.transport.wsframing import WsLimits
 
 log = logging.getLogger("sipwire.transport")
 
@@ -90,6 +91,9 @@ class IOState:
         settings = hub.settings
         self.settings: Settings = settings
         self.limits: FramerLimits = FramerLimits(settings.max_message_bytes, settings.max_header_bytes)
+        self.ws_limits: WsLimits = WsLimits(
+            settings.max_message_bytes, settings.ws_max_frame_bytes, settings.allowed_origins
+        )
         self.selector: selectors.BaseSelector = selectors.DefaultSelector()
         self.inbox: deque[tuple[str, tuple[Any, ...]]] = deque()
         # Guards only the hand-over of the inbox when the thread ends.
@@ -106,6 +110,7 @@ class IOState:
         self._dirty_channels: set[WorkerChannel] = set()
         self._lazy_channels: set[WorkerChannel] = set()  # hold outcomes nobody waits for
         self._handshake_buckets: list[int] = [0] * (len(HANDSHAKE_BUCKETS_MS) + 1)
+        self._ws_handshake_buckets: list[int] = [0] * (len(HANDSHAKE_BUCKETS_MS) + 1)  # WebSocket upgrades
         # Stats block (transport/statsblock.py): this thread's record, written from _tick, and the
         # latency histograms the supervisor sums (see stats_totals).
         self._stats: StatsWriter | None = hub.stats
@@ -184,7 +189,7 @@ class IOState:
         elif state is ConnState.CONNECTING:
             events = WRITE
         elif state is ConnState.HANDSHAKE:
-            events = 0
+            events = READ if conn.upgrading else 0  # TLS: the stream's wants; a WebSocket upgrade: its request
         else:
             return
         self._set_events(conn, events | conn.stream.wants)

@@ -25,6 +25,7 @@ built on the ones below it (``transport/iostate.py`` says why), bottom first:
   iostate   IOState       the shared state; post and load_hint; selector registration
   iometrics MetricsLayer  stats-block record and slots, latency histograms, snapshots
   iowrite   WriteLayer    write queues, flush, outcome records, close
+  iows      WebSocketLayer  WebSocket upgrade, close and keep-alive pings (WS, WSS)
   ioread    ReadLayer     read, framing, dispatch to workers (parking, overload)
   ioconnect ConnectLayer  accept, connect, TLS handshake, adopting a connection
   iochannel ChannelLayer  worker channels: batches out, write jobs and done counts in

@@ -1,7 +1,8 @@
 """Write queues of an I/O thread's connections, the outcome of every write job, and close.
 
 A write job (a worker's WRITE record; job id 0 is the transport's own answer,
-such as a 503 or a keep-alive pong) is queued on its connection within two
+such as a 503 or a keep-alive pong) is queued on its connection (on a WS or WSS
+connection, wrapped in one WebSocket message first) within two
 caps: per connection (``write_queue_bytes``) and over all connections
 (``global_write_queue_bytes``). A connection with queued bytes is flushed once
 at the end of the loop pass: one ``send`` of its leading chunks joined (up to
@@ -57,8 +58,12 @@ class WriteLayer(MetricsLayer):
         worker: int,
         prompt: bool = True,
         trace: WriteTrace | None = None,
+        raw: bool = False,
     ) -> None:
-        """Queue bytes on a connection owned here; ``job_id`` 0 is the transport's own write."""
+        """Queue bytes on a connection owned here; ``job_id`` 0 is the transport's own write.
+
+        ``raw``: bytes of the WebSocket layer itself (handshake, control frames), sent as they are.
+        """
         if trace is not None:
             trace.transport = conn.transport
             trace.local = conn.local
@@ -67,6 +72,12 @@ class WriteLayer(MetricsLayer):
             reason = f"connection {conn.id} is closing"
             self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, reason, trace=trace)
             return
+        if conn.ws is not None and not raw:
+            payload = conn.ws.frame(payload)
+            if not payload:
+                reason = f"the WebSocket of connection {conn.id} is not open"
+                self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, reason, trace=trace)
+                return
         size = len(payload)
         limit = self.settings.write_queue_bytes
         if job_id and conn.pending_bytes + size > limit:
@@ -174,7 +185,7 @@ class WriteLayer(MetricsLayer):
 
         The wait is bounded by ``shutdown_grace`` (checked on the timer tick).
         """
-        if conn.state is ConnState.OPEN:
+        if conn.state is ConnState.OPEN or conn.state is ConnState.HANDSHAKE:  # HANDSHAKE: a refused upgrade
             conn.transition(ConnState.CLOSING)
             conn.deadline = self._now + self.settings.shutdown_grace
         if conn.out_chunks:

@@ -38,6 +38,7 @@ from sipwire.transport.statsblock import (
     HISTOGRAM_DISPATCH,
     HISTOGRAM_TLS,
     HISTOGRAM_WRITE,
+    HISTOGRAM_WS,
     LATENCY_BUCKETS_MS,
     STATUS_RUNNING,
     SUPERVISOR_INTERVAL_SECONDS,
@@ -81,7 +82,7 @@ class TransportServer:
         self.settings = settings
         runtime_directory(settings)  # refuses one another user could have planted, before anything is written
         try:
-            tls = build_contexts(settings) if settings.tls else None
+            tls = build_contexts(settings) if settings.tls or settings.wss else None
         except TlsConfigError as error:
             raise StartupError(f"TLS: {error}") from error
         self.hub: Hub[IOThread] = Hub(settings, settings.workers, tls)
@@ -143,7 +144,13 @@ class TransportServer:
 
     def _bind(self) -> list[tuple[socket.socket, str]]:
         listeners: list[tuple[socket.socket, str]] = []
-        for transport, address in (("tcp", self.settings.tcp_address), ("tls", self.settings.tls_address)):
+        settings = self.settings
+        for transport, address in (
+            ("tcp", settings.tcp_address),
+            ("tls", settings.tls_address),
+            ("ws", settings.ws_address),
+            ("wss", settings.wss_address),
+        ):
             if address is None:
                 continue
             family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -163,7 +170,7 @@ class TransportServer:
             self.listening[transport] = format_address(sock.getsockname()[:2])
             listeners.append((sock, transport))
         if not listeners:
-            raise StartupError("no listener configured: set tcp and/or tls")
+            raise StartupError("no listener configured: set tcp, tls, ws or wss")
         return listeners
 
     # -- supervisor loop -------------------------------------------------------------------------
@@ -291,7 +298,7 @@ class TransportServer:
                 remove_stale_block(previous)  # a transport killed with SIGKILL leaves its block behind
             stats = StatsWriter.create(
                 new_block_name(settings), Capacities.for_settings(settings), settings.instance,
-                (HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS),
+                (HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS, HANDSHAKE_BUCKETS_MS),
             )  # fmt: skip
             publish_block_name(settings, stats.name)
         except (StatsError, OSError) as error:
@@ -331,6 +338,7 @@ class TransportServer:
                 counters[name] = counters.get(name, 0) + value
         stats.write_counters(counters)
         stats.write_histogram(HISTOGRAM_TLS, HANDSHAKE_BUCKETS_MS, totals.handshake, 0.0)
+        stats.write_histogram(HISTOGRAM_WS, HANDSHAKE_BUCKETS_MS, totals.ws_handshake, 0.0)
         stats.write_histogram(HISTOGRAM_DISPATCH, LATENCY_BUCKETS_MS, totals.dispatch, totals.dispatch_ms)
         stats.write_histogram(HISTOGRAM_WRITE, LATENCY_BUCKETS_MS, totals.write, totals.write_ms)
         workers = self.workers.statistics()
@@ -432,6 +440,7 @@ class TransportServer:
             for name, value in thread_stats.counters.items():
                 counters[name] = counters.get(name, 0) + value
         handshakes = [sum(column) for column in zip(*(s.handshake_buckets for s in stats), strict=True)]
+        upgrades = [sum(column) for column in zip(*(s.ws_handshake_buckets for s in stats), strict=True)]
         in_flight = [sum(s.outstanding[index] for s in stats) for index in range(len(self.workers))]
         workers = [dataclasses.asdict(w) | {"in_flight": in_flight[w.index]} for w in self.workers.statistics()]
         return {
@@ -443,6 +452,9 @@ class TransportServer:
             "counters": dict(sorted(counters.items())),
             "tls_handshake_ms": histogram_view(
                 Histogram("tls_handshake_ms", HANDSHAKE_BUCKETS_MS, tuple(handshakes), sum(handshakes), 0.0)
+            ),
+            "ws_handshake_ms": histogram_view(
+                Histogram("ws_handshake_ms", HANDSHAKE_BUCKETS_MS, tuple(upgrades), sum(upgrades), 0.0)
             ),
             "workers": workers,
             "threads": [dataclasses.asdict(s) for s in stats],

@@ -18,6 +18,7 @@ class Totals:
     """Histogram buckets and per-worker done counts summed over I/O threads."""
 
     handshake: list[int]
+    ws_handshake: list[int]
     dispatch: list[int]
     dispatch_ms: float
     write: list[int]
@@ -27,17 +28,19 @@ class Totals:
     @classmethod
     def empty(cls, workers: int) -> Totals:
         latency = len(LATENCY_BUCKETS_MS) + 1
-        return cls([0] * (len(HANDSHAKE_BUCKETS_MS) + 1), [0] * latency, 0.0, [0] * latency, 0.0, [0] * workers)
+        handshake = len(HANDSHAKE_BUCKETS_MS) + 1
+        return cls([0] * handshake, [0] * handshake, [0] * latency, 0.0, [0] * latency, 0.0, [0] * workers)
 
     def copy(self) -> Totals:
         return Totals(
-            list(self.handshake), list(self.dispatch), self.dispatch_ms, list(self.write), self.write_ms,
-            list(self.done_by_worker),
+            list(self.handshake), list(self.ws_handshake), list(self.dispatch), self.dispatch_ms, list(self.write),
+            self.write_ms, list(self.done_by_worker),
         )  # fmt: skip
 
     def add(self, thread: ThreadTotals) -> None:
         for mine, theirs in (
             (self.handshake, thread.handshake_buckets),
+            (self.ws_handshake, thread.ws_handshake_buckets),
             (self.dispatch, thread.dispatch_buckets),
             (self.write, thread.write_buckets),
             (self.done_by_worker, thread.done_by_worker),

@@ -68,8 +68,10 @@ KIND_COUNT: Final = 5
 KIND_CLOSE: Final = 6
 KIND_CONNECTIONS_CLOSED: Final = 7
 
-TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2}
+TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2, "ws": 3, "wss": 4}
 TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
+#: Every transport a connection can have, in the order tools list them.
+TRANSPORTS: Final = tuple(TRANSPORT_CODES)
 
 #: A record never exceeds one SIP message of the largest size settings allow plus its envelope
 #: (hosts, TLS facts, trace context: a few KiB); twice the message limit leaves that room and

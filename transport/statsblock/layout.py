@@ -29,11 +29,11 @@ is a sequence of regions, each record starting on a 64-byte boundary::
 
     offset                     size                      region
     0                          256                       static header (written once)
-    256                        256                       dynamic header record
-    512                        128 * thread_records      I/O thread records
+    256                        384                       dynamic header record
+    640                        128 * thread_records      I/O thread records
     ...                        64 * worker_records       worker records
     ...                        64 + 64 * counter_cap     counter table (one record)
-    ...                        576 * 3                   histograms (one record each)
+    ...                        576 * 4                   histograms (one record each)
     ...                        384 * slots               connection slots
     total (multiple of 64)
 
@@ -65,7 +65,7 @@ Every other record starts with the same 16 bytes, its seqlock::
     12   4  u32 reserved
     16   .. body (offsets below are from the record's start)
 
-Dynamic header record (256 bytes; body covered: 16..256)::
+Dynamic header record (384 bytes; body covered: 16..384)::
 
     16   8  f64 last update, wall          24   8  f64 last update, mono (the supervisor's heartbeat)
     32   8  u64 updates written            40   1  u8 status: 1 running, 2 stopping, 3 stopped
@@ -78,7 +78,8 @@ Dynamic header record (256 bytes; body covered: 16..256)::
     80   8  u64 pending write bytes        88   4  u32 queue depth: inbox jobs waiting, all threads
     92   4  u32 messages dispatched, not yet done
     96   48 str TCP listening address      144  48 str TLS listening address (empty: none)
-    192  64 reserved
+    192  48 str WS listening address       240  48 str WSS listening address (empty: none)
+    288  96 reserved
 
 I/O thread record (128 bytes; body covered: 16..128)::
 
@@ -112,7 +113,8 @@ Counter table (one record, 64 + 64 * counter_cap bytes)::
 
 Histogram record (576 bytes; body covered: 16..576); records in this order:
 ``tls_handshake_ms`` (bounds :data:`HANDSHAKE_BUCKETS_MS`),
-``dispatch_latency_ms`` and ``write_latency_ms`` (both :data:`LATENCY_BUCKETS_MS`).
+``dispatch_latency_ms`` and ``write_latency_ms`` (both :data:`LATENCY_BUCKETS_MS`),
+``ws_handshake_ms`` (WebSocket upgrades, from accept or the end of TLS: :data:`HANDSHAKE_BUCKETS_MS`).
 The bounds are written into the record, so a reader needs no copy of them::
 
     16   32 str name                       48   4  u32 n: bounds used (n <= 30)
@@ -125,7 +127,8 @@ The bounds are written into the record, so a reader needs no copy of them::
 Connection slot (384 bytes; body covered: 16..384; a free slot has id 0)::
 
     16   8  u64 connection id (0: free)    24   1  u8 state: 1 connecting, 2 handshake, 3 open, 4 closing
-    25   1  u8 transport: 1 tcp, 2 tls     26   1  u8 flags: bit 0 outbound
+    25   1  u8 transport: 1 tcp, 2 tls,    26   1  u8 flags: bit 0 outbound
+             3 ws, 4 wss
     27   1  reserved                       28   2  u16 owner I/O thread index
     30   2  u16 local port                 32   2  u16 remote port
     34   2  reserved                       36   4  u32 messages in flight
@@ -178,7 +181,9 @@ if TYPE_CHECKING:
 
 MAGIC: Final = b"SIPWSTAT"
 #: Bump on any change of the layout above; readers refuse other versions.
-LAYOUT_VERSION: Final = 1
+#: 2: the WS and WSS listening addresses in a 384-byte dynamic header; transport codes 3 ws, 4 wss;
+#: a fourth histogram, ws_handshake_ms.
+LAYOUT_VERSION: Final = 2
 
 #: How often the supervisor rewrites the header, workers, counters and histograms.
 SUPERVISOR_INTERVAL_SECONDS: Final = 0.25
@@ -189,8 +194,8 @@ STALE_SECONDS: Final = 5.0
 HANDSHAKE_BUCKETS_MS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
 #: Upper bounds (ms) of the dispatch and write-job latency histograms; one more bucket counts the rest.
 LATENCY_BUCKETS_MS: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
-HISTOGRAM_NAMES: Final = ("tls_handshake_ms", "dispatch_latency_ms", "write_latency_ms")
-HISTOGRAM_TLS, HISTOGRAM_DISPATCH, HISTOGRAM_WRITE = range(3)
+HISTOGRAM_NAMES: Final = ("tls_handshake_ms", "dispatch_latency_ms", "write_latency_ms", "ws_handshake_ms")
+HISTOGRAM_TLS, HISTOGRAM_DISPATCH, HISTOGRAM_WRITE, HISTOGRAM_WS = range(4)
 
 STATUS_RUNNING, STATUS_STOPPING, STATUS_STOPPED = 1, 2, 3
 STATUS_NAMES: Final = {0: "starting", STATUS_RUNNING: "running", STATUS_STOPPING: "stopping", STATUS_STOPPED: "stopped"}
@@ -198,7 +203,7 @@ THREAD_UNUSED, THREAD_ACTIVE, THREAD_RETIRING = 0, 1, 2
 THREAD_STATE_NAMES: Final = {THREAD_ACTIVE: "active", THREAD_RETIRING: "retiring"}
 STATE_CODES: Final = {"connecting": 1, "handshake": 2, "open": 3, "closing": 4}
 STATE_NAMES: Final = {code: name for name, code in STATE_CODES.items()}
-TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2}
+TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2, "ws": 3, "wss": 4}
 TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
 
 #: Counter capacity: sipwire has a few dozen names today (``framing_error.<reason>``,
@@ -210,7 +215,7 @@ HISTOGRAM_MAX_BOUNDS: Final = 30
 _ALIGN: Final = 64
 _SEQ_BYTES: Final = 16  # sequence, CRC, reserved
 STATIC_BYTES: Final = 256
-HEADER_BYTES: Final = 256
+HEADER_BYTES: Final = 384
 THREAD_BYTES: Final = 128
 WORKER_BYTES: Final = 64
 COUNTER_TABLE_FIXED: Final = 64
@@ -219,7 +224,7 @@ HISTOGRAM_BYTES: Final = 576
 SLOT_BYTES: Final = 384
 
 _STATIC = struct.Struct("<8sI4xQIIddIIII64s")
-_HEADER = struct.Struct("<ddQBxHHHHxxIIIQQQII48s48s")
+_HEADER = struct.Struct("<ddQBxHHHHxxIIIQQQII48s48s48s48s")
 _THREAD = struct.Struct("<BxHIddIIQQdd")
 _WORKER = struct.Struct("<HBxIIIQdd")
 _COUNTER_FIXED = struct.Struct("<I4xQQ")

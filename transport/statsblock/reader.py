@@ -227,15 +227,16 @@ class StatsReader(_Block):
         body = self._read(self.layout.header, HEADER_BYTES, _fixed_covered(_HEADER_BODY))
         now = time.monotonic()
         if body is None:
-            values: tuple[Any, ...] = (0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b"")
+            values: tuple[Any, ...] = (0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b"", b"", b"")
         else:
             values = _HEADER.unpack_from(body, 0)
         (
             updated_wall, updated_mono, updates, status, threads_wanted, threads_running, workers_wanted,
             workers_alive, max_connections, connections, slots_used, slots_refused, thread_records_refused,
-            pending, queue_depth, in_flight, tcp, tls,
+            pending, queue_depth, in_flight, tcp, tls, ws, wss,
         ) = values  # fmt: skip
-        listening = {name: _text(raw) for name, raw in (("tcp", tcp), ("tls", tls)) if _text(raw)}
+        addresses = (("tcp", tcp), ("tls", tls), ("ws", ws), ("wss", wss))
+        listening = {name: _text(raw) for name, raw in addresses if _text(raw)}
         return BlockHeader(
             name=self.name, instance=self.instance, layout_version=LAYOUT_VERSION, writer_pid=pid,
             started_wall=started_wall, started_mono=started_mono, capacities=self.capacities,

@@ -224,6 +224,7 @@ class StatsWriter(_Block):
             figures.pending_write_bytes, min(figures.queue_depth, 0xFFFFFFFF),
             min(figures.dispatch_in_flight, 0xFFFFFFFF),
             _field(listening.get("tcp", ""), 48), _field(listening.get("tls", ""), 48),
+            _field(listening.get("ws", ""), 48), _field(listening.get("wss", ""), 48),
         )  # fmt: skip
         self._publish(self.layout.header, body.ljust(_HEADER_BODY, b"\0"))
 

@@ -1,0 +1,197 @@
+"""SIP over WebSocket (RFC 7118) through a real transport and real workers, with the ``websockets`` client.
+
+WS and WSS listeners are off unless given; once on, their connections are
+served by the same I/O threads, workers, limits, resize and stats block as
+TCP and TLS ones, and show up as ``ws`` / ``wss`` everywhere a transport is
+named. Bad input is in test_websocket_abuse.py; a browser SIP stack in
+test_ws_browser.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from sipwire.transport.sip import build_response, parse
+from tests.conftest import RunningTransport, SipClient, run_ctl, sip_request, wait_for
+from tests.wsclient import parse_response, sip_over_ws, ws_connect
+
+StartTransport = Callable[..., RunningTransport]
+WEBSOCKETS = {"ws": "127.0.0.1:0", "wss": "127.0.0.1:0"}
+
+
+def test_websocket_listeners_are_off_unless_given(start_transport: StartTransport) -> None:
+    running = start_transport(workers=1)
+    assert set(running.control("health")["listening"]) == {"tcp", "tls"}
+    running = start_transport(workers=1, tls="", **WEBSOCKETS)
+    assert set(running.control("health")["listening"]) == {"tcp", "ws", "wss"}  # WSS needs no TLS listener
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["ws", "wss"])
+def test_responder_over_websocket(start_transport: StartTransport, secure: bool) -> None:
+    running = start_transport(workers=2, **WEBSOCKETS)
+    via = "WSS" if secure else "WS"
+    with ws_connect(running, secure) as ws:
+        assert ws.subprotocol == "sip"
+        ws.send(sip_over_ws(sip_request("OPTIONS", 1, call_id="ws-options"), via).decode())
+        answer = parse_response(ws.recv(timeout=5))
+        assert (answer.status, answer.all("call-id")) == (200, ["ws-options"])
+        local_port = ws.local_address[1]
+        assert answer.header("via") == (
+            f"SIP/2.0/{via} df7jal23ls0d.invalid;branch=z9hG4bK-ws-options-1;received=127.0.0.1"
+        )
+        # Five requests back to back, one of them fragmented and one binary: five answers, in order.
+        for cseq in range(2, 7):
+            request = sip_over_ws(sip_request("OPTIONS", cseq, call_id="ws-burst"), via)
+            if cseq == 3:
+                ws.send([request[:20].decode(), request[20:].decode()])  # a message in two frames
+            elif cseq == 4:
+                ws.send(request)  # binary
+            else:
+                ws.send(request.decode())
+        cseqs = [parse_response(ws.recv(timeout=5)).header("cseq") for _ in range(5)]
+        assert cseqs == [f"{cseq} OPTIONS" for cseq in range(2, 7)]
+        ws.send("\r\n\r\n")  # SIP.js's keep-alive over WebSocket: answered with one CRLF message
+        assert ws.recv(timeout=5) == "\r\n"
+        [conn] = [c for c in running.control("connections")["connections"] if c["remote"].endswith(f":{local_port}")]
+        assert conn["transport"] == ("wss" if secure else "ws")
+        assert conn["state"] == "open" and conn["messages_in"] == 6
+        assert bool(conn["tls_version"]) is secure
+    counters = wait_for(lambda: (c := running.counters()).get("closed") == 1 and c, what="the WebSocket closed")
+    name = "wss" if secure else "ws"
+    assert counters[f"accepted.{name}"] == 1 and counters["ws_handshakes"] == 1
+    assert counters["ws_peer_close.1000"] == 1 and counters["keepalive_pings"] == 1
+    assert counters.get("tls_handshakes", 0) == (1 if secure else 0)
+    assert counters.get("framing_error.message_timeout", 0) == 0
+
+
+def test_ctl_and_stats_name_ws_and_wss(start_transport: StartTransport) -> None:
+    running = start_transport(workers=1, **WEBSOCKETS)
+    with ws_connect(running, False) as plain, ws_connect(running, True) as secure, SipClient.connect(running) as tcp:
+        for ws, via in ((plain, "WS"), (secure, "WSS")):
+            ws.send(sip_over_ws(sip_request("OPTIONS", 1), via).decode())
+            assert parse_response(ws.recv(timeout=5)).status == 200
+        tcp.send(sip_request("OPTIONS", 1))
+        assert tcp.read_response().status == 200
+
+        def listed() -> dict[str, Any] | None:
+            result = run_ctl(running, "connections", "--json")
+            assert result.returncode == 0, result.stderr
+            view: dict[str, Any] = json.loads(result.stdout)
+            return view if len(view["connections"]) == 3 else None
+
+        view = wait_for(listed, what="three connections in the stats block")
+        assert sorted(c["transport"] for c in view["connections"]) == ["tcp", "ws", "wss"]
+        stats = json.loads(run_ctl(running, "stats", "--json").stdout)
+        assert stats["ws_handshake_ms"]["count"] == 2 and stats["tls_handshake_ms"]["count"] == 1
+        assert stats["counters"]["accepted.ws"] == 1 and stats["counters"]["accepted.wss"] == 1
+        health = run_ctl(running, "health", "--json")
+        assert set(json.loads(health.stdout)["listening"]) == {"tcp", "tls", "ws", "wss"}
+
+
+def test_websockets_move_with_a_pool_shrink_and_keep_working(start_transport: StartTransport) -> None:
+    running = start_transport(workers=1, threads=3, **WEBSOCKETS)
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws_connect(running, secure=index % 2 == 1)) for index in range(6)]
+        for index, ws in enumerate(clients):
+            ws.send(sip_over_ws(sip_request("OPTIONS", 1, call_id=f"before-{index}")).decode())
+            assert parse_response(ws.recv(timeout=5)).status == 200
+        assert {c["thread"] for c in running.control("connections")["connections"]} != {0}
+        running.control("threads", size=1)
+        wait_for(lambda: running.control("threads")["size"] == 1, what="one I/O thread")
+        wait_for(lambda: {c["thread"] for c in running.control("connections")["connections"]} == {0}, what="moved")
+        for index, ws in enumerate(clients):
+            ws.send(sip_over_ws(sip_request("OPTIONS", 2, call_id=f"after-{index}")).decode())
+            assert parse_response(ws.recv(timeout=5)).all("call-id") == [f"after-{index}"]
+
+
+def test_proxy_reaches_a_registered_websocket_client_over_its_own_connection(start_transport: StartTransport) -> None:
+    running = start_transport(workers=2, router="proxy", **WEBSOCKETS)
+    contact = "<sip:alice@df7jal23ls0d.invalid;transport=ws>"
+    register = sip_request("REGISTER", 1, call_id="reg-ws", uri="sip:127.0.0.1", headers=[("Contact", contact)])
+    register = register.replace(b"To: <sip:service@127.0.0.1>", b"To: <sip:alice@127.0.0.1>")
+    with ws_connect(running, True) as alice, SipClient.connect(running) as bob:
+        alice.send(sip_over_ws(register, "WSS").decode())
+        assert parse_response(alice.recv(timeout=5)).status == 200
+        bob.send(sip_request("MESSAGE", 1, call_id="msg-to-ws", uri="sip:alice@127.0.0.1", body=b"hello alice"))
+        delivered = parse(str(alice.recv(timeout=5)).encode())
+        assert (delivered.method, delivered.body) == ("MESSAGE", b"hello alice")
+        vias = delivered.values("via")
+        assert len(vias) == 2 and vias[1].startswith("SIP/2.0/TCP 127.0.0.1:5999")
+        alice.send(build_response(delivered, 200, "OK").decode())
+        answer = bob.read_response()
+        assert (answer.status, answer.all("call-id")) == (200, ["msg-to-ws"])
+        assert len(answer.all("via")) == 1
+    counters = running.counters()
+    assert counters.get("write.bad_destination", 0) == 0 and counters.get("router_errors", 0) == 0
+
+
+def test_no_outbound_websocket_connections(start_transport: StartTransport) -> None:
+    running = start_transport(workers=1, router="tests.routers_for_tests:send_and_report", **WEBSOCKETS)
+    with SipClient.connect(running) as client:
+        for transport in ("ws", "wss"):
+            client.send(
+                sip_request("OPTIONS", 1, call_id=f"to-{transport}",
+                            headers=[("X-Target-Port", str(running.ws_port)), ("X-Target-Transport", transport)])
+            )  # fmt: skip
+            answer = client.read_response()
+            assert (answer.status, answer.reason) == (200, "bad_destination")
+            assert "no outbound WebSocket" in (answer.header("x-outcome-reason") or "")
+
+
+def test_sigterm_closes_websockets_with_1001(start_transport: StartTransport) -> None:
+    running = start_transport(workers=1, **WEBSOCKETS)
+    with ws_connect(running, False) as ws:
+        ws.send(sip_over_ws(sip_request("OPTIONS", 1)).decode())
+        assert parse_response(ws.recv(timeout=5)).status == 200
+        assert running.stop() == 0
+        with pytest.raises(ConnectionClosed) as caught:
+            ws.recv(timeout=5)
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 1001
+
+
+def test_console_lists_filters_counts_and_exports_ws_and_wss(start_transport: StartTransport, tmp_path: Any) -> None:
+    from tests.console_process import console_starter
+
+    starter = console_starter(tmp_path)
+    start_console = next(starter)
+    try:
+        running = start_transport(workers=1, **WEBSOCKETS)
+        console = start_console(running)
+        with ws_connect(running, False) as plain, ws_connect(running, True) as secure:
+            for ws in (plain, secure):
+                ws.send(sip_over_ws(sip_request("OPTIONS", 1)).decode())
+                assert parse_response(ws.recv(timeout=5)).status == 200
+            with console.client() as http:
+                for proto in ("ws", "wss"):
+                    listed = wait_for(
+                        lambda p=proto: (
+                            (r := http.get("/api/connections", params={"proto": p}).json())["total"] == 1 and r
+                        ),
+                        what=f"one {proto} connection in the console",
+                    )
+                    assert listed["connections"][0]["transport"] == proto
+                assert http.get("/api/connections", params={"proto": "tcp"}).json()["total"] == 0
+                stats = http.get("/api/stats").json()
+                assert stats["ws_handshake_ms"]["count"] == 2
+                page = http.get("/connections", params={"proto": "wss"}).text
+                assert 'value="wss" selected' in page
+                metrics = wait_for(
+                    lambda: (
+                        'sipwire_connections_by_transport{transport="wss"} 1' in (t := http.get("/metrics").text) and t
+                    ),
+                    what="the WSS connection in /metrics",
+                )
+                assert 'sipwire_events_total{event="accepted.ws"} 1' in metrics
+                assert "sipwire_ws_handshake_seconds_count 2" in metrics
+                overview = wait_for(lambda: 'data-testid="connections-wss">1<' in (t := http.get("/").text) and t,
+                                    what="WSS counted on the overview")  # fmt: skip
+                assert 'data-testid="connections-ws">1<' in overview
+    finally:
+        for _ in starter:
+            pass
