@@ -103,6 +103,7 @@ def test_sipjs_registers_and_exchanges_messages_with_sipp(
               timeout=60) as uas:  # fmt: skip
         uas_port = int(uas.command[uas.command.index("-p") + 1])
         running: RunningTransport = start_transport(
+            "--open-registrar",  # SIP.js registers without credentials here: a lab registrar
             workers=2, router="proxy", upstream=f"sip:127.0.0.1:{uas_port};transport=tcp",
             ws="127.0.0.1:0", wss="127.0.0.1:0",
         )  # fmt: skip
