@@ -94,6 +94,10 @@ MANDATORY_REQUEST_HEADERS: Final = ("via", "from", "to", "call-id", "cseq")
 #: Headers that may appear once only (RFC 3261 section 7.3.1; RFC 4475 section 3.3.8).
 SINGLE_HEADERS: Final = ("from", "to", "call-id", "cseq", "max-forwards")
 
+#: What the header scanners stop at: a quoted string, escapes included (skipped whole, to the end of the text
+#: when it never closes), or a delimiter outside one. One pass in ``re`` instead of a loop per character.
+_DELIMITERS: Final = re.compile(r'"(?:[^"\\]|\\.)*"?|[<>,;]', re.DOTALL)
+
 #: A SIP-Version of another number (``SIP/7.0``) is answered 505, anything else 400.
 _OTHER_SIP_VERSION: Final = re.compile(r"SIP/[0-9]+\.[0-9]+")
 
@@ -299,27 +303,16 @@ def split_list_value(value: str) -> list[str]:
         return [value]
     items: list[str] = []
     depth = 0
-    quoted = False
     start = 0
-    i = 0
-    length = len(value)
-    while i < length:
-        char = value[i]
-        if quoted:
-            if char == "\\":
-                i += 1
-            elif char == '"':
-                quoted = False
-        elif char == '"':
-            quoted = True
-        elif char == "<":
+    for match in _DELIMITERS.finditer(value):
+        char = match.group()
+        if char == "<":
             depth += 1
         elif char == ">":
             depth -= 1
         elif char == "," and depth == 0:
-            items.append(value[start:i].strip())
-            start = i + 1
-        i += 1
+            items.append(value[start : match.start()].strip())
+            start = match.end()
     items.append(value[start:].strip())
     return [item for item in items if item]
 
@@ -352,48 +345,26 @@ def header_params(value: str) -> list[tuple[str, str]]:
 
 def _params_start(value: str) -> int:
     """Where the parameters of a header value begin: after the name-addr's ``>``, else at the start."""
-    quoted = False
-    i = 0
-    length = len(value)
-    while i < length:
-        char = value[i]
-        if quoted:
-            if char == "\\":
-                i += 1
-            elif char == '"':
-                quoted = False
-        elif char == '"':
-            quoted = True
-        elif char == "<":
-            closing = value.find(">", i)
-            return length if closing < 0 else closing + 1
-        elif char == ";":
-            return i  # an addr-spec (no brackets): its parameters start here
-        i += 1
-    return length
+    for match in _DELIMITERS.finditer(value):
+        char = match.group()
+        if char == "<":
+            closing = value.find(">", match.start())
+            return len(value) if closing < 0 else closing + 1
+        if char == ";":
+            return match.start()  # an addr-spec (no brackets): its parameters start here
+    return len(value)
 
 
 def _split_outside_quotes(text: str, separator: str) -> list[str]:
-    """Split ``text`` at ``separator`` characters that are not inside a quoted string."""
+    """Split ``text`` at ``separator`` characters (``;`` or ``,``) that are not inside a quoted string."""
     if '"' not in text:
         return text.split(separator)
     parts: list[str] = []
-    quoted = False
     start = 0
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if quoted:
-            if char == "\\":
-                i += 1
-            elif char == '"':
-                quoted = False
-        elif char == '"':
-            quoted = True
-        elif char == separator:
-            parts.append(text[start:i])
-            start = i + 1
-        i += 1
+    for match in _DELIMITERS.finditer(text):
+        if match.group() == separator:
+            parts.append(text[start : match.start()])
+            start = match.end()
     parts.append(text[start:])
     return parts
 
