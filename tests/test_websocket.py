@@ -177,8 +177,8 @@ def test_console_lists_filters_counts_and_exports_ws_and_wss(start_transport: St
                     )
                     assert listed["connections"][0]["transport"] == proto
                 assert http.get("/api/connections", params={"proto": "tcp"}).json()["total"] == 0
-                stats = http.get("/api/stats").json()
-                assert stats["ws_handshake_ms"]["count"] == 2
+                upgrades = lambda: http.get("/api/stats").json()["ws_handshake_ms"]["count"] == 2  # noqa: E731
+                wait_for(upgrades, what="both upgrades timed")
                 page = http.get("/connections", params={"proto": "wss"}).text
                 assert 'value="wss" selected' in page
                 metrics = wait_for(
@@ -192,6 +192,7 @@ def test_console_lists_filters_counts_and_exports_ws_and_wss(start_transport: St
                 overview = wait_for(lambda: 'data-testid="connections-wss">1<' in (t := http.get("/").text) and t,
                                     what="WSS counted on the overview")  # fmt: skip
                 assert 'data-testid="connections-ws">1<' in overview
+                assert "WebSocket upgrades (2)" in overview and 'data-testid="ws-percentiles"' in overview
     finally:
         for _ in starter:
             pass
