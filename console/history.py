@@ -46,6 +46,9 @@ ERROR_PREFIXES: Final = (
     "closed_send_timeout",
     "router_errors",
     "sip_parse_error.",
+    "ws_handshake_failed.",
+    "ws_close.",
+    "closed_ws_ping_timeout",
 )
 
 

@@ -51,6 +51,9 @@ EDGE_PREFIXES: Final = (
     "framing_error.",
     "closed_send_timeout",
     "overload_rejected",
+    "ws_handshake_failed.",
+    "ws_close.",
+    "closed_ws_ping_timeout",
 )
 
 
@@ -86,6 +89,7 @@ def overview_context(source: TransportSource, history: History) -> dict[str, Any
     context["workers_alive"] = sum(1 for w in context["workers"] if w["alive"])
     context["connections_pct"] = _pct(stats["connections"], stats["max_connections"])
     context["histogram"] = histogram_bars(stats.get("tls_handshake_ms") or {})
+    context["ws_histogram"] = histogram_bars(stats.get("ws_handshake_ms") or {})
     counters: Mapping[str, int] = stats.get("counters", {})
     context["messages_total"] = counters.get("messages_in", 0)
     context["errors_total"] = error_total(counters)

@@ -368,6 +368,7 @@ def test_metrics_read_the_transport_statistics_with_units() -> None:
         "counters": {
             "accepted.tcp": 5,
             "accepted.tls": 1,
+            "accepted.wss": 2,
             "connects": 2,
             "messages_in": 40,
             "lost_messages": 1,
@@ -416,6 +417,9 @@ def test_metrics_read_the_transport_statistics_with_units() -> None:
     assert value("sipwire.messages.received") == 40
     assert value("sipwire.messages.lost") == 1
     assert value("sipwire.connections.opened", **{"sip.transport": "tls", "sipwire.connection.direction": "inbound"})
+    for transport, opened in (("wss", 2), ("ws", 0)):
+        inbound = {"sip.transport": transport, "sipwire.connection.direction": "inbound"}
+        assert value("sipwire.connections.opened", **inbound) == opened
     assert value("sipwire.connections.opened", **{"sipwire.connection.direction": "outbound"}) == 2
     assert value("sipwire.rejected_connections", **{"error.type": "max_connections"}) == 4
     assert value("sipwire.write_jobs", **{"sipwire.write.outcome": "sent"}) == 38
@@ -1030,3 +1034,12 @@ def test_tracing_off_loads_no_sdk_in_the_worker_or_the_transport_modules() -> No
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_wss_connections_carry_the_tls_attributes() -> None:
+    from sipwire.otel.attributes import connection_attributes
+
+    wss = connection_attributes("wss", ("127.0.0.1", 8089), ("127.0.0.1", 40000), False, ("TLSv1.3", "AES"))
+    assert (wss["sip.transport"], wss["network.transport"], wss["tls.protocol.version"]) == ("wss", "tcp", "1.3")
+    ws = connection_attributes("ws", ("127.0.0.1", 8088), ("127.0.0.1", 40001), False, None)
+    assert ws["sip.transport"] == "ws" and "tls.protocol.name" not in ws

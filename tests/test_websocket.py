@@ -194,6 +194,17 @@ def test_console_lists_filters_counts_and_exports_ws_and_wss(start_transport: St
                 overview = wait_for(lambda: 'data-testid="connections-wss">1<' in (t := http.get("/").text) and t,
                                     what="WSS counted on the overview")  # fmt: skip
                 assert 'data-testid="connections-ws">1<' in overview
+                assert "WebSocket upgrades (2)" in overview and 'data-testid="ws-percentiles"' in overview
     finally:
         for _ in starter:
             pass
+
+
+@pytest.mark.parametrize("command", ["run", "transport"])
+def test_ws_and_wss_flags_on_run_and_transport(command: str) -> None:
+    from sipwire.cli import _settings, build_parser
+
+    settings = _settings(build_parser().parse_args([command, "--ws", "127.0.0.1:8088", "--wss", "[::1]:8089"]))
+    assert (settings.ws_address, settings.wss_address) == (("127.0.0.1", 8088), ("::1", 8089))
+    settings = _settings(build_parser().parse_args([command, "--tls", "", "--wss", ""]))
+    assert settings.tls_address is None and settings.wss_address is None  # an empty address turns a listener off
