@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from sipwire.console.otlp import TraceStore
 from sipwire.console.source import Liveness
@@ -158,19 +158,40 @@ def _transport(out: _Writer, stats: Mapping[str, Any], by_proto: Mapping[str, in
     )  # fmt: skip
     histogram = stats.get("tls_handshake_ms")
     if histogram:
-        _histogram(out, "sipwire_tls_handshake_seconds", "TLS handshake duration (TLS and WSS).", histogram)
+        _histogram(out, "sipwire_tls_handshake_seconds", "TLS handshake duration (TLS and WSS).", [({}, histogram)])
     histogram = stats.get("ws_handshake_ms")
     if histogram:
         text = "WebSocket upgrade duration (WS from accept, WSS from the end of TLS)."
-        _histogram(out, "sipwire_ws_handshake_seconds", text, histogram)
+        _histogram(out, "sipwire_ws_handshake_seconds", text, [({}, histogram)])
+    stages = [({"stage": stage}, stats[name]) for stage, name in MESSAGE_STAGES if stats.get(name)]
+    if stages:
+        text = "Where a message's time goes: read_framed, queue_wait, routing (worker), write (job queued to sent)."
+        _histogram(out, "sipwire_message_stage_seconds", text, stages)
+    histogram = stats.get("dispatch_latency_ms")
+    if histogram:
+        text = "A message's round trip through a worker: sent to it until its done count came back."
+        _histogram(out, "sipwire_dispatch_seconds", text, [({}, histogram)])
 
 
-def _histogram(out: _Writer, name: str, text: str, histogram: Mapping[str, Any]) -> None:
+#: ``stage`` label values of ``sipwire_message_stage_seconds`` and the stats-block histogram of each.
+MESSAGE_STAGES: Final = (
+    ("read_framed", "read_framed_ms"),
+    ("queue_wait", "queue_wait_ms"),
+    ("routing", "routing_ms"),
+    ("write", "write_latency_ms"),
+)
+
+
+def _histogram(
+    out: _Writer, name: str, text: str, series: Iterable[tuple[Mapping[str, str], Mapping[str, Any]]]
+) -> None:
+    """A histogram family in seconds from stats-block histograms in ms, one series per label set."""
     out.lines.append(f"# HELP {name} {text}")
     out.lines.append(f"# TYPE {name} histogram")
-    for bucket in histogram["buckets"]:
-        le = "+Inf" if bucket["le"] == "+Inf" else repr(float(bucket["le"]) / 1000.0)
-        out.lines.append(f'{name}_bucket{{le="{le}"}} {int(bucket["count"])}')
-    out.lines.append(f"{name}_count {int(histogram['count'])}")
-    if histogram.get("sum_ms") is not None:
-        out.lines.append(f"{name}_sum {float(histogram['sum_ms']) / 1000.0!r}")
+    for labels, histogram in series:
+        for bucket in histogram["buckets"]:
+            le = "+Inf" if bucket["le"] == "+Inf" else repr(float(bucket["le"]) / 1000.0)
+            out.lines.append(f"{name}_bucket{_labels({**labels, 'le': le})} {int(bucket['count'])}")
+        out.lines.append(f"{name}_count{_labels(labels)} {int(histogram['count'])}")
+        if histogram.get("sum_ms") is not None:
+            out.lines.append(f"{name}_sum{_labels(labels)} {float(histogram['sum_ms']) / 1000.0!r}")

@@ -97,6 +97,12 @@ class Stats(BaseModel):
     counters: dict[str, int]
     tls_handshake_ms: Histogram
     ws_handshake_ms: Histogram | None = Field(None, description="WebSocket upgrades (WS, WSS), ms")
+    # Where a message's time goes (stats block only; see sipwire.transport.stages), ms.
+    read_framed_ms: Histogram | None = Field(None, description="from the read completing a message to its record")
+    queue_wait_ms: Histogram | None = Field(None, description="framed until a worker takes the message up")
+    routing_ms: Histogram | None = Field(None, description="the worker's parse and routing")
+    write_latency_ms: Histogram | None = Field(None, description="a write job, queued on its connection until sent")
+    dispatch_latency_ms: Histogram | None = Field(None, description="sent to a worker until its done count came back")
     workers: list[Worker]
     threads: list[dict[str, Any]]
 

@@ -15,6 +15,8 @@ from typing import Any, Final, Literal
 
 from sipwire.console.history import History, Sample, error_total, sparkline
 from sipwire.console.source import TransportDownError, TransportRefusedError, TransportSource
+from sipwire.console.stagesview import WINDOW_SECONDS as STAGES_WINDOW_SECONDS
+from sipwire.console.stagesview import bucket_counts, stage_rows
 
 #: A connection list's transport filter: one of transport.wire.TRANSPORTS, or "" (any: an HTML form's "any").
 Proto = Literal["", "tcp", "tls", "ws", "wss"]
@@ -110,17 +112,16 @@ def overview_context(source: TransportSource, history: History) -> dict[str, Any
         )
     }
     context["spark_seconds"] = round(up_samples[-1].at - up_samples[0].at) if len(up_samples) > 1 else 0
+    window = [s for s in up_samples if s.at >= latest.at - STAGES_WINDOW_SECONDS]
+    context["stages"] = stage_rows(stats, window[0].stats if len(window) > 1 else None)
+    context["stages_seconds"] = round(latest.at - window[0].at) if window else 0
     return context
 
 
 def histogram_bars(histogram: Mapping[str, Any]) -> dict[str, Any]:
     """Per-bucket (not cumulative) counts with a height in % of the largest bucket."""
     buckets = histogram.get("buckets", [])
-    counts: list[int] = []
-    previous = 0
-    for bucket in buckets:
-        counts.append(int(bucket["count"]) - previous)
-        previous = int(bucket["count"])
+    _, counts = bucket_counts(buckets)
     top = max(counts, default=0) or 1
     bars = [
         {"label": _bucket_label(buckets, i), "count": count, "pct": round(100 * count / top, 1)}

@@ -166,20 +166,23 @@ def test_stats_and_metrics_parse_with_prometheus_client(start_transport, start_c
                 lambda: (
                     (r := http.get("/api/stats").json())["connections"] == 1
                     and r["counters"].get("messages_in", 0) >= 2
+                    and r["routing_ms"]["count"] >= 2  # the worker's stage histograms arrive a moment later
                     and r
                 ),
-                what="stats showing the connection and its two messages",
+                what="stats showing the connection, its two messages and their stages",
             )
             assert stats["tls_handshake_ms"]["buckets"][-1]["le"] == "+Inf"
             answer = http.get("/metrics")
             assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
             families = {family.name: family for family in text_string_to_metric_families(answer.text)}
 
-    def value(name: str, **labels: str) -> float:
+    def value(name: str, suffix: str = "", **labels: str) -> float:
+        """The sample ``name`` (+ ``_total``) or ``name + suffix`` (``_count``, ``_sum`` of a histogram)."""
+        wanted = (name + suffix,) if suffix else (name, f"{name}_total")
         for sample in families[name].samples:
-            if sample.name in (name, f"{name}_total") and all(sample.labels.get(k) == v for k, v in labels.items()):
+            if sample.name in wanted and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
-        raise AssertionError(f"no sample {name} {labels} in /metrics")
+        raise AssertionError(f"no sample {name}{suffix} {labels} in /metrics")
 
     assert value("sipwire_transport_up") == 1
     assert value("sipwire_connections") == 1
@@ -187,6 +190,10 @@ def test_stats_and_metrics_parse_with_prometheus_client(start_transport, start_c
     assert value("sipwire_events", event="messages_in") >= 2  # the family drops the counter's _total
     assert families["sipwire_events"].type == "counter"
     assert families["sipwire_tls_handshake_seconds"].type == "histogram"
+    for stage in ("read_framed", "queue_wait", "routing", "write"):
+        assert value("sipwire_message_stage_seconds", "_count", stage=stage) >= 2
+        assert value("sipwire_message_stage_seconds", "_sum", stage=stage) > 0
+    assert value("sipwire_dispatch_seconds", "_count") >= 2
     assert value("sipwire_io_thread_load_ratio", thread="0") >= 0
     assert value("sipwire_worker_up", worker="0") == 1
 

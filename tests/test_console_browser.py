@@ -155,6 +155,10 @@ def test_overview_shows_live_figures_that_move_with_traffic(start_transport, sta
         page.get_by_test_id("connections-tcp").filter(has_text="4").wait_for()
         assert page.get_by_test_id("thread-0").is_visible()
         assert page.locator("[data-testid=spark-messages] polyline").get_attribute("points")
+        for stage in ("read_framed_ms", "queue_wait_ms", "routing_ms", "write_latency_ms"):  # where the time goes
+            row = page.get_by_test_id(f"stage-{stage}")
+            row.wait_for()
+            assert int(row.locator("td").nth(2).inner_text()) > 0, row.inner_text()
         _shot(page, "overview-traffic")
         assert traffic.sent > 0
     page.wait_for_function("() => document.querySelector('[data-testid=connections]').innerText.trim().startsWith('0')")

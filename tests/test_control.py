@@ -135,6 +135,7 @@ def test_ctl_stats_text_uses_the_json_names_and_says_when_a_histogram_is_empty()
             "connections": 1, "max_connections": 2048, "queue_depth": 3, "dispatch_in_flight": 2,
             "pending_write_bytes": 10, "counters": {"messages_in": 1}, "tls_handshake_ms": empty,
             "dispatch_latency_ms": seen, "write_latency_ms": empty, "ws_handshake_ms": empty,
+            "read_framed_ms": empty, "queue_wait_ms": seen, "routing_ms": empty,
             "workers": [{"index": 0, "pid": 42, "alive": True, "in_flight": 2, "restarts": 0}],
         }
     )  # fmt: skip
@@ -146,6 +147,9 @@ def test_ctl_stats_text_uses_the_json_names_and_says_when_a_histogram_is_empty()
         "dispatch_latency_ms: 4 observed, p50 <= 0.2, p95 <= +Inf, p99 <= +Inf",
         "write_latency_ms: no data yet",
         "ws_handshake_ms: no data yet",
+        "read_framed_ms: no data yet",
+        "queue_wait_ms: 4 observed, p50 <= 0.2, p95 <= +Inf, p99 <= +Inf",
+        "routing_ms: no data yet",
         "workers:",
         "  0: pid 42 up, in_flight 2, restarts 0",
     ]

@@ -26,6 +26,7 @@ from sipwire.transport.framing import FramerLimits
 from sipwire.transport.hub import Hub
 from sipwire.transport.statsblock import (
     HISTOGRAM_NAMES,
+    HISTOGRAMS,
     LATENCY_BUCKETS_MS,
     LAYOUT_VERSION,
     MAGIC,
@@ -84,7 +85,7 @@ def _writer(name: str, threads: int = 4, workers: int = 2, slots: int = 16, coun
         name,
         Capacities(threads=threads, workers=workers, slots=slots, counters=counters),
         "unit",
-        (HANDSHAKE_BOUNDS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS, HANDSHAKE_BOUNDS),
+        tuple(HISTOGRAMS.values()),
     )
 
 
@@ -126,7 +127,7 @@ def test_layout_offsets_match_the_docstring(name: str) -> None:
     assert layout.workers == 640 + 4 * THREAD_BYTES
     assert layout.counters == layout.workers + 3 * WORKER_BYTES
     assert layout.histograms == layout.counters + 64 + 64 * 8
-    assert layout.slots == layout.histograms + 4 * 576
+    assert layout.slots == layout.histograms + 7 * 576
     assert layout.total == layout.slots + 5 * SLOT_BYTES
     assert all(offset % 64 == 0 for offset in (layout.threads, layout.workers, layout.counters, layout.slots))
 
@@ -150,7 +151,7 @@ def test_layout_offsets_match_the_docstring(name: str) -> None:
         # static header
         assert bytes(buf[0:8]) == MAGIC
         assert (u32(8), u64(16), u32(24), u32(28)) == (LAYOUT_VERSION, layout.total, os.getpid(), 4)
-        assert (u32(48), u32(52), u32(56), u32(60), text(64, 64)) == (3, 5, 8, 4, "layout")
+        assert (u32(48), u32(52), u32(56), u32(60), text(64, 64)) == (3, 5, 8, 7, "layout")
         # dynamic header
         h = layout.header
         assert u64(h) % 2 == 0 and u64(h) > 0
@@ -734,3 +735,42 @@ def test_a_killed_transport_leaves_a_block_flagged_dead(start_transport: Any) ->
         assert "is gone" in dead.stderr
     finally:
         assert remove_stale_block(name)
+
+
+def test_each_stage_of_a_message_is_timed_where_its_time_goes(start_transport: Any) -> None:
+    """Three pipelined requests to one worker whose router sleeps 50 ms each: routing holds 50 ms per
+    message, the second and third wait 50 and 100 ms behind the first, reading and framing take little."""
+    running = start_transport(workers=1, router="tests.routers_for_tests:slow")
+    stage_names = ("read_framed_ms", "queue_wait_ms", "routing_ms", "write_latency_ms")
+
+    def stages_at(count: int) -> dict[str, Any] | None:
+        figures = json.loads(run_ctl(running, "stats", "--json").stdout)
+        return figures if all(figures[name]["count"] == count for name in stage_names) else None
+
+    def above(figures: dict[str, Any], name: str, bound_ms: float) -> tuple[int, float]:
+        """How many observations of ``name`` exceed ``bound_ms`` (a bucket bound), and the sum of all."""
+        at_or_below = next(b["count"] for b in figures[name]["buckets"] if b["le"] == bound_ms)
+        return figures[name]["count"] - at_or_below, figures[name]["sum_ms"]
+
+    with SipClient.connect(running) as client:
+        client.send(sip_request("OPTIONS", 1))  # the worker's first message also waits for it to be ready
+        client.read_response()
+        before = wait_for(lambda: stages_at(1), what="the first message in every stage histogram")
+        batch = [sip_request("OPTIONS", cseq, headers=[("X-Sleep", "0.05")]) for cseq in (2, 3, 4)]
+        client.send(b"".join(batch))
+        for _ in batch:
+            client.read_response()
+        after = wait_for(lambda: stages_at(4), what="three more messages in every stage histogram")
+
+    def added(name: str, bound_ms: float) -> tuple[int, float]:
+        (count_after, sum_after), (count_before, sum_before) = (
+            above(after, name, bound_ms),
+            above(before, name, bound_ms),
+        )
+        return count_after - count_before, sum_after - sum_before
+
+    routed, routing_ms = added("routing_ms", 20.0)
+    assert routed == 3 and routing_ms >= 150.0
+    waited, queue_ms = added("queue_wait_ms", 20.0)
+    assert waited == 2 and queue_ms >= 150.0  # 50 and 100 ms behind the first
+    assert added("read_framed_ms", 20.0)[0] == 0  # one read framed all three, in microseconds

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sipwire.transport.outcome import WriteResult
+from sipwire.transport.stages import LATENCY_BUCKETS_MS, StagesRecord, WorkerStages
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
@@ -19,6 +20,7 @@ from sipwire.transport.wire import (
     KIND_DONE,
     KIND_MESSAGE,
     KIND_OUTCOME,
+    KIND_STAGES,
     KIND_WRITE,
     MAX_COUNTER_NAME_BYTES,
     MAX_RECORD_BYTES,
@@ -39,6 +41,7 @@ from sipwire.transport.wire import (
     encode_done,
     encode_message,
     encode_outcome,
+    encode_stages_record,
     encode_write,
     message_prefix,
 )
@@ -380,7 +383,7 @@ def test_largest_record_round_trips() -> None:
     assert RecordReader().feed(data) == [record]
 
 
-@pytest.mark.parametrize("kind", [0, 8, 9, 127, 255])
+@pytest.mark.parametrize("kind", [0, 11, 127, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(WireError) as caught:
         RecordReader().feed(raw_record(kind, b"abc"))
@@ -404,6 +407,27 @@ def test_count_names_are_bounded_ascii(name: str) -> None:
 def test_count_record_with_a_bad_name_is_corrupt(name: bytes) -> None:
     with pytest.raises(WireError):
         RecordReader().feed(raw_record(KIND_COUNT, struct.pack("!Q", 1) + name))
+
+
+def test_stages_record_round_trips_what_the_worker_observed() -> None:
+    stages = WorkerStages()
+    assert stages.report(0.0) is None  # nothing observed: nothing to say
+    stages.queue_wait.observe(0.03)
+    stages.queue_wait.observe(70.0, times=2)
+    stages.routing.observe(0.2, times=3)
+    body = stages.report(1.0)
+    assert body is not None and stages.report(2.0) is None  # reported deltas start afresh
+    [record] = RecordReader().feed(encode_stages_record(body))
+    assert isinstance(record, StagesRecord)
+    (queue_counts, queue_ms), (routing_counts, routing_ms) = record.stages
+    assert (sum(queue_counts), queue_ms) == (3, pytest.approx(140.03))
+    assert queue_counts[LATENCY_BUCKETS_MS.index(0.05)] == 1 and queue_counts[LATENCY_BUCKETS_MS.index(100.0)] == 2
+    assert (sum(routing_counts), routing_ms) == (3, pytest.approx(0.6))
+
+
+def test_stages_record_of_another_bucket_layout_is_corrupt() -> None:
+    with pytest.raises(WireError, match="STAGES record of 8 bytes"):
+        RecordReader().feed(raw_record(KIND_STAGES, b"\x00" * 8))
 
 
 def test_close_record_of_the_wrong_size_is_corrupt() -> None:

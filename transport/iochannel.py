@@ -6,15 +6,14 @@ with ``add_channel``. Messages leave in one ``send`` per channel per loop pass;
 bytes the kernel does not take wait in the channel's backlog, whose size is the
 overload signal ``ioread.py`` checks. From the worker come WRITE records (a
 write job: queued on its connection, forwarded to the connection's owner, or a
-connect started) and DONE counts, which release a connection's in-flight
-messages and measure dispatch latency. A channel that closes (its worker
+connect started), DONE counts, which release a connection's in-flight
+messages and measure dispatch latency, and the workers' STAGES histograms. A channel that closes (its worker
 exited) counts its in-flight messages as lost; a restarted worker's channel
 takes the messages parked in the meantime.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ipaddress
 import logging
@@ -25,7 +24,7 @@ from sipwire.transport.connection import ConnState
 from sipwire.transport.ioconnect import ConnectLayer
 from sipwire.transport.iostate import KIND_CHANNEL, READ, WRITE, WorkerChannel
 from sipwire.transport.outcome import WriteResult
-from sipwire.transport.statsblock import LATENCY_BUCKETS_MS
+from sipwire.transport.stages import StagesRecord
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     CloseRecord,
@@ -76,6 +75,9 @@ class ChannelLayer(ConnectLayer):
                 self.counters[record.name] += record.delta
             elif type(record) is CloseRecord:
                 self._close_requested(record.conn_id)
+            elif type(record) is StagesRecord:
+                for histogram, (counts, sum_ms) in zip(self._worker_stages, record.stages, strict=True):
+                    histogram.add(counts, sum_ms)
         if finished:
             self._dispatch_done(channel, finished)
 
@@ -136,7 +138,7 @@ class ChannelLayer(ConnectLayer):
         self.done_by_worker[channel.worker] += finished
         now = time.monotonic()
         sent_at = channel.sent_at
-        buckets = self._dispatch_buckets
+        histogram = self._dispatch_latency
         while finished and sent_at:
             sent, count = sent_at[0]
             taken = min(count, finished)
@@ -144,9 +146,7 @@ class ChannelLayer(ConnectLayer):
                 sent_at.popleft()
             else:
                 sent_at[0] = (sent, count - taken)
-            elapsed_ms = (now - sent) * 1000.0
-            buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += taken
-            self._dispatch_ms += elapsed_ms * taken
+            histogram.observe((now - sent) * 1000.0, taken)
             finished -= taken
 
     def _send_channel(self, channel: WorkerChannel) -> None:

@@ -11,14 +11,14 @@ same figures, so they live here too.
 
 from __future__ import annotations
 
-import bisect
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from sipwire.transport.connection import Connection, ConnectionInfo
 from sipwire.transport.iostate import IOState
-from sipwire.transport.statsblock import LATENCY_BUCKETS_MS, THREAD_ACTIVE, THREAD_RETIRING
+from sipwire.transport.stages import WORKER_STAGES, LatencyHistogram
+from sipwire.transport.statsblock import THREAD_ACTIVE, THREAD_RETIRING
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +45,7 @@ class ThreadTotals:
     counters: dict[str, int]
     handshake_buckets: list[int]
     ws_handshake_buckets: list[int]
-    dispatch_buckets: list[int]
-    dispatch_ms: float
-    write_buckets: list[int]
-    write_ms: float
+    latency: dict[str, LatencyHistogram]  # by stats-block histogram name
     done_by_worker: list[int]
     outstanding: list[int]
     inbox_depth: int
@@ -102,18 +99,24 @@ class MetricsLayer(IOState):
 
     def _write_done(self, queued_at: float) -> None:
         """Write-job latency: from the owning thread queueing the job to its outcome."""
-        elapsed_ms = (time.monotonic() - queued_at) * 1000.0
-        self._write_buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += 1
-        self._write_ms += elapsed_ms
+        self._write_latency.observe((time.monotonic() - queued_at) * 1000.0)
 
     def stats_totals(self) -> ThreadTotals:
         """Cross-thread read for the supervisor: copies made under the GIL (each one atomic), no lock."""
         return ThreadTotals(
             dict(self.counters), list(self._handshake_buckets), list(self._ws_handshake_buckets),
-            list(self._dispatch_buckets), self._dispatch_ms,
-            list(self._write_buckets), self._write_ms, list(self.done_by_worker), list(self.outstanding),
-            len(self.inbox),
+            self._latency_copies(), list(self.done_by_worker), list(self.outstanding), len(self.inbox),
         )  # fmt: skip
+
+    def _latency_copies(self) -> dict[str, LatencyHistogram]:
+        latency = {
+            "read_framed_ms": self._read_framed.copy(),
+            "dispatch_latency_ms": self._dispatch_latency.copy(),
+            "write_latency_ms": self._write_latency.copy(),
+        }
+        for name, histogram in zip(WORKER_STAGES, self._worker_stages, strict=True):
+            latency[name] = histogram.copy()
+        return latency
 
     def snapshot(self, future: Future[tuple[ThreadStatistics, list[ConnectionInfo]]], with_connections: bool) -> None:
         """Inbox job: statistics and (optionally) connection snapshots, answered through ``future``."""

@@ -53,7 +53,7 @@ class ReadLayer(WebSocketLayer):
 
     def _read(self, conn: Connection) -> None:
         stream = conn.stream
-        read_ns = time.time_ns() if self._tracing is not None else 0  # a sip.receive span starts at its read
+        read_at = time.time()  # a sip.receive span starts at its read, and so does the read_framed stage
         try:
             data = stream.recv(self._reader)
         except StreamError as error:
@@ -75,22 +75,22 @@ class ReadLayer(WebSocketLayer):
             events = framer.feed(data)
         except FramingError as error:
             if error.events:  # good messages pipelined ahead of the bad one still count
-                self._dispatch(conn, error.events, read_ns)
+                self._dispatch(conn, error.events, read_at)
             self._framing_error(conn, error)
             return
         except WebSocketClosedError as error:  # WS, WSS: its last frame or refusal is among the events
-            self._dispatch(conn, error.events, read_ns)
+            self._dispatch(conn, error.events, read_at)
             self._ws_closed(conn, error)
             return
         if events:
-            self._dispatch(conn, events, read_ns)
+            self._dispatch(conn, events, read_at)
         if framer.buffered_bytes and framer.in_message:
             if events or not conn.message_started:
                 conn.message_started = self._now  # completed events consumed the old partial: a new one began
         else:
             conn.message_started = 0.0
 
-    def _dispatch(self, conn: Connection, events: list[Event], read_ns: int = 0) -> None:
+    def _dispatch(self, conn: Connection, events: list[Event], read_at: float) -> None:
         received_at = time.time()
         records: list[bytes] = []
         messages: list[bytes] = []  # the raw messages of ``records``, to answer 503 from
@@ -119,6 +119,7 @@ class ReadLayer(WebSocketLayer):
         if not records:
             return
         count = len(records)
+        self._read_framed.observe((received_at - read_at) * 1000.0, count)
         conn.messages_in += count
         self.counters["messages_in"] += count
         source = conn.source
@@ -127,7 +128,7 @@ class ReadLayer(WebSocketLayer):
             records, messages, count = records[:allowed], messages[:allowed], allowed
             if not records:
                 if traced:
-                    self._received(conn, traced, read_ns, "rate_limited")
+                    self._received(conn, traced, read_at, "rate_limited")
                 return
         room = self._in_flight_limit(conn) - conn.in_flight
         if conn.held or room < count:
@@ -140,7 +141,7 @@ class ReadLayer(WebSocketLayer):
             self._update_events(conn)
         error = self._to_workers(conn, records, messages) if records else ""
         if traced:
-            self._received(conn, traced, read_ns, error)
+            self._received(conn, traced, read_at, error)
 
     def _to_workers(self, conn: Connection, records: list[bytes], messages: list[bytes]) -> str:
         """Give one connection's messages to one worker; the error of their receive spans ("" or "overload").
@@ -192,12 +193,12 @@ class ReadLayer(WebSocketLayer):
             return self._max_in_flight
         return self._max_in_flight * SOLE_CONNECTION_FACTOR
 
-    def _received(self, conn: Connection, traced: list[tuple[int, int]], read_ns: int, error: str) -> None:
+    def _received(self, conn: Connection, traced: list[tuple[int, int]], read_at: float, error: str) -> None:
         """Record the ``sip.receive`` spans of the sampled messages of one read."""
         tracing = self._tracing
         assert tracing is not None
         end_ns = time.time_ns()
-        start_ns = read_ns or end_ns
+        start_ns = min(int(read_at * 1e9), end_ns)
         for trace_id, span_id in traced:
             tracing.receive(trace_id, span_id, start_ns, end_ns, conn, error)
 

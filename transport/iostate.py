@@ -36,7 +36,8 @@ from sipwire.transport.framing import FramerLimits
 from sipwire.transport.hub import Hub
 from sipwire.transport.ratelog import RateLimitedLog
 from sipwire.transport.readbuffer import ReadBuffer
-from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, StatsWriter
+from sipwire.transport.stages import WORKER_STAGES, LatencyHistogram
+from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, StatsWriter
 from sipwire.transport.tls import TlsContexts
 from sipwire.transport.wire import RecordReader
 from sipwire.transport.wsframing import WsLimits
@@ -117,10 +118,12 @@ class IOState:
         self.stats_record: int = hub.thread_records.take() if hub.stats is not None else -1
         self._started: float = time.monotonic()
         self.done_by_worker: list[int] = [0] * hub.worker_count
-        self._dispatch_buckets: list[int] = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self._dispatch_ms: float = 0.0
-        self._write_buckets: list[int] = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self._write_ms: float = 0.0
+        # Where messages' time goes (transport/stages.py): the stages this thread times, and the
+        # workers' stages added up from their STAGES records.
+        self._read_framed = LatencyHistogram()
+        self._dispatch_latency = LatencyHistogram()
+        self._write_latency = LatencyHistogram()
+        self._worker_stages = tuple(LatencyHistogram() for _ in WORKER_STAGES)
         self._parked: list[tuple[int, list[bytes]]] = []  # messages waiting for any live worker
         # Ids of connections closed in this loop pass that carried messages: announced to every worker.
         self._closed_ids: list[int] = []

@@ -35,10 +35,10 @@ from sipwire.transport.iometrics import ThreadStatistics
 from sipwire.transport.iothread import IOThread
 from sipwire.transport.statsblock import (
     HANDSHAKE_BUCKETS_MS,
-    HISTOGRAM_DISPATCH,
+    HISTOGRAM_NAMES,
     HISTOGRAM_TLS,
-    HISTOGRAM_WRITE,
     HISTOGRAM_WS,
+    HISTOGRAMS,
     LATENCY_BUCKETS_MS,
     STATUS_RUNNING,
     SUPERVISOR_INTERVAL_SECONDS,
@@ -298,7 +298,7 @@ class TransportServer:
                 remove_stale_block(previous)  # a transport killed with SIGKILL leaves its block behind
             stats = StatsWriter.create(
                 new_block_name(settings), Capacities.for_settings(settings), settings.instance,
-                (HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS, HANDSHAKE_BUCKETS_MS),
+                tuple(HISTOGRAMS.values()),
             )  # fmt: skip
             publish_block_name(settings, stats.name)
         except (StatsError, OSError) as error:
@@ -339,8 +339,8 @@ class TransportServer:
         stats.write_counters(counters)
         stats.write_histogram(HISTOGRAM_TLS, HANDSHAKE_BUCKETS_MS, totals.handshake, 0.0)
         stats.write_histogram(HISTOGRAM_WS, HANDSHAKE_BUCKETS_MS, totals.ws_handshake, 0.0)
-        stats.write_histogram(HISTOGRAM_DISPATCH, LATENCY_BUCKETS_MS, totals.dispatch, totals.dispatch_ms)
-        stats.write_histogram(HISTOGRAM_WRITE, LATENCY_BUCKETS_MS, totals.write, totals.write_ms)
+        for name, histogram in totals.latency.items():
+            stats.write_histogram(HISTOGRAM_NAMES.index(name), LATENCY_BUCKETS_MS, histogram.counts, histogram.sum_ms)
         workers = self.workers.statistics()
         in_flight = [sum(t.outstanding[index] for t in active_totals) for index in range(len(workers))]
         for worker in workers:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from sipwire.transport.iometrics import ThreadTotals
-from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_BUCKETS_MS
+from sipwire.transport.stages import LatencyHistogram
+from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS, LATENCY_HISTOGRAMS
 
 
 @dataclasses.dataclass(slots=True)
@@ -19,33 +20,26 @@ class Totals:
 
     handshake: list[int]
     ws_handshake: list[int]
-    dispatch: list[int]
-    dispatch_ms: float
-    write: list[int]
-    write_ms: float
+    latency: dict[str, LatencyHistogram]  # by stats-block histogram name (LATENCY_HISTOGRAMS)
     done_by_worker: list[int]
 
     @classmethod
     def empty(cls, workers: int) -> Totals:
-        latency = len(LATENCY_BUCKETS_MS) + 1
         handshake = len(HANDSHAKE_BUCKETS_MS) + 1
-        return cls([0] * handshake, [0] * handshake, [0] * latency, 0.0, [0] * latency, 0.0, [0] * workers)
+        latency = {name: LatencyHistogram() for name in LATENCY_HISTOGRAMS}
+        return cls([0] * handshake, [0] * handshake, latency, [0] * workers)
 
     def copy(self) -> Totals:
-        return Totals(
-            list(self.handshake), list(self.ws_handshake), list(self.dispatch), self.dispatch_ms, list(self.write),
-            self.write_ms, list(self.done_by_worker),
-        )  # fmt: skip
+        latency = {name: histogram.copy() for name, histogram in self.latency.items()}
+        return Totals(list(self.handshake), list(self.ws_handshake), latency, list(self.done_by_worker))
 
     def add(self, thread: ThreadTotals) -> None:
         for mine, theirs in (
             (self.handshake, thread.handshake_buckets),
             (self.ws_handshake, thread.ws_handshake_buckets),
-            (self.dispatch, thread.dispatch_buckets),
-            (self.write, thread.write_buckets),
             (self.done_by_worker, thread.done_by_worker),
         ):
             for index, value in enumerate(theirs):
                 mine[index] += value
-        self.dispatch_ms += thread.dispatch_ms
-        self.write_ms += thread.write_ms
+        for name, histogram in thread.latency.items():
+            self.latency[name].add(histogram.counts, histogram.sum_ms)

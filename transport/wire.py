@@ -46,6 +46,10 @@ Worker to transport
     CLOSE    ``!Q`` conn id: close that connection once its queued writes are
              out and its in-flight messages answered (a peer that sent
              something the worker could neither parse nor answer).
+    STAGES   per worker stage (queue wait, routing), ``!d`` sum in ms and
+             one ``!I`` count per latency bucket: what the worker observed
+             since its last STAGES record, at most a few per second
+             (:mod:`~sipwire.transport.stages`).
 
 Bodies are bounded by :data:`MAX_RECORD_BYTES`; a reader that sees a larger
 length knows the stream is corrupt and raises :class:`WireError`.
@@ -59,6 +63,7 @@ from typing import Final, NamedTuple
 from sipwire.config import MAX_MESSAGE_BYTES_LIMIT
 from sipwire.errors import ProtocolError
 from sipwire.transport.outcome import WriteResult
+from sipwire.transport.stages import StagesRecord, decode_stages
 
 KIND_MESSAGE: Final = 1
 KIND_OUTCOME: Final = 2
@@ -67,6 +72,7 @@ KIND_DONE: Final = 4
 KIND_COUNT: Final = 5
 KIND_CLOSE: Final = 6
 KIND_CONNECTIONS_CLOSED: Final = 7
+KIND_STAGES: Final = 10
 
 TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2, "ws": 3, "wss": 4}
 TRANSPORT_NAMES: Final = {code: name for name, code in TRANSPORT_CODES.items()}
@@ -166,7 +172,10 @@ class ConnectionsClosedRecord(NamedTuple):
     conn_ids: tuple[int, ...]
 
 
-Record = MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord | ConnectionsClosedRecord
+Record = (
+    MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord | ConnectionsClosedRecord
+    | StagesRecord
+)  # fmt: skip
 
 
 def message_prefix(
@@ -248,6 +257,11 @@ def encode_count(name: str, delta: int) -> bytes:
 
 def encode_close(conn_id: int) -> bytes:
     return _HEADER.pack(KIND_CLOSE, _CLOSE.size) + _CLOSE.pack(conn_id)
+
+
+def encode_stages_record(body: bytes) -> bytes:
+    """A STAGES record around ``body`` (:func:`~sipwire.transport.stages.encode_stages`)."""
+    return _HEADER.pack(KIND_STAGES, len(body)) + body
 
 
 def encode_connections_closed(conn_ids: list[int]) -> bytes:
@@ -354,6 +368,8 @@ def _decode(kind: int, body: bytes) -> Record:
         if not body or len(body) % _CONN_ID.size or len(body) > _CONN_ID.size * MAX_CLOSED_PER_RECORD:
             raise WireError(f"CONNECTIONS_CLOSED record of {len(body)} bytes")
         return ConnectionsClosedRecord(struct.unpack(f"!{len(body) // _CONN_ID.size}Q", body))
+    if kind == KIND_STAGES:
+        return decode_stages(body)
     if kind == KIND_OUTCOME:
         job_id, conn_id, code = _OUTCOME.unpack_from(body)
         return OutcomeRecord(job_id, conn_id, WriteResult.from_code(code), body[_OUTCOME.size :].decode("utf-8"))

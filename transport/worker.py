@@ -24,6 +24,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, NamedTuple
@@ -37,6 +38,7 @@ from sipwire.transport.resolver import Failure, Resolver, ResolverLimits
 from sipwire.transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
 from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
 from sipwire.transport.sipsyntax import MAX_PORT
+from sipwire.transport.stages import WorkerStages
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
@@ -49,6 +51,7 @@ from sipwire.transport.wire import (
     encode_close,
     encode_count,
     encode_done,
+    encode_stages_record,
     encode_write,
 )
 
@@ -125,6 +128,7 @@ class Worker:
         self._trace_context = ""
         # Traced jobs whose outcome callback is pending: the context its own writes get.
         self._callback_contexts: dict[int, str] = {}
+        self._stages = WorkerStages()
 
     # -- the Sender protocol used by RouteContext ------------------------------------------
 
@@ -272,9 +276,13 @@ class Worker:
             return
         done: dict[int, int] = defaultdict(int)
         self._current = channel
+        stages = self._stages
         for record in records:
             if isinstance(record, MessageRecord):
+                started = time.time()  # the clock of received_at, which the transport stamped when it framed
+                stages.queue_wait.observe(max(started - record.received_at, 0.0) * 1000.0)
                 self._handle_message(record)
+                stages.routing.observe((time.time() - started) * 1000.0)
                 done[record.conn_id] += 1
             elif isinstance(record, OutcomeRecord):
                 callback = self._callbacks.pop(record.job_id, None)
@@ -392,6 +400,8 @@ class Worker:
             self._router_failed(error, f"in the outcome callback of job {outcome.job_id}")
 
     def _flush(self) -> None:
+        if self._channels and (stages := self._stages.report(time.monotonic())) is not None:
+            next(iter(self._channels.values())).out.append(encode_stages_record(stages))
         for channel in list(self._channels.values()):
             if channel.counts:
                 channel.out.extend(encode_count(name, delta) for name, delta in channel.counts.items())

@@ -21,6 +21,7 @@ The names below are the ones the rest of sipwire imports from here.
 """
 
 from sipwire.errors import StatsError
+from sipwire.transport.stages import LATENCY_BUCKETS_MS
 from sipwire.transport.statsblock.layout import (
     _SLOT as _SLOT,  # bench/statsbench.py rewrites raw slots
 )
@@ -31,7 +32,8 @@ from sipwire.transport.statsblock.layout import (
     HISTOGRAM_TLS,
     HISTOGRAM_WRITE,
     HISTOGRAM_WS,
-    LATENCY_BUCKETS_MS,
+    HISTOGRAMS,
+    LATENCY_HISTOGRAMS,
     LAYOUT_VERSION,
     MAGIC,
     SLOT_BYTES,
@@ -74,12 +76,14 @@ from sipwire.transport.statsblock.writer import (
 
 __all__ = [
     "HANDSHAKE_BUCKETS_MS",
+    "HISTOGRAMS",
     "HISTOGRAM_DISPATCH",
     "HISTOGRAM_NAMES",
     "HISTOGRAM_TLS",
     "HISTOGRAM_WRITE",
     "HISTOGRAM_WS",
     "LATENCY_BUCKETS_MS",
+    "LATENCY_HISTOGRAMS",
     "LAYOUT_VERSION",
     "MAGIC",
     "NAME_FILE",

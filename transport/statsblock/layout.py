@@ -33,7 +33,7 @@ is a sequence of regions, each record starting on a 64-byte boundary::
     640                        128 * thread_records      I/O thread records
     ...                        64 * worker_records       worker records
     ...                        64 + 64 * counter_cap     counter table (one record)
-    ...                        576 * 4                   histograms (one record each)
+    ...                        576 * 7                   histograms (one record each)
     ...                        384 * slots               connection slots
     total (multiple of 64)
 
@@ -114,7 +114,9 @@ Counter table (one record, 64 + 64 * counter_cap bytes)::
 Histogram record (576 bytes; body covered: 16..576); records in this order:
 ``tls_handshake_ms`` (bounds :data:`HANDSHAKE_BUCKETS_MS`),
 ``dispatch_latency_ms`` and ``write_latency_ms`` (both :data:`LATENCY_BUCKETS_MS`),
-``ws_handshake_ms`` (WebSocket upgrades, from accept or the end of TLS: :data:`HANDSHAKE_BUCKETS_MS`).
+``ws_handshake_ms`` (WebSocket upgrades, from accept or the end of TLS: :data:`HANDSHAKE_BUCKETS_MS`),
+then the message stages ``read_framed_ms``, ``queue_wait_ms`` and ``routing_ms``
+(:data:`LATENCY_BUCKETS_MS`; what each times: :mod:`sipwire.transport.stages`).
 The bounds are written into the record, so a reader needs no copy of them::
 
     16   32 str name                       48   4  u32 n: bounds used (n <= 30)
@@ -176,6 +178,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from sipwire.transport.stages import LATENCY_BUCKETS_MS
+
 if TYPE_CHECKING:
     from sipwire.config import Settings
 
@@ -192,10 +196,20 @@ STALE_SECONDS: Final = 5.0
 
 #: Upper bounds (ms) of the TLS handshake duration histogram; one more bucket counts the rest.
 HANDSHAKE_BUCKETS_MS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
-#: Upper bounds (ms) of the dispatch and write-job latency histograms; one more bucket counts the rest.
-LATENCY_BUCKETS_MS: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
-HISTOGRAM_NAMES: Final = ("tls_handshake_ms", "dispatch_latency_ms", "write_latency_ms", "ws_handshake_ms")
+#: The histogram records, in block order, and the bounds of each.
+HISTOGRAMS: Final = {
+    "tls_handshake_ms": HANDSHAKE_BUCKETS_MS,
+    "dispatch_latency_ms": LATENCY_BUCKETS_MS,
+    "write_latency_ms": LATENCY_BUCKETS_MS,
+    "ws_handshake_ms": HANDSHAKE_BUCKETS_MS,
+    "read_framed_ms": LATENCY_BUCKETS_MS,
+    "queue_wait_ms": LATENCY_BUCKETS_MS,
+    "routing_ms": LATENCY_BUCKETS_MS,
+}
+HISTOGRAM_NAMES: Final = tuple(HISTOGRAMS)
 HISTOGRAM_TLS, HISTOGRAM_DISPATCH, HISTOGRAM_WRITE, HISTOGRAM_WS = range(4)
+#: The histograms the supervisor sums from the I/O threads' :class:`~sipwire.transport.stages.LatencyHistogram`.
+LATENCY_HISTOGRAMS: Final = tuple(name for name, bounds in HISTOGRAMS.items() if bounds is LATENCY_BUCKETS_MS)
 
 STATUS_RUNNING, STATUS_STOPPING, STATUS_STOPPED = 1, 2, 3
 STATUS_NAMES: Final = {0: "starting", STATUS_RUNNING: "running", STATUS_STOPPING: "stopping", STATUS_STOPPED: "stopped"}
