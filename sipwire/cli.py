@@ -46,6 +46,9 @@ def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle for client and outbound verification")
     parser.add_argument("--threads", type=int, metavar="N", help="I/O threads at start (default 2)")
     parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
+    parser.add_argument(
+        "--busy-poll-us", type=int, metavar="US", help="poll this long for workers' answers, not sleep (0: off)"
+    )
     parser.add_argument("--router", metavar="NAME", help="responder, proxy or module:function (default responder)")
     parser.add_argument("--upstream", metavar="SIP-URI", help="where the proxy router forwards requests")
     parser.add_argument("--state-dir", metavar="DIR", help="directory for the control socket and generated files")
@@ -138,6 +141,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "tls_ca",
             "threads",
             "workers",
+            "busy_poll_us",
             "router",
             "upstream",
             "state_dir",

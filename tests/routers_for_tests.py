@@ -10,7 +10,8 @@ Request headers drive them:
 * ``X-Sleep: SECONDS`` (``slow``): sleep, then answer like ``responder``.
 * ``X-Target-Port``, ``X-Target-Transport``, ``X-Payload-Bytes``
   (``send_and_report``): send a write job to 127.0.0.1:PORT and answer the
-  request, once the outcome is known, with ``200 <result label>``.
+  request, once the outcome is known, with ``200 <result label>``;
+  ``X-Failures-Only: yes`` asks for the outcome with ``failures_only``.
 * ``X-Target-Conn`` (``send_on_and_report``): the same for a job naming a
   connection id.
 * ``X-Gate``, ``X-Report-Port`` (``gated_reply``): wait until the file
@@ -72,6 +73,7 @@ def send_and_report(message: SipMessage, ctx: RouteContext) -> None:
         Destination(transport, LOOPBACK, port),
         payload,
         on_outcome=lambda outcome: _answer_with_outcome(message, ctx, outcome),
+        failures_only=message.header("x-failures-only") == "yes",
     )
 
 

@@ -95,6 +95,16 @@ def test_job_to_a_listening_peer_is_sent_and_the_connection_reused(start_transpo
     assert counters["connects"] == 1
 
 
+def test_a_callback_for_failures_only_still_hears_of_success_and_of_failure(start_transport: Any) -> None:
+    """``failures_only`` spares the worker a wake-up per job: the ``sent`` comes late, but it comes."""
+    running = start_transport(workers=1, router=SEND_AND_REPORT)
+    with peer_listener() as listener, SipClient.connect(running) as client:
+        port = str(listener.getsockname()[1])
+        assert probe(client, 1, target_port=port, failures_only="yes").reason == "sent"
+        listener.accept()[0].close()
+        assert probe(client, 2, target_port=str(closed_port()), failures_only="yes").reason == "refused"
+
+
 def test_connect_to_a_closed_port_is_refused(start_transport: Any) -> None:
     running = start_transport(workers=1, router=SEND_AND_REPORT)
     port = closed_port()

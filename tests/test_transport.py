@@ -142,6 +142,28 @@ def test_pipelined_requests_answered_in_order_per_connection(start_transport: An
     assert running.counters()["messages_in"] == 3 * count
 
 
+def test_busy_polling_answers_as_usual_and_stops_polling_when_nothing_is_at_the_workers(start_transport: Any) -> None:
+    """``busy_poll_us``: fast answers, slow answers (the poll ends, the loop sleeps again) and an idle
+    transport that does not spin (polling lasts only while workers hold messages)."""
+    running = start_transport(workers=1, router=SLOW_ROUTER, busy_poll_us=2000)
+    with SipClient.connect(running) as client:
+        for cseq in range(1, 21):
+            client.send(sip_request("OPTIONS", cseq))
+            assert client.read_response().all("cseq") == [f"{cseq} OPTIONS"]
+        client.send(sip_request("OPTIONS", 21, headers=[("X-Sleep", "0.1")]))  # held past the poll window
+        assert client.read_response().all("cseq") == ["21 OPTIONS"]
+
+        def cpu_seconds(pid: int) -> float:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        pids = [running.process.pid, *running.worker_pids]
+        before = [cpu_seconds(pid) for pid in pids]
+        time.sleep(1.0)
+        spent = [cpu_seconds(pid) - earlier for pid, earlier in zip(pids, before, strict=True)]
+        assert max(spent) < 0.3, f"CPU seconds over one idle second (transport, worker): {spent}"
+
+
 def test_message_split_over_many_small_sends(start_transport: Any) -> None:
     running = start_transport(workers=1)
     body = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"

@@ -26,6 +26,7 @@ from sipwire.transport.iostate import KIND_CHANNEL, READ, WRITE, WorkerChannel
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.stages import StagesRecord
 from sipwire.transport.wire import (
+    FLAG_NO_OUTCOME,
     FLAG_PROMPT_OUTCOME,
     CloseRecord,
     CountRecord,
@@ -94,6 +95,8 @@ class ChannelLayer(ConnectLayer):
     def _write_job(self, worker: int, record: WriteRecord) -> None:
         """A WRITE record: to its connection by id, or to a destination (an open connection or a new one)."""
         prompt = bool(record.flags & FLAG_PROMPT_OUTCOME)
+        if record.flags & FLAG_NO_OUTCOME:
+            worker = -1  # outcomes go to the job's worker: to none (see IOThread._outcome)
         trace = None  # the job's sip.write span, open until its outcome
         if record.trace_context and self._tracing is not None:
             trace = self._tracing.start_write(record.trace_context)

@@ -7,7 +7,7 @@ write jobs, timers and close. Other threads reach this one only through
 and wakes the selector through an eventfd.
 
 One loop pass:
-  1. ``select`` with a timeout up to the next timer tick;
+  1. ``select`` with a timeout up to the next timer tick (none while polling: ``busy_poll_us``);
   2. handle ready sockets: connections (read, frame, batch messages per
      worker), worker channels (write jobs, done counts), the listener
      (thread 0 only), the inbox;
@@ -77,8 +77,13 @@ class IOThread(ChannelLayer, ControlLayer):
         monotonic = time.monotonic
         select = self.selector.select
         conns = self.conns
+        outstanding = self.outstanding
+        busy_poll = self.settings.busy_poll_us / 1e6
+        poll_until = 0.0  # busy_poll_us: while workers hold messages, poll rather than sleep until then
         while self._running:
             timeout = max(0.0, self._next_tick - monotonic())
+            if poll_until and monotonic() < poll_until:
+                timeout = 0.0
             events = select(timeout)
             started = self._now = monotonic()
             for key, mask in events:
@@ -117,6 +122,8 @@ class IOThread(ChannelLayer, ControlLayer):
                     self._send_channel(channel)
             now = monotonic()
             self._busy += now - started
+            if busy_poll and events:
+                poll_until = now + busy_poll if any(outstanding) else 0.0
             if now >= self._next_tick:
                 self._lag = max(0.0, now - self._next_tick)
                 self._tick(now)

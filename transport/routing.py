@@ -90,7 +90,12 @@ class Sender(Protocol):
     """The worker side of write jobs (implemented by the worker process)."""
 
     def submit(
-        self, conn_id: int, destination: Destination | None, data: bytes, on_outcome: OutcomeCallback | None
+        self,
+        conn_id: int,
+        destination: Destination | None,
+        data: bytes,
+        on_outcome: OutcomeCallback | None,
+        failures_only: bool = False,
     ) -> int: ...
 
     def count(self, name: str) -> None: ...
@@ -105,17 +110,27 @@ class RouteContext:
         self.envelope = envelope
         self._sender = sender
 
-    def reply(self, data: bytes, on_outcome: OutcomeCallback | None = None) -> int:
-        """Send ``data`` on the connection the message came in on; return the job id."""
-        return self._sender.submit(self.envelope.conn_id, None, data, on_outcome)
+    def reply(self, data: bytes, on_outcome: OutcomeCallback | None = None, *, failures_only: bool = False) -> int:
+        """Send ``data`` on the connection the message came in on; return the job id.
 
-    def send(self, destination: Destination, data: bytes, on_outcome: OutcomeCallback | None = None) -> int:
-        """Send ``data`` to ``destination``; return the job id."""
-        return self._sender.submit(0, destination, data, on_outcome)
+        ``on_outcome`` gets the job's outcome. With ``failures_only`` a success reaches it late (with
+        later records, within a tick), which spares the worker a wake-up per job: for callbacks that
+        act on failures only, like a proxy's 503.
+        """
+        return self._sender.submit(self.envelope.conn_id, None, data, on_outcome, failures_only)
 
-    def send_on(self, conn_id: int, data: bytes, on_outcome: OutcomeCallback | None = None) -> int:
-        """Send ``data`` on another open connection, named by its id."""
-        return self._sender.submit(conn_id, None, data, on_outcome)
+    def send(
+        self, destination: Destination, data: bytes, on_outcome: OutcomeCallback | None = None, *,
+        failures_only: bool = False,
+    ) -> int:  # fmt: skip
+        """Send ``data`` to ``destination``; return the job id. ``failures_only``: see :meth:`reply`."""
+        return self._sender.submit(0, destination, data, on_outcome, failures_only)
+
+    def send_on(
+        self, conn_id: int, data: bytes, on_outcome: OutcomeCallback | None = None, *, failures_only: bool = False
+    ) -> int:
+        """Send ``data`` on another open connection, named by its id. ``failures_only``: see :meth:`reply`."""
+        return self._sender.submit(conn_id, None, data, on_outcome, failures_only)
 
     def count(self, name: str) -> None:
         """Add one to the transport counter ``name`` (a fixed name, ASCII, at most 56 bytes)."""

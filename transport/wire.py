@@ -36,7 +36,9 @@ Worker to transport
              Flag :data:`FLAG_PROMPT_OUTCOME`:
              the worker waits on this job's outcome, so report success at once;
              without it a ``sent`` outcome rides along with the next records
-             for that worker (failures are always reported at once).
+             for that worker (failures are always reported at once). Flag
+             :data:`FLAG_NO_OUTCOME`: nobody waits at all, report nothing
+             (the transport still counts and traces the outcome).
     DONE     ``!QI`` conn id, number of that connection's messages finished.
     COUNT    ``!Q`` delta; the counter name (ASCII, at most
              :data:`MAX_COUNTER_NAME_BYTES`): what the worker counted since
@@ -89,6 +91,8 @@ MAX_WRITE_PAYLOAD: Final = MAX_RECORD_BYTES - 1024
 MAX_TLS_FACTS_BYTES: Final = 4096
 #: WRITE flag: report a ``sent`` outcome at once (someone waits for it).
 FLAG_PROMPT_OUTCOME: Final = 1
+#: WRITE flag: report no outcome (no callback): no record, no wake-up of the worker for it.
+FLAG_NO_OUTCOME: Final = 2
 #: Connection ids per CONNECTIONS_CLOSED record (32 KiB): a mass close becomes several records.
 MAX_CLOSED_PER_RECORD: Final = 4096
 #: Counter names are short fixed labels (``sip_parse_error.closed``); 64 bytes is ample

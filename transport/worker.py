@@ -41,6 +41,7 @@ from sipwire.transport.sipsyntax import MAX_PORT
 from sipwire.transport.stages import WorkerStages
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
+    FLAG_NO_OUTCOME,
     FLAG_PROMPT_OUTCOME,
     MAX_WRITE_PAYLOAD,
     ConnectionsClosedRecord,
@@ -105,8 +106,10 @@ class Worker:
         resolver: Resolver,
         tracing: RouteTracing | None = None,
         connections_closed: Callable[[list[int], Callable[[str], None]], None] | None = None,
+        busy_poll_us: int = 0,
     ) -> None:
         self.index = index
+        self._busy_poll = busy_poll_us / 1e6
         self._control = control
         self._route = route
         self._connections_closed = connections_closed
@@ -133,7 +136,12 @@ class Worker:
     # -- the Sender protocol used by RouteContext ------------------------------------------
 
     def submit(
-        self, conn_id: int, destination: Destination | None, data: bytes, on_outcome: OutcomeCallback | None
+        self,
+        conn_id: int,
+        destination: Destination | None,
+        data: bytes,
+        on_outcome: OutcomeCallback | None,
+        failures_only: bool = False,
     ) -> int:
         job_id = self._next_job
         self._next_job += 1
@@ -145,7 +153,11 @@ class Worker:
         if channel is None:
             self._fail_later(job_id, conn_id, on_outcome, WriteResult.SHUTDOWN, "no channel to the transport")
             return job_id
-        flags = FLAG_PROMPT_OUTCOME if on_outcome is not None else 0
+        flags = FLAG_PROMPT_OUTCOME
+        if on_outcome is None:
+            flags = FLAG_NO_OUTCOME
+        elif failures_only:
+            flags = 0  # its "sent" comes late, with later records: no wake-up for it
         trace_context = self._trace_context
         if self._span is not None and self._tracing is not None:
             self._tracing.replied(self._span, data)
@@ -216,8 +228,14 @@ class Worker:
 
     def run(self) -> None:
         resolver = self._resolver
+        select = self._selector.select
+        busy_poll = self._busy_poll
+        poll_until = 0.0  # busy_poll: after sending records, poll rather than sleep until then
         while self._running:
-            for key, _ in self._selector.select(resolver.seconds_to_next_deadline()):
+            timeout = resolver.seconds_to_next_deadline()
+            if poll_until and time.monotonic() < poll_until:
+                timeout = 0.0
+            for key, _ in select(timeout):
                 if key.data is None:
                     self._read_control()
                 elif key.data is resolver:
@@ -227,7 +245,8 @@ class Worker:
             resolver.collect()
             while self._deferred:
                 self._deferred.pop(0)()
-            self._flush()
+            if self._flush() and busy_poll:
+                poll_until = time.monotonic() + busy_poll
         for channel in list(self._channels.values()):
             self._close_channel(channel)
 
@@ -399,9 +418,11 @@ class Worker:
         except Exception as error:
             self._router_failed(error, f"in the outcome callback of job {outcome.job_id}")
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Send every channel's records; whether there were any."""
         if self._channels and (stages := self._stages.report(time.monotonic())) is not None:
             next(iter(self._channels.values())).out.append(encode_stages_record(stages))
+        sent = False
         for channel in list(self._channels.values()):
             if channel.counts:
                 channel.out.extend(encode_count(name, delta) for name, delta in channel.counts.items())
@@ -409,10 +430,12 @@ class Worker:
             if channel.out:
                 data = b"".join(channel.out)
                 channel.out.clear()
+                sent = True
                 try:
                     channel.sock.sendall(data)
                 except OSError:
                     self._close_channel(channel)
+        return sent
 
 
 class _DestinationJob(NamedTuple):
@@ -475,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     tracing = worker_tracing(settings.instance, args.index)
     resolver = Resolver(ResolverLimits.from_settings(settings))
     try:
-        Worker(args.index, control, router.route, resolver, tracing, router.connections_closed).run()
+        Worker(
+            args.index, control, router.route, resolver, tracing, router.connections_closed, settings.busy_poll_us
+        ).run()
     finally:
         resolver.close()
         if tracing is not None:

@@ -148,9 +148,9 @@ def _forward(state: ProxyState, message: SipMessage, ctx: RouteContext, max_forw
         state.answer(message, ctx, status, f"{reason} ({outcome.result.label})")
 
     if target.conn_id:
-        ctx.send_on(target.conn_id, data, on_outcome)
+        ctx.send_on(target.conn_id, data, on_outcome, failures_only=True)
     elif target.destination is not None:
-        ctx.send(target.destination, data, on_outcome)
+        ctx.send(target.destination, data, on_outcome, failures_only=True)
 
 
 def _own_routes(state: ProxyState, message: SipMessage, ctx: RouteContext, routes: list[str]) -> tuple[int, int | None]:

@@ -147,4 +147,4 @@ def _relay_response(state: ProxyState, message: SipMessage, ctx: RouteContext) -
         if not outcome.ok and fallback is not None:
             ctx.send(fallback, data)
 
-    ctx.send_on(conn_id, data, on_outcome)
+    ctx.send_on(conn_id, data, on_outcome, failures_only=True)
