@@ -209,9 +209,9 @@ class Settings:
     )
     busy_poll_us: int = _setting(
         0,
-        "Microseconds an I/O thread keeps polling instead of sleeping while workers hold its messages, and a "
-        "worker after sending records: at low load the answer then finds it awake (one wake-up less per hop), "
-        "for CPU spent polling. 0 turns it off.",
+        "Microseconds an I/O thread keeps polling instead of sleeping after it handled something, and a worker "
+        "after it sent records: at low load the next hop's answer (a worker's write job, a peer's response) then "
+        "finds it awake, one wake-up less, for CPU spent polling. An idle transport does not poll. 0: off.",
     )
     dns_timeout: float = _setting(
         2.0,

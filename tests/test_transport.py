@@ -142,9 +142,9 @@ def test_pipelined_requests_answered_in_order_per_connection(start_transport: An
     assert running.counters()["messages_in"] == 3 * count
 
 
-def test_busy_polling_answers_as_usual_and_stops_polling_when_nothing_is_at_the_workers(start_transport: Any) -> None:
+def test_busy_polling_answers_as_usual_and_stops_polling_once_idle(start_transport: Any) -> None:
     """``busy_poll_us``: fast answers, slow answers (the poll ends, the loop sleeps again) and an idle
-    transport that does not spin (polling lasts only while workers hold messages)."""
+    transport that does not spin (polling lasts only a moment after activity)."""
     running = start_transport(workers=1, router=SLOW_ROUTER, busy_poll_us=2000)
     with SipClient.connect(running) as client:
         for cseq in range(1, 21):

@@ -77,9 +77,8 @@ class IOThread(ChannelLayer, ControlLayer):
         monotonic = time.monotonic
         select = self.selector.select
         conns = self.conns
-        outstanding = self.outstanding
         busy_poll = self.settings.busy_poll_us / 1e6
-        poll_until = 0.0  # busy_poll_us: while workers hold messages, poll rather than sleep until then
+        poll_until = 0.0  # busy_poll_us: after activity, poll rather than sleep until then
         while self._running:
             timeout = max(0.0, self._next_tick - monotonic())
             if poll_until and monotonic() < poll_until:
@@ -123,7 +122,7 @@ class IOThread(ChannelLayer, ControlLayer):
             now = monotonic()
             self._busy += now - started
             if busy_poll and events:
-                poll_until = now + busy_poll if any(outstanding) else 0.0
+                poll_until = now + busy_poll
             if now >= self._next_tick:
                 self._lag = max(0.0, now - self._next_tick)
                 self._tick(now)
