@@ -228,7 +228,7 @@ def _run_transport(settings: Settings) -> int:
         router = load_router(settings.router)  # fail here, clearly, rather than in every worker
         if router.preflight is not None:
             router.preflight(settings)
-        server = TransportServer(settings)
+        server = TransportServer(settings, announce_closes=router.connections_closed is not None)
         server.start()
     except (ConfigurationError, ControlError, OSError) as error:
         logging.getLogger("sipwire").error("cannot start: %s", error)

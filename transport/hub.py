@@ -70,6 +70,8 @@ class Hub(Generic[ThreadT]):
         self.worker_count = worker_count
         #: Built once at start; SSL objects made from them never leave this process.
         self.tls = tls
+        #: Whether workers hear of closed connections (CONNECTIONS_CLOSED): only if their router asks.
+        self.announce_closes = True
         #: Telemetry's I/O-thread side (set before the threads start); None when telemetry is off.
         self.recorder: SpanRecorder | None = None
         #: Active I/O threads, index 0 first; replaced (never mutated) on resize.

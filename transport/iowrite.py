@@ -209,7 +209,7 @@ class WriteLayer(MetricsLayer):
             self.hub.sources.release(conn.source)
             conn.source = None
         self.counters["closed"] += 1
-        if conn.messages_in:  # routers may hold state about it (a registrar's flow): tell every worker
+        if conn.messages_in and self.hub.announce_closes:  # a router's state about it (a flow): tell every worker
             self._closed_ids.append(conn.id)
         if conn.held:  # requests of a peer that is gone: nobody to answer
             self.counters["held_dropped_on_close"] += len(conn.held)

@@ -78,7 +78,8 @@ class StartupError(ConfigurationError):
 class TransportServer:
     """Owns the whole transport process; see the module docstring."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, announce_closes: bool = True) -> None:
+        """``announce_closes``: the workers' router has a ``connections_closed`` hook (else nobody is told)."""
         self.settings = settings
         runtime_directory(settings)  # refuses one another user could have planted, before anything is written
         try:
@@ -86,6 +87,7 @@ class TransportServer:
         except TlsConfigError as error:
             raise StartupError(f"TLS: {error}") from error
         self.hub: Hub[IOThread] = Hub(settings, settings.workers, tls)
+        self.hub.announce_closes = announce_closes
         self.workers = WorkerPool(settings)
         self.listening: dict[str, str] = {}
         self.started_at = time.time()
