@@ -59,6 +59,19 @@ ctrl_tcp_listen         127.0.0.1:{ctrl_port}
 """
 
 
+def _free_port_pair() -> int:
+    """A free TCP port whose successor is free too: baresip listens for SIP over TLS on sip_listen's port + 1."""
+    for _ in range(100):
+        port = free_port(socket.SOCK_STREAM)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free TCP ports on 127.0.0.1")
+
+
 class Baresip:
     """One baresip process with one account; use as a context manager."""
 
@@ -80,7 +93,7 @@ class Baresip:
         rtp_low = 20000 + 100 * (self.ctrl_port % 300)
         (self.directory / "config").write_text(
             CONFIG.format(
-                sip_port=free_port(socket.SOCK_STREAM), name=name, rtp_low=rtp_low, rtp_high=rtp_low + 20,
+                sip_port=_free_port_pair(), name=name, rtp_low=rtp_low, rtp_high=rtp_low + 20,
                 module_path=MODULE_PATH, ctrl_port=self.ctrl_port,
             )
         )  # fmt: skip
