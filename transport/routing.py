@@ -29,6 +29,7 @@ counter (``ctl stats``); names must come from a fixed set, never from peer text.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -68,6 +69,29 @@ class Destination:
     host: str
     port: int
     server_name: str = ""
+
+    def tls_name(self, address: str) -> str:
+        """The TLS name to send and check once ``host`` resolved to ``address``: ``server_name``, else
+        the host when it was a name; ASCII (IDNA). Raises ValueError for a name that cannot be one."""
+        name = self.server_name or (self.host if address != self.host.strip("[]") else "")
+        if not name:
+            return ""
+        try:
+            encoded = name.encode("idna").decode("ascii")
+        except UnicodeError as error:
+            raise ValueError(f"server name {name!r} is not a valid host name: {error}") from error
+        if len(encoded) > 253:
+            raise ValueError(f"server name {name[:40]!r}... is longer than 253 characters")
+        return encoded
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address (without brackets), so needs no DNS."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Outcome(NamedTuple):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
 import logging
 import selectors
@@ -35,7 +34,16 @@ from sipwire.transport.outcome import WriteResult
 from sipwire.transport.ratelog import RateLimitedLog
 from sipwire.transport.readbuffer import ReadBuffer
 from sipwire.transport.resolver import Failure, Resolver, ResolverLimits
-from sipwire.transport.routing import Destination, Envelope, Outcome, OutcomeCallback, RouteContext, Router, load_router
+from sipwire.transport.routing import (
+    Destination,
+    Envelope,
+    Outcome,
+    OutcomeCallback,
+    RouteContext,
+    Router,
+    is_ip_literal,
+    load_router,
+)
 from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
 from sipwire.transport.sipsyntax import MAX_PORT
 from sipwire.transport.stages import WorkerStages
@@ -173,7 +181,7 @@ class Worker:
             return job_id
         job = _DestinationJob(job_id, channel, destination, data, flags, trace_context, on_outcome)
         host = destination.host.strip("[]")
-        if _is_ip_literal(host):
+        if is_ip_literal(host):
             self._send_resolved(job, host)
             return job_id
         answer = self._resolver.cached(host, destination.port)
@@ -197,7 +205,7 @@ class Worker:
             return
         destination = job.destination
         try:
-            server_name = _server_name(destination, address)
+            server_name = destination.tls_name(address)
         except ValueError as error:
             self._fail_later(job.job_id, 0, job.on_outcome, WriteResult.BAD_DESTINATION, str(error))
             return
@@ -450,32 +458,10 @@ class _DestinationJob(NamedTuple):
     on_outcome: OutcomeCallback | None
 
 
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _quoted(text: str) -> str:
     """Peer text fit for a log line: escaped (no control characters, ASCII only) and cut."""
     cut = text[:MAX_LOGGED_PEER_CHARS]
     return ascii(cut) + ("..." if len(text) > MAX_LOGGED_PEER_CHARS else "")
-
-
-def _server_name(destination: Destination, address: str) -> str:
-    """The TLS name to send and check: explicit, else the host when it was a name; ASCII (IDNA)."""
-    name = destination.server_name or (destination.host if address != destination.host.strip("[]") else "")
-    if not name:
-        return ""
-    try:
-        encoded = name.encode("idna").decode("ascii")
-    except UnicodeError as error:
-        raise ValueError(f"server name {name!r} is not a valid host name: {error}") from error
-    if len(encoded) > 253:
-        raise ValueError(f"server name {name[:40]!r}... is longer than 253 characters")
-    return encoded
 
 
 def main(argv: list[str] | None = None) -> int:
