@@ -10,12 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sipwire.transport.outcome import WriteResult
-from sipwire.transport.stages import LATENCY_BUCKETS_MS, StagesRecord, WorkerStages
+from sipwire.transport.stages import (
+    LATENCY_BUCKETS_MS,
+    STAGES_BYTES,
+    LatencyHistogram,
+    StagesRecord,
+    WorkerStages,
+    encode_stages,
+)
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     HEADER_SIZE,
     KIND_CLOSE,
+    KIND_CONNECTIONS_CLOSED,
     KIND_COUNT,
     KIND_DONE,
     KIND_MESSAGE,
@@ -81,6 +89,13 @@ def encode(record: Record) -> bytes:
         return encode_close(record.conn_id)
     if isinstance(record, ConnectionsClosedRecord):
         return encode_connections_closed(list(record.conn_ids))
+    if isinstance(record, StagesRecord):
+        histograms = []
+        for counts, sum_ms in record.stages:
+            histogram = LatencyHistogram()
+            histogram.add(counts, sum_ms)
+            histograms.append(histogram)
+        return encode_stages_record(encode_stages(histograms))
     return encode_done(record.conn_id, record.messages)
 
 
@@ -820,14 +835,16 @@ def test_arbitrary_bytes_give_records_or_wire_error(data: bytes, cuts: list[int]
         for start, end in itertools.pairwise(points):
             for record in reader.feed(data[start:end]):
                 assert isinstance(
-                    record, MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord
-                )
+                    record,
+                    MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord
+                    | ConnectionsClosedRecord | StagesRecord,
+                )  # fmt: skip
     except WireError:
         pass
 
 
 @PROPERTY_SETTINGS
-@given(kind=st.integers(min_value=0, max_value=255), body=st.binary(max_size=120))
+@given(kind=st.integers(min_value=0, max_value=255), body=st.binary(max_size=STAGES_BYTES + 8))
 def test_any_header_and_body_give_a_record_or_wire_error(kind: int, body: bytes) -> None:
     """Framed records with random content: decoded (and re-encodable) or WireError."""
     try:
@@ -835,5 +852,15 @@ def test_any_header_and_body_give_a_record_or_wire_error(kind: int, body: bytes)
     except WireError:
         return
     assert len(records) == 1
-    assert kind in (KIND_MESSAGE, KIND_OUTCOME, KIND_WRITE, KIND_DONE, KIND_COUNT, KIND_CLOSE)
+    kinds = (
+        KIND_MESSAGE,
+        KIND_OUTCOME,
+        KIND_WRITE,
+        KIND_DONE,
+        KIND_COUNT,
+        KIND_CLOSE,
+        KIND_CONNECTIONS_CLOSED,
+        KIND_STAGES,
+    )
+    assert kind in kinds
     assert encode(records[0]) == raw_record(kind, body)

@@ -115,6 +115,12 @@ def decode_stages(body: bytes) -> StagesRecord:
     return StagesRecord(tuple(stages))
 
 
+def min_timeout(*timeouts: float | None) -> float | None:
+    """The shortest of some selector timeouts, None (wait for ever) meaning no deadline."""
+    given = [timeout for timeout in timeouts if timeout is not None]
+    return min(given) if given else None
+
+
 class WorkerStages:
     """A worker's queue-wait and routing histograms, reported as deltas."""
 
@@ -124,6 +130,10 @@ class WorkerStages:
         self.queue_wait = LatencyHistogram()
         self.routing = LatencyHistogram()
         self._due = 0.0
+
+    def seconds_to_report(self, now: float) -> float | None:
+        """How long until what is observed must be reported (a worker that goes idle still reports it)."""
+        return max(self._due - now, 0.0) if self.routing.observed else None
 
     def report(self, now: float) -> bytes | None:
         """The STAGES body of what was observed since the last report, when one is due; then start afresh."""

@@ -46,7 +46,7 @@ from sipwire.transport.routing import (
 )
 from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
 from sipwire.transport.sipsyntax import MAX_PORT
-from sipwire.transport.stages import WorkerStages
+from sipwire.transport.stages import WorkerStages, min_timeout
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_NO_OUTCOME,
@@ -240,8 +240,9 @@ class Worker:
         busy_poll = self._busy_poll
         poll_until = 0.0  # busy_poll: after sending records, poll rather than sleep until then
         while self._running:
-            timeout = resolver.seconds_to_next_deadline()
-            if poll_until and time.monotonic() < poll_until:
+            now = time.monotonic()
+            timeout = min_timeout(resolver.seconds_to_next_deadline(), self._stages.seconds_to_report(now))
+            if poll_until and now < poll_until:
                 timeout = 0.0
             for key, _ in select(timeout):
                 if key.data is None:
