@@ -15,7 +15,8 @@ Control ops (see :mod:`transport.control`):
   ``method`` and ``status`` match a call with such a request or response,
   ``since``/``until`` one with a message in that UNIX-time window), at most
   :data:`MAX_CALLS_PER_PAGE`, with ``total`` and the ring's statistics.
-* ``{"op": "call", "call_id"}``: that call's messages in carried order, each
+* ``{"op": "call", "call_id"}``: that call's messages in carried order (null
+  when no captured message has that Call-ID), each
   with its text (the body only with ``capture_bodies``), at most
   :data:`MAX_MESSAGES_PER_CALL` messages and :data:`MAX_ANSWER_TEXT_BYTES`
   of text (``truncated`` says when either cut it).
@@ -140,8 +141,6 @@ class CallFilter:
         if offset < 0:
             raise ControlError(f"offset {offset} must not be negative")
         since, until = _float(request, "since"), _float(request, "until")
-        if since and until and until < since:
-            raise ControlError(f"until {until} is before since {since}")
         return cls(
             texts["call_id"], texts["from_user"].lower(), texts["to_user"].lower(), texts["method"].upper(), status,
             since, until, offset, limit,
@@ -221,13 +220,14 @@ class CaptureQuery:
         page = matching[wanted.offset : wanted.offset + wanted.limit]
         return {"total": len(matching), "calls": [_call_view(messages) for messages in page], **self._ring_view()}
 
-    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+    def call(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """One call's messages with their text; None when no captured message has that Call-ID."""
         call_id = request.get("call_id")
         if not isinstance(call_id, str) or not call_id or len(call_id) > MAX_FILTER_CHARS:
             raise ControlError(f"call_id must be a non-empty string of at most {MAX_FILTER_CHARS} characters")
         messages = self._grouped().get(call_id)
         if messages is None:
-            raise ControlError(f"no captured call with Call-ID {call_id!r:.80}")
+            return None
         truncated = len(messages) > MAX_MESSAGES_PER_CALL
         messages = messages[:MAX_MESSAGES_PER_CALL]
         oldest, entries = self.ring.entries(messages[0].seq)
