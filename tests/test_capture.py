@@ -197,3 +197,14 @@ def test_capture_settings_are_bounded() -> None:
     for size in (1024, 1 << 31):
         with pytest.raises(ConfigError, match="capture_bytes"):
             load(overrides={"capture_bytes": size})
+
+
+def test_a_message_queued_before_its_connect_finished_gets_the_address_the_connection_got() -> None:
+    """Outbound: the first message is captured while the connection has no local address yet (port 0)."""
+    ring = CaptureRing(1 << 20)
+    ring.sent(message_prefix(9, "tcp", ("0.0.0.0", 0), ("127.0.0.1", 5080)), request("INVITE", "o1"), None)
+    ring.received([encode_message(message_prefix(9, "tcp", ("127.0.0.1", 45000), ("127.0.0.1", 5080)), 2.0, b"",
+                                  response(200, "o1"))])  # fmt: skip
+    detail = CaptureQuery(ring, bodies=False).call({"call_id": "o1"})
+    assert detail is not None
+    assert [m["local"] for m in detail["messages"]] == ["127.0.0.1:45000", "127.0.0.1:45000"]

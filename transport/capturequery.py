@@ -232,9 +232,13 @@ class CaptureQuery:
         messages = messages[:MAX_MESSAGES_PER_CALL]
         oldest, entries = self.ring.entries(messages[0].seq)
         first = max(oldest, messages[0].seq)
+        # A message queued on an outbound connection before its connect finished names local port 0 (no
+        # address was bound yet): the connection's later messages know the address it got.
+        bound = {m.conn_id: m.local for m in messages if not m.local.endswith(":0")}
         views, text_bytes = [], 0
         for summary in messages:
             view = summary.view()
+            view["local"] = bound.get(summary.conn_id, summary.local)
             index = summary.seq - first
             if 0 <= index < len(entries) and text_bytes < MAX_ANSWER_TEXT_BYTES:
                 view.update(self._text(decode(summary.seq, entries[index]).raw))
