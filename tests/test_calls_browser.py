@@ -22,7 +22,7 @@ import pytest
 
 from tests import test_console_browser
 from tests.conftest import RunningTransport
-from tests.console_process import RunningConsole, console_starter
+from tests.console_process import RunningConsole, console_starter, traces_to
 from tests.sipp import SIPP, Sipp, run_sipp
 from tests.test_console_browser import CHROMIUM, _shot
 from tests.tshark import TSHARK, dissect
@@ -53,13 +53,7 @@ def _traced(start_transport: Any, start_console: Any, tmp_path: Path, *args: str
 ]:  # fmt: skip
     """A console for the next transport's instance, then that transport, exporting every trace to the console."""
     console = start_console(instance="test0", state_dir=tmp_path / "state0")
-    env = {
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{console.url}/v1/traces",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }
-    transport = start_transport(*args, env=env, **settings)
+    transport = start_transport(*args, env=traces_to(console), **settings)
     assert transport.control_path.parent.name == "test0"
     return transport, console
 
