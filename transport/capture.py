@@ -9,8 +9,8 @@ connection's prefix (built once per connection), the time, the trace id of its
 write job and the payload; on WS and WSS the SIP text, not the frame.
 
 The ring is bounded in bytes (``capture_bytes``: message bytes plus
-:data:`ENTRY_OVERHEAD_BYTES` per entry); the oldest entries go first and are
-counted. Several I/O threads append and the control thread reads, so the
+:data:`ENTRY_OVERHEAD_BYTES` per entry); past it, the oldest entries go first,
+down to 15/16 of it, and are counted. Several I/O threads append and the control thread reads, so the
 deque and its byte count change under one lock, held for an append or for a
 copy of the references: never while anything is decoded. Entries are numbered
 in the order they were appended (``seq``), which is the order the transport
@@ -33,6 +33,9 @@ from sipwire.transport.wire import TRANSPORT_NAMES, MessageRecord, RecordReader
 #: What one entry costs beyond its message bytes (the tuple or record header, deque slot, prefix share):
 #: counted so a flood of tiny messages cannot hold more memory than ``capture_bytes`` says.
 ENTRY_OVERHEAD_BYTES: Final = 128
+
+#: A full ring is cut down to this many sixteenths of its capacity (the ring holds 15/16 to 16/16 of it).
+EVICT_TO_SIXTEENTHS: Final = 15
 
 _PREFIX = struct.Struct("!QBHHBBH")  # the fixed part of wire.message_prefix
 
@@ -89,12 +92,22 @@ class CaptureRing:
                 self._evict()
 
     def _evict(self) -> None:
-        """Drop the oldest entries until the ring fits (the lock is held)."""
+        """Drop the oldest entries down to the low-water mark (the lock is held).
+
+        Down to :data:`EVICT_TO` of the capacity, not just below it: eviction then runs once per
+        many appends, in a tight loop, instead of costing every append a call.
+        """
         entries = self._entries
-        while self._bytes > self.capacity_bytes and entries:
-            entry = entries.popleft()
-            self._bytes -= (len(entry) if isinstance(entry, bytes) else len(entry[3])) + ENTRY_OVERHEAD_BYTES
-            self._evicted += 1
+        popleft = entries.popleft
+        held = self._bytes
+        low = self.capacity_bytes * EVICT_TO_SIXTEENTHS // 16
+        evicted = 0
+        while held > low and entries:
+            entry = popleft()
+            held -= (len(entry) if isinstance(entry, bytes) else len(entry[3])) + ENTRY_OVERHEAD_BYTES
+            evicted += 1
+        self._bytes = held
+        self._evicted += evicted
 
     # -- readers: the control thread -------------------------------------------------------------
 
