@@ -24,14 +24,17 @@ Control ops (see :mod:`transport.control`):
 
 from __future__ import annotations
 
+import itertools
+import re
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sipwire.errors import ControlError
 from sipwire.transport.capture import Captured, CaptureRing, decode
-from sipwire.transport.sipuri import SipUriError, parse_uri, uri_of
+from sipwire.transport.sipuri import SipUriError, uri_of
 
 #: One page of the call list; the console asks for fewer.
 MAX_CALLS_PER_PAGE: Final = 200
@@ -86,36 +89,42 @@ def address(host_port: tuple[str, int]) -> str:
 
 
 def _user(name_addr: str) -> tuple[str, str]:
-    """(URI, user part) of a From or To value; the user part is "" for a URI without one or not SIP."""
+    """(URI, user part) of a From or To value: what precedes '@' after the scheme; "" when there is none."""
     try:
         uri = uri_of(name_addr)
-        return uri, parse_uri(uri).user
     except SipUriError:
         return name_addr[:200], ""
+    _, colon, rest = uri.partition(":")
+    user, at, _ = rest.partition("@")
+    return uri, user.partition(";")[0] if colon and at else ""
 
 
-#: The headers a summary reads (full and compact forms, RFC 3261 section 7.3.3).
-_WANTED: Final = {"call-id": "call-id", "i": "call-id", "from": "from", "f": "from", "to": "to", "t": "to",
-                  "cseq": "cseq"}  # fmt: skip
+#: The header lines a summary reads, full and compact forms (RFC 3261 section 7.3.3); one C-level scan.
+_WANTED = re.compile(rb"\r\n(call-id|i|from|f|to|t|cseq)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_COMPACT: Final = {b"i": "call-id", b"f": "from", b"t": "to"}
+#: How far into a message without CRLFCRLF the scan looks (it is not SIP; its first line is enough).
+_SCAN_LIMIT: Final = 8192
 
 
 def summarize(captured: Captured) -> Summary:
-    """Read what the list needs from one captured message: a scan of its header lines, no validation.
+    """Read what the list needs from one captured message: a regular-expression scan, no validation.
 
     This runs for every message the ring takes while a console watches, on the transport's control
-    thread: it is kept to one split and a dictionary lookup per line (the worker's full parse costs
-    several times more). Anything that is not SIP keeps its first line as its method.
+    thread: only the start line and four header values become text. Anything that is not SIP keeps
+    its first line as its method.
     """
-    end = captured.raw.find(b"\r\n\r\n")
-    lines = captured.raw[: end if end >= 0 else 8192].decode("utf-8", "replace").split("\r\n")
+    raw = captured.raw
+    end = raw.find(b"\r\n\r\n")
+    end = end + 2 if end >= 0 else _SCAN_LIMIT
     found: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        key = _WANTED.get(name.strip().lower()) if colon else None
-        if key is not None and key not in found:
-            found[key] = value.strip()
-    method, status, reason = lines[0][:60] or "?", 0, ""
-    first, _, rest = lines[0].partition(" ")
+    for match in _WANTED.finditer(raw, 0, end):
+        name = match.group(1).lower()
+        key = _COMPACT.get(name) or name.decode("ascii")
+        if key not in found:
+            found[key] = match.group(2).decode("utf-8", "replace").strip()
+    line = raw[: raw.find(b"\r\n") if b"\r\n" in raw[:end] else 60].decode("utf-8", "replace")
+    method, status, reason = line[:60] or "?", 0, ""
+    first, _, rest = line.partition(" ")
     if first == "SIP/2.0":
         code, _, reason = rest.partition(" ")
         if len(code) == 3 and code.isdigit():
@@ -163,7 +172,13 @@ class CallFilter:
             since, until, offset, limit,
         )  # fmt: skip
 
-    def matches(self, messages: list[Summary]) -> bool:
+    @property
+    def unfiltered(self) -> bool:
+        """No filter but paging: the page is a slice of the calls, none needs looking at."""
+        return not (self.call_id or self.from_user or self.to_user or self.method or self.status or self.since
+                    or self.until)  # fmt: skip
+
+    def matches(self, messages: Sequence[Summary]) -> bool:
         first = messages[0]
         if self.call_id and self.call_id not in first.call_id:
             return False
@@ -207,43 +222,56 @@ class CaptureQuery:
     def __init__(self, ring: CaptureRing, bodies: bool) -> None:
         self.ring = ring
         self.bodies = bodies
-        self._lock = threading.Lock()  # control clients each have a thread
-        self._summaries: deque[Summary] = deque()
+        self._lock = threading.Lock()  # control clients each have a thread; a query holds it throughout
+        self._summaries: deque[Summary] = deque()  # every entry the ring holds, in seq order
+        # Call-ID -> its summaries in seq order. A dict keeps insertion order, which is the order of each
+        # call's first message: reversed, newest first, with nothing to sort.
+        self._calls: dict[str, deque[Summary]] = {}
         self._next_seq = 0
 
-    def _refresh(self) -> list[Summary]:
-        """Parse what arrived since the last query, forget what the ring evicted; every summary held."""
-        with self._lock:
-            oldest, entries = self.ring.entries(self._next_seq)
-            start = max(oldest, self._next_seq)
-            for offset, entry in enumerate(entries):
-                self._summaries.append(summarize(decode(start + offset, entry)))
-            self._next_seq = start + len(entries)
-            while self._summaries and self._summaries[0].seq < oldest:
-                self._summaries.popleft()
-            return list(self._summaries)
-
-    def _grouped(self) -> dict[str, list[Summary]]:
-        calls: dict[str, list[Summary]] = {}
-        for summary in self._refresh():
+    def _refresh(self) -> dict[str, deque[Summary]]:
+        """Summarize what arrived since the last query and forget what the ring evicted (the lock is held)."""
+        oldest, entries = self.ring.entries(self._next_seq)
+        start = max(oldest, self._next_seq)
+        summaries, calls = self._summaries, self._calls
+        for offset, entry in enumerate(entries):
+            summary = summarize(decode(start + offset, entry))
+            summaries.append(summary)
             if summary.call_id:
-                calls.setdefault(summary.call_id, []).append(summary)
+                calls.setdefault(summary.call_id, deque()).append(summary)
+        self._next_seq = start + len(entries)
+        while summaries and summaries[0].seq < oldest:
+            gone = summaries.popleft()
+            if gone.call_id:
+                held = calls[gone.call_id]
+                held.popleft()  # the oldest of the oldest entry's call is that entry
+                if not held:
+                    del calls[gone.call_id]
         return calls
 
     def calls(self, request: dict[str, Any]) -> dict[str, Any]:
         wanted = CallFilter.from_request(request)
-        matching = [messages for messages in self._grouped().values() if wanted.matches(messages)]
-        matching.sort(key=lambda messages: messages[0].seq, reverse=True)
-        page = matching[wanted.offset : wanted.offset + wanted.limit]
-        return {"total": len(matching), "calls": [_call_view(messages) for messages in page], **self._ring_view()}
+        end = wanted.offset + wanted.limit
+        with self._lock:
+            newest_first = reversed(self._refresh().values())
+            if wanted.unfiltered:
+                total = len(self._calls)
+                page = list(itertools.islice(newest_first, wanted.offset, end))
+            else:
+                matching = [messages for messages in newest_first if wanted.matches(messages)]
+                total, page = len(matching), matching[wanted.offset : end]
+            views = [_call_view(messages) for messages in page]
+        return {"total": total, "calls": views, **self._ring_view()}
 
     def call(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """One call's messages with their text; None when no captured message has that Call-ID."""
         call_id = request.get("call_id")
         if not isinstance(call_id, str) or not call_id or len(call_id) > MAX_FILTER_CHARS:
             raise ControlError(f"call_id must be a non-empty string of at most {MAX_FILTER_CHARS} characters")
-        messages = self._grouped().get(call_id)
-        if messages is None:
+        with self._lock:
+            held = self._refresh().get(call_id)
+            messages = list(held) if held is not None else []
+        if not messages:
             return None
         truncated = len(messages) > MAX_MESSAGES_PER_CALL
         messages = messages[:MAX_MESSAGES_PER_CALL]
@@ -278,7 +306,7 @@ class CaptureQuery:
         return {"capture": {**self.ring.statistics(), "bodies": self.bodies}}
 
 
-def _call_view(messages: list[Summary]) -> dict[str, Any]:
+def _call_view(messages: Sequence[Summary]) -> dict[str, Any]:
     """A call as ``GET /api/calls`` lists it."""
     first = messages[0]
     requests = [m for m in messages if not m.status]
