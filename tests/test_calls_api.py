@@ -15,10 +15,11 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import RunningTransport
+from tests.conftest import RunningTransport, sip_request
 from tests.console_process import RunningConsole, console_starter
 from tests.sipp import SIPP, run_sipp
 from tests.tshark import TSHARK, dissect
+from tests.wsclient import parse_response, sip_over_ws, ws_connect
 
 pytestmark = [
     pytest.mark.sipp,
@@ -132,3 +133,23 @@ def test_reads_follow_the_console_read_rules_beyond_loopback(called, start_conso
             assert http.get(path).status_code == 401, path
             answer = http.get(path, headers={"Authorization": f"Bearer {console.token}"})
             assert answer.status_code == 200, path
+
+
+def test_over_a_websocket_the_capture_keeps_the_sip_text_not_the_frames(start_transport, start_console) -> None:
+    """WS: what is captured, and exported, is the SIP message each WebSocket message carried."""
+    transport = start_transport(ws="127.0.0.1:0")
+    with ws_connect(transport, secure=False) as ws:
+        ws.send(sip_over_ws(sip_request("OPTIONS", 1, call_id="over-ws@calls.test")))
+        assert parse_response(ws.recv(timeout=5)).status == 200
+    console = start_console(transport)
+    with console.client() as http:
+        detail = http.get("/api/calls/over-ws@calls.test").json()
+        pcap = http.get("/api/calls/over-ws@calls.test.pcap").content
+    assert [(m["direction"], m["transport"]) for m in detail["messages"]] == [("in", "ws"), ("out", "ws")]
+    assert detail["messages"][0]["text"].startswith("OPTIONS sip:")
+    assert detail["messages"][1]["text"].startswith("SIP/2.0 200 ")
+    if TSHARK is not None:
+        rows = dissect(pcap, transport.ws_port)
+        assert [(row.method or row.status, row.call_id) for row in rows] == [
+            ("OPTIONS", "over-ws@calls.test"), (200, "over-ws@calls.test"),
+        ]  # fmt: skip

@@ -115,7 +115,10 @@ def _pcap(page: Any, *sip_ports: int) -> list[tuple[str | int, str]]:
 def test_a_responder_call_in_the_browser(start_transport, start_console, page: Any, tmp_path: Path) -> None:
     transport, console = _traced(start_transport, start_console, tmp_path, workers=1)
     call_id = "ladder/1@browser.test"
+    page.goto(console.url + "/calls")  # open before the call: the list polls, the call appears by itself
+    assert page.get_by_test_id("call-row").count() == 0
     _uac(transport, tmp_path / "uac", "ladder/%u@browser.test")
+    page.locator(f'[data-testid="call-row"][data-call-id="{call_id}"]').wait_for()
     assert _open_ladder(page, console, call_id, "call-ladder") == ["INVITE", "200 OK", "ACK", "BYE", "200 OK"]
     assert page.get_by_test_id("participant").count() == 2  # sipp, sipwire
     _message_and_trace(page, console, "INVITE sip:bob@")
