@@ -97,6 +97,10 @@ QUIET_TAIL_MAX_S: Final = 60.0
 #: move the fd count by a few from one second to the next.
 FIGURE_WINDOW_S: Final = 5.0
 SAMPLE_INTERVAL_S: Final = 1.0
+#: The call-flow capture ring: small enough to be full (and evicting) well before the baseline, at
+#: 100/s per sipp in a few seconds, so RSS growth after it means a leak, not the ring filling up; the
+#: default 8 MiB would still be filling at the baseline of a short run.
+CAPTURE_BYTES: Final = 512 * 1024
 #: PASS needs less growth than this, for RSS and for fds, baseline to end.
 GROWTH_LIMIT_PCT: Final = 5.0
 #: An exchange (sipp -recv_timeout, the TLS client's deadline) or ping fails when its answer is
@@ -1054,7 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()[0]
     cycles = ", ".join(f"{c:.0f}" for c in plan.cycles)
     log(f"work dir {work}; {os.cpu_count()} CPUs, load average {load1:.2f}; disturbance cycles at {cycles} s")
-    sipwire = Sipwire(work, START_THREADS, WORKERS, {}, [], tls=True)
+    sipwire = Sipwire(work, START_THREADS, WORKERS, {"SIPWIRE_CAPTURE_BYTES": str(CAPTURE_BYTES)}, [], tls=True)
     meta: dict[str, Any] = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "load_average_start": os.getloadavg(), "uname": " ".join(os.uname())},

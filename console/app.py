@@ -5,6 +5,7 @@ admin token, the data source, the sampler and the trace store, and mounts:
 
 * ``/api/...`` and ``/metrics`` (:mod:`console.api`),
 * the registrar: ``/registrations``, ``/api/registrations``, ``/api/users`` (:mod:`console.registrar`),
+* call flows: ``/calls``, ``/api/calls`` and a call's ladder and pcap (:mod:`console.calls`),
 * the pages and the login form (:mod:`console.pages`),
 * ``/v1/traces`` (:mod:`console.otlp`),
 * ``/assets/htmx/`` and ``/assets/swagger-ui/`` -- files of the pinned npm
@@ -33,7 +34,7 @@ from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
 from sipwire.config import Settings
-from sipwire.console import api, pages, registrar
+from sipwire.console import api, calls, pages, registrar
 from sipwire.console.assets import SWAGGER_UI_CSS, SWAGGER_UI_FAVICON, SWAGGER_UI_JS, find_assets
 from sipwire.console.auth import Auth, load_or_generate_token
 from sipwire.console.guard import AccessGuard, AccessPolicy
@@ -108,6 +109,7 @@ def create_app(settings: Settings, *, assets_root: Path | None = None, sample_se
     routers = [
         api.build_router(console),
         registrar.build_router(console),
+        calls.build_router(console),
         build_router(console.traces, renderer, console.context),
         pages.build_router(console),
     ]

@@ -188,3 +188,66 @@ class UserPassword(BaseModel):
     """A user's new password; it is hashed at once (HA1, MD5 and SHA-256) and never stored."""
 
     password: str = Field(min_length=8, max_length=1024)
+
+
+class CaptureState(BaseModel):
+    """The transport's capture ring (setting capture_bytes): what it holds and what it evicted."""
+
+    messages: int
+    bytes: int
+    capacity_bytes: int
+    appended: int = Field(description="messages captured since the transport started")
+    evicted: int = Field(description="messages pushed out of the ring (oldest first)")
+    bodies: bool = Field(description="bodies are shown (setting capture_bodies)")
+
+
+class CallFacts(BaseModel):
+    """What the call list and a call's page both say of a call (messages sharing a Call-ID)."""
+
+    call_id: str
+    first_method: str = Field(description="method of its first request captured")
+    from_: str = Field(alias="from", description="From URI of its first request")
+    to: str = Field(description="To URI of its first request")
+    from_user: str
+    to_user: str
+    started: float = Field(description="UNIX time of its first message")
+    last: float = Field(description="UNIX time of its last message")
+    last_status: int | None = Field(description="status of the last response carried")
+    connections: list[int]
+    traced: bool = Field(description="some of its messages were traced")
+
+
+class CallSummary(CallFacts):
+    messages: int = Field(description="messages captured")
+
+
+class CallList(BaseModel):
+    total: int = Field(description="calls matching the filters (before offset and limit)")
+    calls: list[CallSummary]
+    capture: CaptureState
+
+
+class CallMessage(BaseModel):
+    """One carried message: a request (``method``) or a response (``status``)."""
+
+    seq: int = Field(description="position in the capture, in carried order")
+    time: float = Field(description="UNIX time received, or queued for sending")
+    direction: Literal["in", "out"]
+    connection: int
+    transport: str
+    local: str
+    remote: str
+    method: str | None = None
+    status: int | None = None
+    reason: str | None = None
+    cseq: str
+    trace_id: str | None = Field(description="the trace of this message, when it was traced")
+    text: str | None = Field(default=None, description="start line and headers (and body when capture_bodies)")
+    body_bytes: int | None = None
+    body_withheld: bool | None = Field(default=None, description="a body was carried but is not shown")
+
+
+class CallDetail(CallFacts):
+    messages: list[CallMessage] = Field(description="in the order the transport carried them")
+    truncated: bool = Field(description="some messages or their text are missing (answer bounds, eviction)")
+    capture: CaptureState

@@ -266,6 +266,16 @@ class TransportSource:
         result: dict[str, Any] = self._control("connection", id=conn_id)
         return result
 
+    def calls(self, **filters: Any) -> dict[str, Any]:
+        """Calls in the transport's capture ring, filtered there (:mod:`transport.capturequery`)."""
+        result: dict[str, Any] = self._control("calls", **filters)
+        return result
+
+    def call(self, call_id: str) -> dict[str, Any] | None:
+        """One captured call with its messages' text, or None when the capture holds no such Call-ID."""
+        result: dict[str, Any] | None = self._control("call", call_id=call_id)
+        return result
+
     # -- changes (always the control socket) --------------------------------------------------------
 
     def resize(self, size: int) -> dict[str, Any]:

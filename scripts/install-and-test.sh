@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it:
 # Debian packages (sipp as the real SIP peer, baresip as a real phone, stunnel to put TLS under it, chromium for
-# the console's browser tests, python3-venv, Node.js/npm for the console's browser assets), the npm packages, a
-# virtual environment .venv with the Python package and its test extras, the linters, and pytest (arguments go to
-# pytest).
+# the console's browser tests, tshark to decode the call-flow pcap export, python3-venv, Node.js/npm for the
+# console's browser assets), the npm packages, a virtual environment .venv with the Python package and its test
+# extras, the linters, and pytest (arguments go to pytest).
 # Run as root or with sudo available. Nothing is installed into the system's Python: Debian's /usr/bin/python3
 # is externally managed (PEP 668) and refuses a plain `pip install`.
 set -euo pipefail
@@ -12,18 +12,21 @@ cd "$(dirname "$0")/.."
 if command -v dpkg >/dev/null 2>&1; then
   SUDO=""
   if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
-  DEBIAN_PACKAGES=(sip-tester stunnel4 chromium python3-venv baresip)
+  DEBIAN_PACKAGES=(sip-tester stunnel4 chromium python3-venv baresip tshark)
   command -v npm >/dev/null 2>&1 || DEBIAN_PACKAGES+=(nodejs npm)
   missing=()
   for package in "${DEBIAN_PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
   done
   if [[ ${#missing[@]} -gt 0 ]]; then
+    # tshark's wireshark-common asks whether non-root users may capture: answer no, never prompt (the tests
+    # only read pcap files).
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
   fi
 else
-  echo "install-and-test: not Debian; install sipp, stunnel4, chromium, Node.js and npm yourself" >&2
+  echo "install-and-test: not Debian; install sipp, stunnel4, chromium, tshark, Node.js and npm yourself" >&2
 fi
 
 npm ci --no-audit --no-fund  # htmx and Swagger UI, exactly as package-lock.json pins them, copied to console/static/

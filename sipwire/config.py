@@ -26,6 +26,10 @@ from sipwire.errors import ConfigurationError
 #: channel is caught. 512 KiB is eight times OpenSIPS's and Kamailio's 64 KiB.
 MAX_MESSAGE_BYTES_LIMIT: Final = 1 << 19
 
+#: Bounds of ``capture_bytes``: at least a few calls' worth, at most what a 2-core box should hold for it.
+MIN_CAPTURE_BYTES: Final = 1 << 16
+MAX_CAPTURE_BYTES: Final = 1 << 30
+
 
 class ConfigError(ConfigurationError):
     """A setting has an invalid value; the message names the setting and the value."""
@@ -228,6 +232,22 @@ class Settings:
         256, "Lookups a worker lets wait at once; beyond, write jobs to new names fail with unresolvable."
     )
     shutdown_grace: float = _setting(2.0, "Seconds to flush queued writes and finish in-flight messages on shutdown.")
+    capture: bool = _setting(
+        True,
+        "Keep the SIP messages the transport carries, in and out, in a bounded in-memory ring for the console's "
+        "call-flow view (/calls, /api/calls) and its pcap export. They hold user data: readers follow the "
+        "console's read rules (the admin token beyond loopback).",
+    )
+    capture_bytes: int = _setting(
+        8 << 20,
+        "Size of the capture ring in bytes (messages plus 128 bytes each); the oldest messages go first and are "
+        "counted (capture evicted). 8 MiB holds about 10,000 typical messages.",
+    )
+    capture_bodies: bool = _setting(
+        False,
+        "Show captured message bodies (SDP, MESSAGE text) in the call-flow view and the pcap. Off: readers get "
+        "the header block only, with the body's size.",
+    )
     log_level: str = _setting("info", "Log level: debug, info, warning or error.")
     console_listen: str = _setting(
         "127.0.0.1:8080", "Ops console listen address HOST:PORT (loopback by default; port 0 picks a free port)."
@@ -467,6 +487,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"console_jaeger_url: {settings.console_jaeger_url!r} is not an http(s) URL")
     if not 1 <= settings.console_trace_capacity <= 100_000:
         raise ConfigError(f"console_trace_capacity: {settings.console_trace_capacity} is outside 1..100000")
+    if not MIN_CAPTURE_BYTES <= settings.capture_bytes <= MAX_CAPTURE_BYTES:
+        raise ConfigError(
+            f"capture_bytes: {settings.capture_bytes} is outside {MIN_CAPTURE_BYTES}..{MAX_CAPTURE_BYTES}"
+        )
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: {settings.log_level!r} is not debug, info, warning or error")
     if not settings.instance or "/" in settings.instance or settings.instance.startswith("."):

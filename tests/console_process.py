@@ -47,6 +47,16 @@ class RunningConsole:
         return stop_process(self.process, timeout)
 
 
+def traces_to(console: RunningConsole) -> dict[str, str]:
+    """Environment for a transport that exports every trace to ``console``'s OTLP receiver, promptly."""
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{console.url}/v1/traces",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+
+
 def transport_target(running: RunningTransport) -> tuple[str, Path]:
     """The instance name and state directory of a transport from ``start_transport``."""
     return running.control_path.parent.name, running.control_path.parent.parent

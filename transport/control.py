@@ -15,6 +15,8 @@ Requests (``op`` and its arguments) and their ``result``:
 * ``{"op": "connections", "limit": N, "state": S, "transport": T}``.
 * ``{"op": "connection", "id": N}``; ``{"op": "close", "id": N}``.
 * ``{"op": "stats"}``: counters, queues, workers.
+* ``{"op": "calls", ...filters}`` and ``{"op": "call", "call_id": ID}``: the
+  call-flow capture, filtered in the transport (:mod:`transport.capturequery`).
 
 Answers are ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
 "..."}`` with a sentence naming the offending value.

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from sipwire.config import Settings
+from sipwire.transport.capture import CaptureRing
 from sipwire.transport.sources import SourceLimits
 from sipwire.transport.statsblock import FreeList, StatsWriter
 from sipwire.transport.tls import TlsContexts
@@ -80,6 +81,8 @@ class Hub(Generic[ThreadT]):
         self._destinations: dict[DestinationKey, int] = {}
         self._destinations_lock = threading.Lock()
         self._ids = itertools.count(1)
+        #: The messages carried, for the console's call-flow view (transport/capture.py); None when off.
+        self.capture = CaptureRing(settings.capture_bytes) if settings.capture else None
         #: Per-source connection and request limits (transport/sources.py).
         self.sources = SourceLimits(settings)
         #: Set by the supervisor: asks it, from any thread, to restart a worker whose channel broke.

@@ -118,6 +118,8 @@ class ReadLayer(WebSocketLayer):
                 records.append(encode_message(prefix, received_at, context, event))
         if not records:
             return
+        if self._capture is not None:
+            self._capture.received(records)
         count = len(records)
         self._read_framed.observe((received_at - read_at) * 1000.0, count)
         conn.messages_in += count

@@ -31,6 +31,7 @@ from typing import Any, Final, Self
 
 from sipwire.config import Settings
 from sipwire.otel.recorder import SpanRecorder
+from sipwire.transport.capture import CaptureRing
 from sipwire.transport.connection import Connection, ConnState
 from sipwire.transport.framing import FramerLimits
 from sipwire.transport.hub import Hub
@@ -132,6 +133,7 @@ class IOState:
         # Telemetry (None when off): the recorder, and the same object only when traces are recorded.
         self._recorder: SpanRecorder | None = hub.recorder
         self._tracing: SpanRecorder | None = hub.recorder if hub.recorder is not None and hub.recorder.tracing else None
+        self._capture: CaptureRing | None = hub.capture  # the call-flow capture; None when off
         self._reader: ReadBuffer = ReadBuffer(RECV_BYTES)
         self._now: float = time.monotonic()
         self._next_tick: float = self._now + TICK_SECONDS

@@ -72,6 +72,7 @@ class WriteLayer(MetricsLayer):
             reason = f"connection {conn.id} is closing"
             self._outcome(worker, job_id, conn.id, WriteResult.CONNECTION_GONE, reason, trace=trace)
             return
+        message = payload  # the SIP text, for the capture ring, before any WebSocket framing
         if conn.ws is not None and not raw:
             payload = conn.ws.frame(payload)
             if not payload:
@@ -91,6 +92,8 @@ class WriteLayer(MetricsLayer):
             self.ratelog.log(logging.WARNING, "global_queue_full", "write job refused: %s", reason)
             self._outcome(worker, job_id, conn.id, WriteResult.LIMIT_REACHED, reason, trace=trace)
             return
+        if self._capture is not None and not raw and size > 4:  # 4: not a keep-alive pong
+            self._capture.sent(conn.prefix, message, trace)
         conn.out_chunks.append(payload)
         conn.queued_total += size
         self.pending_write_bytes += size

@@ -28,6 +28,7 @@ from sipwire.config import Settings
 from sipwire.errors import ConfigurationError, ControlError
 from sipwire.otel.setup import transport_telemetry
 from sipwire.statedir import runtime_directory
+from sipwire.transport.capturequery import CaptureQuery
 from sipwire.transport.connection import ConnectionInfo, format_address
 from sipwire.transport.control import ControlServer
 from sipwire.transport.hub import Hub
@@ -110,6 +111,9 @@ class TransportServer:
         self.telemetry: Telemetry | None = None
         self._restarts_wanted: deque[int] = deque()  # workers whose channel broke (I/O threads append)
         self.hub.restart_worker = self._request_worker_restart
+        # The call-flow capture's reader (control ops calls and call); the I/O threads append to hub.capture.
+        capture = self.hub.capture
+        self._captured = CaptureQuery(capture, settings.capture_bodies) if capture is not None else None
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -499,7 +503,13 @@ class TransportServer:
             if not self.close_connection(conn_id):
                 raise ControlError(f"no open connection with id {conn_id}")
             return {"closed": conn_id}
-        raise ControlError(f"unknown op {op!r}: use health, threads, stats, connections, connection or close")
+        if op in ("calls", "call"):
+            if self._captured is None:
+                raise ControlError("the capture is off (setting capture): no calls to show")
+            return self._captured.calls(request) if op == "calls" else self._captured.call(request)
+        raise ControlError(
+            f"unknown op {op!r}: use health, threads, stats, connections, connection, close, calls or call"
+        )
 
     def _connections(self, request: dict[str, Any]) -> dict[str, Any]:
         limit = _int_argument(request, "limit") if "limit" in request else 1000

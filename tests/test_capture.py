@@ -1,0 +1,210 @@
+"""The capture ring and its queries, without sockets: bounds, eviction counts, filters, threads.
+
+Entries are built exactly as the I/O threads build them (MESSAGE records from
+``wire.encode_message``, a connection prefix and payload for what is sent).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sipwire.config import ConfigError, Settings, load
+from sipwire.errors import ControlError
+from sipwire.otel.recorder import WriteTrace, traceparent
+from sipwire.transport.capture import ENTRY_OVERHEAD_BYTES, CaptureRing, decode
+from sipwire.transport.capturequery import MAX_CALLS_PER_PAGE, CaptureQuery, summarize
+from sipwire.transport.wire import encode_message, message_prefix
+
+PREFIX = message_prefix(7, "tcp", ("127.0.0.1", 5060), ("127.0.0.1", 40000))
+PREFIX6 = message_prefix(8, "tls", ("::1", 5061), ("::1", 40001))
+
+
+def request(method: str, call_id: str, caller: str = "alice", callee: str = "bob", body: bytes = b"") -> bytes:
+    return (
+        f"{method} sip:{callee}@sip.test SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:40000;branch=z9hG4bK{call_id}\r\n"
+        f"From: <sip:{caller}@sip.test>;tag=a\r\nTo: <sip:{callee}@sip.test>\r\nCall-ID: {call_id}\r\n"
+        f"CSeq: 1 {method}\r\nMax-Forwards: 70\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def response(status: int, call_id: str, caller: str = "alice", callee: str = "bob") -> bytes:
+    return (
+        f"SIP/2.0 {status} Whatever\r\nVia: SIP/2.0/TCP 127.0.0.1:40000;branch=z9hG4bK{call_id}\r\n"
+        f"From: <sip:{caller}@sip.test>;tag=a\r\nTo: <sip:{callee}@sip.test>;tag=b\r\nCall-ID: {call_id}\r\n"
+        "CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def received(ring: CaptureRing, *messages: bytes, at: float = 1000.0, context: bytes = b"") -> None:
+    ring.received([encode_message(PREFIX, at, context, message) for message in messages])
+
+
+def test_the_ring_keeps_what_fits_in_its_bytes_evicts_the_oldest_and_counts_them() -> None:
+    ring = CaptureRing(65536)
+    message = request("OPTIONS", "call-0000")
+    for index in range(1000):
+        received(ring, request("OPTIONS", f"call-{index:04d}"))
+    stats = ring.statistics()
+    record_size = len(encode_message(PREFIX, 0.0, b"", message)) + ENTRY_OVERHEAD_BYTES
+    assert 65536 * 15 // 16 - record_size < stats["bytes"] <= 65536  # eviction cuts down to 15/16 of it
+    assert stats["bytes"] == stats["messages"] * record_size
+    assert stats["appended"] == 1000 and stats["messages"] + stats["evicted"] == 1000
+    oldest, entries = ring.entries()
+    assert oldest == stats["evicted"] and len(entries) == stats["messages"]
+    calls = CaptureQuery(ring, bodies=False).calls({"limit": MAX_CALLS_PER_PAGE})
+    newest = [call["call_id"] for call in calls["calls"]]
+    assert newest[0] == "call-0999" and f"call-{oldest - 1:04d}" not in newest  # the oldest went first
+
+
+def test_a_message_larger_than_the_ring_leaves_it_empty_not_over_its_bound() -> None:
+    ring = CaptureRing(65536)
+    ring.sent(PREFIX, request("MESSAGE", "big", body=b"x" * 70000), None)
+    assert ring.statistics() | {"capacity_bytes": 0} == {
+        "messages": 0, "bytes": 0, "capacity_bytes": 0, "appended": 1, "evicted": 1,
+    }  # fmt: skip
+
+
+def test_sent_and_received_entries_decode_with_their_connection_time_and_trace() -> None:
+    ring = CaptureRing(1 << 20)
+    received(ring, request("INVITE", "c1"), at=1234.5, context=traceparent(0xAB, 0xCD))
+    trace = WriteTrace(0xEF, 1, 2, 0)
+    ring.sent(PREFIX6, response(200, "c1"), trace)
+    detail = CaptureQuery(ring, bodies=False).call({"call_id": "c1"})
+    assert detail is not None
+    first, second = detail["messages"]
+    assert (first["direction"], first["method"], first["time"], first["trace_id"]) == (
+        "in",
+        "INVITE",
+        1234.5,
+        f"{0xAB:032x}",
+    )
+    assert (first["connection"], first["local"], first["remote"], first["transport"]) == (
+        7, "127.0.0.1:5060", "127.0.0.1:40000", "tcp",
+    )  # fmt: skip
+    assert (second["direction"], second["status"], second["trace_id"]) == ("out", 200, f"{0xEF:032x}")
+    assert (second["connection"], second["local"], second["remote"], second["transport"]) == (
+        8, "[::1]:5061", "[::1]:40001", "tls",
+    )  # fmt: skip
+    assert first["seq"] < second["seq"]
+
+
+def test_bodies_are_withheld_unless_the_setting_shows_them() -> None:
+    ring = CaptureRing(1 << 20)
+    received(ring, request("MESSAGE", "m1", body=b"secret text"))
+    hidden = CaptureQuery(ring, bodies=False).call({"call_id": "m1"})
+    shown = CaptureQuery(ring, bodies=True).call({"call_id": "m1"})
+    assert hidden is not None and shown is not None
+    [withheld], [full] = hidden["messages"], shown["messages"]
+    assert "secret" not in withheld["text"] and withheld["text"].endswith("\r\n\r\n")
+    assert (withheld["body_bytes"], withheld["body_withheld"]) == (11, True)
+    assert full["text"].endswith("secret text") and full["body_withheld"] is False
+
+
+def test_calls_are_filtered_paged_and_newest_first() -> None:
+    ring = CaptureRing(1 << 20)
+    received(ring, request("INVITE", "call-a/1@h", caller="alice", callee="bob"), at=100.0)
+    received(ring, response(486, "call-a/1@h"), at=110.0)  # from a callee: the times are the test's
+    received(ring, request("INVITE", "call-b", caller="carol", callee="dave"), at=200.0)
+    received(ring, response(200, "call-b", caller="carol", callee="dave"), at=210.0)
+    received(ring, request("MESSAGE", "call-c", caller="alice", callee="erin"), at=300.0)
+    received(ring, b"NOT SIP AT ALL\r\n\r\n", at=310.0)  # no Call-ID: summarized, listed in no call
+    query = CaptureQuery(ring, bodies=False)
+
+    def ids(**filters: object) -> list[str]:
+        return [call["call_id"] for call in query.calls(filters)["calls"]]
+
+    assert ids() == ["call-c", "call-b", "call-a/1@h"]
+    assert ids(call_id="a/1@") == ["call-a/1@h"]
+    assert ids(from_user="ALI") == ["call-c", "call-a/1@h"]
+    assert ids(to_user="dave") == ["call-b"]
+    assert ids(method="message") == ["call-c"]
+    assert ids(status=486) == ["call-a/1@h"]
+    assert ids(since=150.0, until=250.0) == ["call-b"]
+    assert ids(since=250.0, until=150.0) == []  # an empty window is no error
+    assert ids(limit=1, offset=1) == ["call-b"] and query.calls({"limit": 1})["total"] == 3
+    [invite] = query.calls({"call_id": "call-a"})["calls"]
+    assert (invite["first_method"], invite["from_user"], invite["to_user"], invite["last_status"]) == (
+        "INVITE", "alice", "bob", 486,
+    )  # fmt: skip
+    assert query.call({"call_id": "call-z"}) is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [
+        ({"status": 99}, "status 99 is not a SIP status code"),
+        ({"status": "200"}, "status must be an integer"),
+        ({"limit": 0}, f"limit 0 is outside 1..{MAX_CALLS_PER_PAGE}"),
+        ({"offset": -1}, "offset -1 must not be negative"),
+        ({"since": "now"}, "since must be a number"),
+        ({"call_id": 5}, "call_id must be a string"),
+        ({"method": "x" * 300}, "method must be a string of at most 256"),
+    ],
+)
+def test_invalid_filters_are_refused_naming_the_value(arguments: dict[str, object], reason: str) -> None:
+    with pytest.raises(ControlError, match=reason):
+        CaptureQuery(CaptureRing(1 << 16), bodies=False).calls(arguments)
+
+
+def test_several_writer_threads_and_a_reader_keep_the_counts_exact() -> None:
+    """I/O threads append while the control thread reads: every message is held or counted as evicted."""
+    ring = CaptureRing(1 << 18)
+    query = CaptureQuery(ring, bodies=False)
+    per_thread, threads_count = 3000, 4
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(thread: int) -> None:
+        for index in range(per_thread):
+            call_id = f"t{thread}-{index}"
+            if index % 2:
+                ring.sent(PREFIX, response(200, call_id), None)
+            else:
+                received(ring, request("INVITE", call_id))
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                query.calls({"limit": 10})
+        except BaseException as error:  # reported below: a reader must never fail on a changing ring
+            errors.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write, args=(index,)) for index in range(threads_count)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    stop.set()
+    reader.join()
+    assert errors == []
+    stats = ring.statistics()
+    assert stats["appended"] == per_thread * threads_count
+    assert stats["messages"] + stats["evicted"] == stats["appended"] and stats["evicted"] > 0
+    oldest, entries = ring.entries()
+    held = sum((len(e) if isinstance(e, bytes) else len(e[3])) + ENTRY_OVERHEAD_BYTES for e in entries)
+    assert held == stats["bytes"] <= stats["capacity_bytes"] and oldest == stats["evicted"]
+    listed = query.calls({"limit": MAX_CALLS_PER_PAGE})
+    held_calls = {summarize(decode(oldest + offset, entry)).call_id for offset, entry in enumerate(entries)}
+    assert listed["total"] == len(held_calls)
+
+
+def test_capture_settings_are_bounded() -> None:
+    assert Settings().capture is True and Settings().capture_bodies is False
+    for size in (1024, 1 << 31):
+        with pytest.raises(ConfigError, match="capture_bytes"):
+            load(overrides={"capture_bytes": size})
+
+
+def test_a_message_queued_before_its_connect_finished_gets_the_address_the_connection_got() -> None:
+    """Outbound: the first message is captured while the connection has no local address yet (port 0)."""
+    ring = CaptureRing(1 << 20)
+    ring.sent(message_prefix(9, "tcp", ("0.0.0.0", 0), ("127.0.0.1", 5080)), request("INVITE", "o1"), None)
+    ring.received([encode_message(message_prefix(9, "tcp", ("127.0.0.1", 45000), ("127.0.0.1", 5080)), 2.0, b"",
+                                  response(200, "o1"))])  # fmt: skip
+    detail = CaptureQuery(ring, bodies=False).call({"call_id": "o1"})
+    assert detail is not None
+    assert [m["local"] for m in detail["messages"]] == ["127.0.0.1:45000", "127.0.0.1:45000"]

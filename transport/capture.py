@@ -1,0 +1,150 @@
+"""The capture ring: the SIP messages the transport carried, in and out, for the console's call-flow view.
+
+The I/O threads only append references here; nothing is parsed, copied or
+formatted on the data path. A received message is kept as the MESSAGE record
+the I/O thread built for its worker anyway (connection prefix, receive time,
+trace context, raw message: :mod:`transport.wire`), so a read costs one
+``extend`` of the records it framed. A message sent is kept as a tuple of the
+connection's prefix (built once per connection), the time, the trace id of its
+write job and the payload; on WS and WSS the SIP text, not the frame.
+
+The ring is bounded in bytes (``capture_bytes``: message bytes plus
+:data:`ENTRY_OVERHEAD_BYTES` per entry); past it, the oldest entries go first,
+down to 15/16 of it, and are counted. Several I/O threads append and the control thread reads, so the
+deque and its byte count change under one lock, held for an append or for a
+copy of the references: never while anything is decoded. Entries are numbered
+in the order they were appended (``seq``), which is the order the transport
+carried them; :meth:`CaptureRing.entries` gives the entries from a number on,
+and :func:`decode` turns one into a :class:`Captured`, for :mod:`transport.capturequery`.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from sipwire.otel.recorder import WriteTrace, parse_traceparent
+from sipwire.transport.wire import TRANSPORT_NAMES, MessageRecord, RecordReader
+
+#: What one entry costs beyond its message bytes (the tuple or record header, deque slot, prefix share):
+#: counted so a flood of tiny messages cannot hold more memory than ``capture_bytes`` says.
+ENTRY_OVERHEAD_BYTES: Final = 128
+
+#: A full ring is cut down to this many sixteenths of its capacity (the ring holds 15/16 to 16/16 of it).
+EVICT_TO_SIXTEENTHS: Final = 15
+
+_PREFIX = struct.Struct("!QBHHBBH")  # the fixed part of wire.message_prefix
+
+#: An outbound entry: (connection prefix, wall time queued, trace id or 0, SIP payload).
+Outbound = tuple[bytes, float, int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """One carried message, decoded from its entry (off the data path)."""
+
+    seq: int
+    time: float
+    direction: str  # "in" (received) or "out" (queued for sending)
+    conn_id: int
+    transport: str
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    trace_id: str  # 32 hex digits, "" when the message was not traced
+    raw: bytes
+
+
+class CaptureRing:
+    """Bounded, thread-safe ring of carried messages; see the module docstring."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._entries: deque[bytes | Outbound] = deque()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._appended = 0  # entries ever appended: the next entry's seq
+        self._evicted = 0
+
+    # -- the data path: I/O threads --------------------------------------------------------------
+
+    def received(self, records: list[bytes]) -> None:
+        """The MESSAGE records of one read (as built for the workers)."""
+        size = sum(map(len, records)) + ENTRY_OVERHEAD_BYTES * len(records)
+        with self._lock:
+            self._entries.extend(records)
+            self._appended += len(records)
+            self._bytes += size
+            if self._bytes > self.capacity_bytes:
+                self._evict()
+
+    def sent(self, prefix: bytes, payload: bytes, trace: WriteTrace | None) -> None:
+        """A SIP message queued on a connection (``prefix``: that connection's message prefix)."""
+        entry = (prefix, time.time(), trace.trace_id if trace is not None else 0, payload)
+        with self._lock:
+            self._entries.append(entry)
+            self._appended += 1
+            self._bytes += len(payload) + ENTRY_OVERHEAD_BYTES
+            if self._bytes > self.capacity_bytes:
+                self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest entries down to the low-water mark (the lock is held).
+
+        Down to :data:`EVICT_TO` of the capacity, not just below it: eviction then runs once per
+        many appends, in a tight loop, instead of costing every append a call.
+        """
+        entries = self._entries
+        popleft = entries.popleft
+        held = self._bytes
+        low = self.capacity_bytes * EVICT_TO_SIXTEENTHS // 16
+        evicted = 0
+        while held > low and entries:
+            entry = popleft()
+            held -= (len(entry) if isinstance(entry, bytes) else len(entry[3])) + ENTRY_OVERHEAD_BYTES
+            evicted += 1
+        self._bytes = held
+        self._evicted += evicted
+
+    # -- readers: the control thread -------------------------------------------------------------
+
+    def statistics(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "messages": len(self._entries),
+                "bytes": self._bytes,
+                "capacity_bytes": self.capacity_bytes,
+                "appended": self._appended,
+                "evicted": self._evicted,
+            }
+
+    def entries(self, from_seq: int = 0) -> tuple[int, list[bytes | Outbound]]:
+        """(seq of the oldest entry held, the entries numbered ``max(from_seq, oldest)`` on, undecoded)."""
+        with self._lock:
+            oldest = self._appended - len(self._entries)
+            entries = list(self._entries)  # references only: the lock is held for a copy of pointers
+        return oldest, entries[max(0, from_seq - oldest) :]
+
+
+def decode(seq: int, entry: bytes | Outbound) -> Captured:
+    """A ring entry as a :class:`Captured` (an entry the ring took is always well formed)."""
+    if isinstance(entry, bytes):
+        (record,) = RecordReader().feed(entry)
+        assert isinstance(record, MessageRecord)
+        parsed = parse_traceparent(record.trace_context) if record.trace_context else None
+        trace = f"{parsed[0]:032x}" if parsed is not None else ""
+        return Captured(
+            seq, record.received_at, "in", record.conn_id, record.transport, record.local, record.remote, trace,
+            record.raw,
+        )  # fmt: skip
+    prefix, sent_at, trace_id, payload = entry
+    conn_id, transport, local_port, remote_port, local_len, remote_len, _ = _PREFIX.unpack_from(prefix)
+    local_host = prefix[_PREFIX.size : _PREFIX.size + local_len].decode("ascii")
+    remote_host = prefix[_PREFIX.size + local_len : _PREFIX.size + local_len + remote_len].decode("ascii")
+    return Captured(
+        seq, sent_at, "out", conn_id, TRANSPORT_NAMES[transport], (local_host, local_port), (remote_host, remote_port),
+        f"{trace_id:032x}" if trace_id else "", bytes(payload),
+    )  # fmt: skip
