@@ -34,6 +34,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("SHARED_BENCH", HERE.parent.parent / "shared" / "bench"))
 SCENARIOS = ("direct", "proxy", "tls-tn")
+#: sipwire's stage histograms (transport/stages.py): mean and p99 bucket bound of each, per run.
+STAGES = ("read_framed_ms", "queue_wait_ms", "routing_ms", "write_latency_ms", "dispatch_latency_ms")
 UAS_PORT = 5070
 
 
@@ -48,9 +50,16 @@ def sipbench(work: Path, args: list[str]) -> dict[str, Any]:
     subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
     if not out.exists():
         return {"failed": "no result"}
-    fixed = json.loads(out.read_text()).get("fixed") or [{}]
-    run = fixed[0]
+    report = json.loads(out.read_text())
+    run = (report.get("fixed") or [{}])[0]
+    stats = report.get("sipwire_stats") or {}  # sipwire started by sipbench: its figures at the end of the run
+    stages = {
+        name: (round(h["sum_ms"] / h["count"], 3), h["p99"])
+        for name in STAGES
+        if (h := stats.get(name)) and h.get("count")
+    }
     return {
+        "stages": stages,
         "p50": run.get("latency_ms", {}).get("p50"),
         "p99": run.get("latency_ms", {}).get("p99"),
         "us": run.get("us_per_exchange"),
@@ -162,6 +171,11 @@ def print_table(results: dict[tuple[str, str], list[dict[str, Any]]], scenarios:
             ratio = f"{p99 / reference:.2f}" if p99 and reference else "-"
             cells = [f"{v:.3f}" if v is not None else "-" for v in (p50, p99)] + [f"{us:.0f}" if us else "-"]
             print(row.format(scenario, server, len(runs), *cells, failed, ratio))
+    print("\nsipwire's stages, last round: mean ms / p99 bucket bound ms (transport/stages.py)")
+    for (scenario, server), runs in results.items():
+        if runs and runs[-1].get("stages"):
+            text = "  ".join(f"{name[:-3]} {mean}/{p99}" for name, (mean, p99) in runs[-1]["stages"].items())
+            print(f"{scenario:8} {server:20} {text}")
 
 
 if __name__ == "__main__":
