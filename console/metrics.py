@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any
 
 from sipwire.console.otlp import TraceStore
 from sipwire.console.source import Liveness
+from sipwire.console.stagesview import STAGES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -163,7 +164,7 @@ def _transport(out: _Writer, stats: Mapping[str, Any], by_proto: Mapping[str, in
     if histogram:
         text = "WebSocket upgrade duration (WS from accept, WSS from the end of TLS)."
         _histogram(out, "sipwire_ws_handshake_seconds", text, [({}, histogram)])
-    stages = [({"stage": stage}, stats[name]) for stage, name in MESSAGE_STAGES if stats.get(name)]
+    stages = [({"stage": stage}, stats[name]) for name, stage, *_ in STAGES if stage and stats.get(name)]
     if stages:
         text = "Where a message's time goes: read_framed, queue_wait, routing (worker), write (job queued to sent)."
         _histogram(out, "sipwire_message_stage_seconds", text, stages)
@@ -171,15 +172,6 @@ def _transport(out: _Writer, stats: Mapping[str, Any], by_proto: Mapping[str, in
     if histogram:
         text = "A message's round trip through a worker: sent to it until its done count came back."
         _histogram(out, "sipwire_dispatch_seconds", text, [({}, histogram)])
-
-
-#: ``stage`` label values of ``sipwire_message_stage_seconds`` and the stats-block histogram of each.
-MESSAGE_STAGES: Final = (
-    ("read_framed", "read_framed_ms"),
-    ("queue_wait", "queue_wait_ms"),
-    ("routing", "routing_ms"),
-    ("write", "write_latency_ms"),
-)
 
 
 def _histogram(

@@ -17,20 +17,23 @@ from sipwire.transport.statsblock.views import histogram_view
 
 WINDOW_SECONDS: Final = 60.0
 
-#: (histogram, stage label, where it runs, what it times): the order a request crosses them.
+#: (histogram, ``stage`` label in /metrics or "" for none, label on the page, where it runs, what it times),
+#: in the order a request crosses them.
 STAGES: Final = (
-    ("read_framed_ms", "read → framed", "I/O thread", "from the read completing a message to its record for a worker"),
-    ("queue_wait_ms", "framed → picked up", "worker", "held for fairness, channel backlog, the worker busy, wake-up"),
-    ("routing_ms", "routing", "worker", "parse and route, write jobs submitted"),
-    ("write_latency_ms", "write queued → sent", "I/O thread", "a write job on its connection until its outcome"),
-    ("dispatch_latency_ms", "dispatch round trip", "both", "sent to a worker until its done count came back"),
+    ("read_framed_ms", "read_framed", "read → framed", "I/O thread",
+     "from the read that completed a message (recv, TLS) through framing"),
+    ("queue_wait_ms", "queue_wait", "framed → picked up", "worker",
+     "checks and encoding, held for fairness, channel backlog, the worker busy, its wake-up"),
+    ("routing_ms", "routing", "routing", "worker", "parse and route, write jobs submitted"),
+    ("write_latency_ms", "write", "write queued → sent", "I/O thread", "a write job on its connection to its outcome"),
+    ("dispatch_latency_ms", "", "dispatch round trip", "both", "sent to a worker until its done count came back"),
 )  # fmt: skip
 
 
 def stage_rows(latest: Mapping[str, Any], earlier: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """One row per stage: label, where, what, count, mean and p50/p95/p99 upper bounds (ms) in the window."""
     rows = []
-    for name, label, where, what in STAGES:
+    for name, _, label, where, what in STAGES:
         now = latest.get(name)
         if not now:
             continue

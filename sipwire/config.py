@@ -215,7 +215,8 @@ class Settings:
         0,
         "Microseconds an I/O thread keeps polling instead of sleeping after it handled something, and a worker "
         "after it sent records: at low load the next hop's answer (a worker's write job, a peer's response) then "
-        "finds it awake, one wake-up less, for CPU spent polling. An idle transport does not poll. 0: off.",
+        "finds it awake, one wake-up less, for CPU spent polling. An idle transport does not poll. With several "
+        "I/O threads, a polling one takes turns at the GIL with the others. 0: off.",
     )
     dns_timeout: float = _setting(
         2.0,

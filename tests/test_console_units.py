@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -262,3 +263,26 @@ def test_assets_are_found_in_the_checkout_and_missing_htmx_says_npm_ci(tmp_path:
         find_assets(tmp_path)
     with pytest.raises(AssetsMissingError, match="templates not found"):
         find_assets(tmp_path / "templates")
+
+
+def _stage_histogram(per_bucket: list[int], sum_ms: float, bounds: tuple[float, ...] = (0.1, 1.0)) -> dict[str, Any]:
+    """A histogram as the stats view gives it: cumulative buckets, the last one +Inf."""
+    from sipwire.transport.statsblock.records import Histogram
+    from sipwire.transport.statsblock.views import histogram_view
+
+    return histogram_view(Histogram("", bounds, tuple(per_bucket), sum(per_bucket), sum_ms))
+
+
+def test_stage_rows_show_the_window_and_fall_back_to_totals_after_a_restart() -> None:
+    from sipwire.console.stagesview import stage_rows
+
+    earlier = {"routing_ms": _stage_histogram([10, 0, 0], 0.5)}
+    latest = {"routing_ms": _stage_histogram([10, 3, 1], 4.5)}
+    [row] = stage_rows(latest, earlier)  # 4 messages in the window: 3 up to 1 ms, 1 above
+    assert (row["name"], row["count"], row["mean"], row["p50"], row["p99"]) == ("routing_ms", 4, 1.0, 1.0, "+Inf")
+    [alone] = stage_rows(latest, None)
+    assert (alone["count"], alone["p50"]) == (14, 0.1)
+    restarted = {"routing_ms": _stage_histogram([2, 0, 0], 0.1)}  # fewer than before: a new transport
+    [fresh] = stage_rows(restarted, latest)
+    assert (fresh["count"], fresh["mean"]) == (2, 0.05)
+    assert stage_rows({}, earlier) == []  # no stats block: no stage figures

@@ -121,7 +121,7 @@ class ReadLayer(WebSocketLayer):
         if self._capture is not None:
             self._capture.received(records)
         count = len(records)
-        self._read_framed.observe((received_at - read_at) * 1000.0, count)
+        self._read_framed.observe(max(received_at - read_at, 0.0) * 1000.0, count)
         conn.messages_in += count
         self.counters["messages_in"] += count
         source = conn.source

@@ -142,6 +142,7 @@ class IOThread(ChannelLayer, ControlLayer):
             self._close(conn, "transport stopping", WriteResult.SHUTDOWN)
         for channel in self.channels:
             if channel is not None:
+                self._send_channel(channel)  # outcomes still owed: late "sent"s, the failures just reported
                 self._drop_channel(channel, lost_reason="transport stopping")
         for listener in self._listeners:
             listener.close()

@@ -7,12 +7,12 @@ A received request's path, and the histogram that times each leg (all over
       read_framed_ms   queue_wait_ms      routing_ms                write_latency_ms
       (I/O thread)     (worker)           (worker)                  (I/O thread)
 
-``read_framed_ms``: from the read that completed the message to its record
-built for a worker (TLS decryption is before the read returns; framing,
-checks, sampling and encoding are inside). ``queue_wait_ms``: from then to
-the worker reading the record off its channel: messages held back for
-fairness, the channel's backlog, the worker busy with earlier messages, the
-scheduler's wake-up. ``routing_ms``: the worker's parse and routing of the
+``read_framed_ms``: from the start of the read that completed the message
+(the ``recv``, TLS decryption) through its framing, to the moment its batch
+is handed over. ``queue_wait_ms``: from then until the worker starts
+routing it: the per-message checks, sampling and encoding, messages held
+back for fairness, the channel's backlog, the worker busy with earlier
+messages, the scheduler's wake-up. ``routing_ms``: the worker's parse and routing of the
 message, write jobs submitted. ``write_latency_ms`` (the write job from its
 owning thread queueing it to its outcome) and ``dispatch_latency_ms`` (the
 round trip through a worker, from send to its done count) are the I/O
@@ -84,8 +84,10 @@ class LatencyHistogram:
         self.sum_ms += sum_ms
 
     def copy(self) -> LatencyHistogram:
+        """A copy another thread may take while this one observes: ``list()`` of the counts is one step."""
         twin = LatencyHistogram()
-        twin.add(self.counts, self.sum_ms)
+        twin.counts = list(self.counts)
+        twin.sum_ms = self.sum_ms
         return twin
 
     @property

@@ -241,7 +241,8 @@ class Worker:
         poll_until = 0.0  # busy_poll: after sending records, poll rather than sleep until then
         while self._running:
             now = time.monotonic()
-            timeout = min_timeout(resolver.seconds_to_next_deadline(), self._stages.seconds_to_report(now))
+            report_in = self._stages.seconds_to_report(now) if self._channels else None  # no channel: nobody to tell
+            timeout = min_timeout(resolver.seconds_to_next_deadline(), report_in)
             if poll_until and now < poll_until:
                 timeout = 0.0
             for key, _ in select(timeout):
@@ -310,7 +311,7 @@ class Worker:
                 started = time.time()  # the clock of received_at, which the transport stamped when it framed
                 stages.queue_wait.observe(max(started - record.received_at, 0.0) * 1000.0)
                 self._handle_message(record)
-                stages.routing.observe((time.time() - started) * 1000.0)
+                stages.routing.observe(max(time.time() - started, 0.0) * 1000.0)  # 0 if the clock stepped back
                 done[record.conn_id] += 1
             elif isinstance(record, OutcomeRecord):
                 callback = self._callbacks.pop(record.job_id, None)

@@ -27,10 +27,8 @@ from sipwire.transport.statsblock.layout import (
 )
 from sipwire.transport.statsblock.layout import (
     HANDSHAKE_BUCKETS_MS,
-    HISTOGRAM_DISPATCH,
     HISTOGRAM_NAMES,
     HISTOGRAM_TLS,
-    HISTOGRAM_WRITE,
     HISTOGRAM_WS,
     HISTOGRAMS,
     LATENCY_HISTOGRAMS,
@@ -77,10 +75,8 @@ from sipwire.transport.statsblock.writer import (
 __all__ = [
     "HANDSHAKE_BUCKETS_MS",
     "HISTOGRAMS",
-    "HISTOGRAM_DISPATCH",
     "HISTOGRAM_NAMES",
     "HISTOGRAM_TLS",
-    "HISTOGRAM_WRITE",
     "HISTOGRAM_WS",
     "LATENCY_BUCKETS_MS",
     "LATENCY_HISTOGRAMS",

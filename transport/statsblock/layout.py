@@ -187,7 +187,8 @@ MAGIC: Final = b"SIPWSTAT"
 #: Bump on any change of the layout above; readers refuse other versions.
 #: 2: the WS and WSS listening addresses in a 384-byte dynamic header; transport codes 3 ws, 4 wss;
 #: a fourth histogram, ws_handshake_ms.
-LAYOUT_VERSION: Final = 2
+#: 3: seven histograms (the message stages read_framed_ms, queue_wait_ms, routing_ms), latency buckets from 5 µs.
+LAYOUT_VERSION: Final = 3
 
 #: How often the supervisor rewrites the header, workers, counters and histograms.
 SUPERVISOR_INTERVAL_SECONDS: Final = 0.25
@@ -207,7 +208,7 @@ HISTOGRAMS: Final = {
     "routing_ms": LATENCY_BUCKETS_MS,
 }
 HISTOGRAM_NAMES: Final = tuple(HISTOGRAMS)
-HISTOGRAM_TLS, HISTOGRAM_DISPATCH, HISTOGRAM_WRITE, HISTOGRAM_WS = range(4)
+HISTOGRAM_TLS, HISTOGRAM_WS = HISTOGRAM_NAMES.index("tls_handshake_ms"), HISTOGRAM_NAMES.index("ws_handshake_ms")
 #: The histograms the supervisor sums from the I/O threads' :class:`~sipwire.transport.stages.LatencyHistogram`.
 LATENCY_HISTOGRAMS: Final = tuple(name for name, bounds in HISTOGRAMS.items() if bounds is LATENCY_BUCKETS_MS)
 
