@@ -14,6 +14,7 @@ from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     HEADER_SIZE,
+    KIND_AUTH_FAILED,
     KIND_CLOSE,
     KIND_COUNT,
     KIND_DONE,
@@ -23,6 +24,7 @@ from sipwire.transport.wire import (
     MAX_COUNTER_NAME_BYTES,
     MAX_RECORD_BYTES,
     MAX_TLS_FACTS_BYTES,
+    AuthFailedRecord,
     CloseRecord,
     ConnectionsClosedRecord,
     CountRecord,
@@ -33,6 +35,7 @@ from sipwire.transport.wire import (
     RecordReader,
     WireError,
     WriteRecord,
+    encode_auth_failed,
     encode_close,
     encode_connections_closed,
     encode_count,
@@ -78,6 +81,8 @@ def encode(record: Record) -> bytes:
         return encode_close(record.conn_id)
     if isinstance(record, ConnectionsClosedRecord):
         return encode_connections_closed(list(record.conn_ids))
+    if isinstance(record, AuthFailedRecord):
+        return encode_auth_failed(record.conn_id)
     return encode_done(record.conn_id, record.messages)
 
 
@@ -129,6 +134,8 @@ RECORDS: list[Record] = [
     CloseRecord(2**64 - 1),
     ConnectionsClosedRecord((9,)),
     ConnectionsClosedRecord((1, 2**64 - 1, 0)),
+    AuthFailedRecord(9),
+    AuthFailedRecord(2**64 - 1),
 ]
 
 
@@ -380,7 +387,7 @@ def test_largest_record_round_trips() -> None:
     assert RecordReader().feed(data) == [record]
 
 
-@pytest.mark.parametrize("kind", [0, 8, 9, 127, 255])
+@pytest.mark.parametrize("kind", [0, 8, 10, 127, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(WireError) as caught:
         RecordReader().feed(raw_record(kind, b"abc"))
@@ -417,6 +424,8 @@ _TIME = struct.pack("!dH", 0.0, 0)
 CORRUPT_BODIES: list[tuple[str, int, bytes, str]] = [
     ("done_short", KIND_DONE, b"\x00" * 11, "undecodable record of kind 4"),
     ("done_long", KIND_DONE, b"\x00" * 13, "undecodable record of kind 4"),
+    ("auth_failed_short", KIND_AUTH_FAILED, b"\x00" * 7, "undecodable record of kind 9"),
+    ("auth_failed_long", KIND_AUTH_FAILED, b"\x00" * 9, "undecodable record of kind 9"),
     ("outcome_short", KIND_OUTCOME, b"\x00" * 16, "undecodable record of kind 2"),
     ("outcome_unknown_result", KIND_OUTCOME, struct.pack("!QQB", 1, 2, 200), "unknown write result code 200"),
     ("outcome_bad_utf8", KIND_OUTCOME, struct.pack("!QQB", 1, 2, 0) + b"\xff", "undecodable record of kind 2"),
