@@ -205,7 +205,9 @@ class SqliteStore:
         rows = [(conn_id,) for conn_id in conn_ids]
         with self._write() as db:
             before = db.total_changes
-            db.executemany("DELETE FROM bindings WHERE conn_id = ? AND reg_id != 0", rows)
+            db.executemany(
+                "DELETE FROM bindings WHERE conn_id = ? AND (reg_id != 0 OR transport IN ('ws', 'wss'))", rows
+            )
             removed = db.total_changes - before
             db.executemany("UPDATE bindings SET conn_id = 0 WHERE conn_id = ?", rows)
         return removed
