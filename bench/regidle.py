@@ -15,7 +15,9 @@ registrar database beforehand the way ``sipwire users add`` does (or
    baresip check interop in the suite).
 2. **memory** — the transport's VmRSS before the first connection and,
    settled, once every client is registered and idle: the growth per client.
-3. **rest** — for ``--rest`` seconds every client sends CRLFCRLF keep-alives
+3. **quiet** — for ``--quiet`` seconds nobody sends anything: the transport's
+   CPU for holding the connections alone (its timer tick and stats block).
+4. **rest** — for ``--rest`` seconds every client sends CRLFCRLF keep-alives
    at intervals drawn uniformly from ``--keepalive`` (RFC 5626 section 4.4.1's
    default for connection-oriented flows: 95 to 120 s) and reads the CRLF
    pong; the first ping of each client falls at a random point of its first
@@ -243,6 +245,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             store.close()
         rss_idle = settled_rss(transport)
         worker_rss_idle = sum(vm_rss_kib(pid) for pid in workers)
+        quiet_cpu = cpu_seconds(transport)
+        time.sleep(args.quiet)
+        quiet_cpu = cpu_seconds(transport) - quiet_cpu
         transport_cpu, worker_cpu = cpu_seconds(transport), sum(cpu_seconds(pid) for pid in workers)
         client_cpu = time.process_time()
         window = time.monotonic()
@@ -269,6 +274,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "rest_window_s": round(window, 1),
         "keepalive_interval_s": args.keepalive,
         "keepalives": counts,
+        "transport_cpu_pct_quiet": round(quiet_cpu * 100.0 / args.quiet, 2) if args.quiet else None,
         "transport_cpu_pct_at_rest": round(transport_cpu * 100.0 / window, 2),
         "worker_cpu_pct_at_rest": round(worker_cpu * 100.0 / window, 2),
         "client_cpu_pct": round(client_cpu * 100.0 / window, 2),
@@ -283,6 +289,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10000)
     parser.add_argument("--batch", type=int, default=200, help="connections opened and registered at once")
     parser.add_argument("--rest", type=float, default=60.0, help="seconds of keep-alives measured")
+    parser.add_argument("--quiet", type=float, default=30.0, help="seconds measured with no keep-alives first")
     parser.add_argument("--keepalive", type=float, nargs=2, default=(95.0, 120.0), metavar=("MIN", "MAX"))
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="the transport's idle_timeout")
     parser.add_argument("--open-registrar", action="store_true", help="no users, no digest (labs)")
@@ -290,8 +297,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    if not (1 <= args.clients <= 20000 and 1 <= args.batch <= 1000 and 0 < args.rest <= 600):
-        parser.error("clients 1..20000, batch 1..1000, rest 0..600 s")
+    if not (1 <= args.clients <= 20000 and 1 <= args.batch <= 1000 and 0 < args.rest <= 600 and 0 <= args.quiet <= 600):
+        parser.error("clients 1..20000, batch 1..1000, rest 0..600 s, quiet 0..600 s")
     if not 0 < args.keepalive[0] <= args.keepalive[1] < args.idle_timeout:
         parser.error("keep-alive interval: 0 < MIN <= MAX < --idle-timeout")
     soft = raise_nofile(args.clients * 2 + 1000)  # our sockets and the transport's (it inherits the limit)
