@@ -14,8 +14,8 @@ Writes use ``BEGIN IMMEDIATE`` so the read-check-write of a REGISTER
 (:func:`~transport.routers.store.plan_register`) is one atomic step.
 
 Durability: SQLite's default (``synchronous=FULL``) flushes the WAL to disk at
-every commit, two or three per REGISTER; that ``fdatasync`` was most of a
-registration's cost (docs/BENCHMARKS.md). The workers' connections write only
+every commit, three per registration; that ``fdatasync`` was a third of the
+worker's CPU per registration (docs/BENCHMARKS.md). The workers' connections write only
 soft state (bindings, which phones refresh, and nonce counts, which expire
 within ``digest_nonce_seconds``) and use ``synchronous=NORMAL``: a commit
 survives a crash of the process, and only an OS crash or power loss can undo
