@@ -41,10 +41,12 @@ from fuzz.common import run, sip_corpus
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.wire import (
     HEADER_SIZE,
+    KIND_AUTH_FAILED,
     MAX_CLOSED_PER_RECORD,
     MAX_COUNTER_NAME_BYTES,
     MAX_TLS_FACTS_BYTES,
     TRANSPORT_CODES,
+    AuthFailedRecord,
     CloseRecord,
     ConnectionsClosedRecord,
     CountRecord,
@@ -55,6 +57,7 @@ from sipwire.transport.wire import (
     RecordReader,
     WireError,
     WriteRecord,
+    encode_auth_failed,
     encode_close,
     encode_connections_closed,
     encode_count,
@@ -67,6 +70,8 @@ from sipwire.transport.wire import (
 
 _HEADER = struct.Struct("!BI")
 MAX_RECORDS = 8
+#: The kinds build_record makes (4, DONE, is its fallback).
+RECORD_KINDS = [1, 2, 3, 4, 5, 6, 7, KIND_AUTH_FAILED]
 TRANSPORTS = sorted(TRANSPORT_CODES)
 RESULTS = list(WriteResult)
 
@@ -89,6 +94,8 @@ def encode(record: Record) -> bytes:
         return encode_close(record.conn_id)
     if isinstance(record, ConnectionsClosedRecord):
         return encode_connections_closed(list(record.conn_ids))
+    if isinstance(record, AuthFailedRecord):
+        return encode_auth_failed(record.conn_id)
     assert isinstance(record, DoneRecord), type(record)
     return encode_done(record.conn_id, record.messages)
 
@@ -125,7 +132,7 @@ def check_fields(record: Record) -> None:
     elif isinstance(record, CountRecord):
         name = record.name
         assert name.isascii() and 0 < len(name) <= MAX_COUNTER_NAME_BYTES and 0 <= record.delta < 2**64, record
-    elif isinstance(record, CloseRecord):
+    elif isinstance(record, CloseRecord | AuthFailedRecord):
         assert 0 <= record.conn_id < 2**64, record
     elif isinstance(record, ConnectionsClosedRecord):
         assert 0 < len(record.conn_ids) <= MAX_CLOSED_PER_RECORD, record
@@ -167,7 +174,7 @@ def ascii_text(provider: atheris.FuzzedDataProvider, limit: int) -> str:
 
 def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
     """A valid record from the provider, and the record it decodes to (text the encoder replaces or cuts)."""
-    kind = provider.ConsumeIntInRange(1, 7)
+    kind = provider.PickValueInList(RECORD_KINDS)
     conn_id = provider.ConsumeIntInRange(0, 2**64 - 1)
     if kind == 1:
         tls = provider.ConsumeUnicode(provider.ConsumeIntInRange(0, 1500))
@@ -208,6 +215,9 @@ def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
         return record, record
     if kind == 6:
         record = CloseRecord(conn_id)
+        return record, record
+    if kind == KIND_AUTH_FAILED:
+        record = AuthFailedRecord(conn_id)
         return record, record
     if kind == 7:
         ids = tuple(provider.ConsumeIntInRange(0, 2**64 - 1) for _ in range(provider.ConsumeIntInRange(1, 40)))
