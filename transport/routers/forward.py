@@ -236,7 +236,7 @@ def _target(
     uri = _uri_or_answer(state, message, ctx, message.uri)
     if flow and leg is not None:
         local = hostport((leg.host, leg.port)) if leg.port else ""
-        return Target(message.uri, flow, None, local, leg_transport(leg), registered=False)
+        return Target(message.uri, flow, None, local, _leg_transport(leg), registered=False)
     if flow is not None:  # our Record-Route of a leg reached by address: the Request-URI is the next hop
         destination = Destination(uri.transport, uri.host, uri.default_port())
         return Target(message.uri, 0, destination, "", uri.transport, registered=False)
@@ -308,7 +308,7 @@ def _route_uri(local: str, transport: str, token: str) -> str:
     return f"<sip:{local};transport={transport};lr;{ROUTE_PARAM}={token}>"
 
 
-def leg_transport(uri: SipUri) -> str:
+def _leg_transport(uri: SipUri) -> str:
     """The transport of a leg this proxy record-routed, read back from its URI (see :func:`_route_uri`)."""
     if uri.transport == "ws":
         return "wss" if uri.scheme == "sips" else "ws"
