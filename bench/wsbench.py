@@ -265,15 +265,18 @@ def settled_rss(pid: int, seconds: float = 10.0) -> int:
 
 
 class Sipwire:
-    """A ``sipwire transport`` child on free loopback ports, stopped on exit."""
+    """A ``sipwire transport`` child on free loopback ports, stopped on exit (bench/regidle.py uses it too).
 
-    def __init__(self, work: Path, threads: int, workers: int, idle: int, ping_interval: float) -> None:
-        config = work / "wsbench.toml"
-        config.write_text(f"max_connections = {idle + 64}\nws_ping_interval = {ping_interval}\nidle_timeout = 600.0\n")
+    ``config``: the TOML settings file's text; ``extra``: more command-line arguments (listeners, router).
+    """
+
+    def __init__(self, work: Path, threads: int, workers: int, config: str, extra: tuple[str, ...] = ()) -> None:
+        config_path = work / "sipwire.toml"
+        config_path.write_text(config)
         command = [
             sys.executable, "-m", "sipwire.cli", "transport", "--tcp", "127.0.0.1:0", "--tls", "127.0.0.1:0",
-            "--wss", "127.0.0.1:0", "--threads", str(threads), "--workers", str(workers), "--instance", "wsbench",
-            "--state-dir", str(work / "state"), "--config", str(config), "--log-level", "warning",
+            *extra, "--threads", str(threads), "--workers", str(workers), "--instance", "wsbench",
+            "--state-dir", str(work / "state"), "--config", str(config_path), "--log-level", "warning",
         ]  # fmt: skip
         self.log = open(work / "transport.log", "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -289,8 +292,9 @@ class Sipwire:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise
             time.sleep(0.1)
-        self.tls_port = int(self.health["listening"]["tls"].rpartition(":")[2])
-        self.wss_port = int(self.health["listening"]["wss"].rpartition(":")[2])
+        listening = self.health["listening"]
+        self.tls_port = int(listening["tls"].rpartition(":")[2])
+        self.wss_port = int(listening["wss"].rpartition(":")[2]) if "wss" in listening else 0
 
     def control(self, op: str, **arguments: Any) -> Any:
         with ControlClient(self.control_path, timeout=10.0) as client:
@@ -422,7 +426,8 @@ def main() -> int:
     if codec:
         print(f"codec, in-process, per message: {codec}")
     with tempfile.TemporaryDirectory(prefix="wsbench-") as work:
-        server = Sipwire(Path(work), args.threads, args.workers, args.idle, args.ping_interval)
+        config = f"max_connections = {args.idle + 64}\nws_ping_interval = {args.ping_interval}\nidle_timeout = 600.0\n"
+        server = Sipwire(Path(work), args.threads, args.workers, config, ("--wss", "127.0.0.1:0"))
         try:
             result = asyncio.run(main_async(args, server))
             if codec:

@@ -35,16 +35,21 @@ if __name__ == "__main__":
 
     with atheris.instrument_imports(include=["sipwire"]):
         import sipwire.transport.outcome
+        import sipwire.transport.stages
         import sipwire.transport.wire  # noqa: F401
 
 from fuzz.common import run, sip_corpus
 from sipwire.transport.outcome import WriteResult
+from sipwire.transport.stages import LATENCY_BUCKETS_MS, WORKER_STAGES, StagesRecord
 from sipwire.transport.wire import (
     HEADER_SIZE,
+    KIND_AUTH_FAILED,
+    KIND_STAGES,
     MAX_CLOSED_PER_RECORD,
     MAX_COUNTER_NAME_BYTES,
     MAX_TLS_FACTS_BYTES,
     TRANSPORT_CODES,
+    AuthFailedRecord,
     CloseRecord,
     ConnectionsClosedRecord,
     CountRecord,
@@ -55,18 +60,22 @@ from sipwire.transport.wire import (
     RecordReader,
     WireError,
     WriteRecord,
+    encode_auth_failed,
     encode_close,
     encode_connections_closed,
     encode_count,
     encode_done,
     encode_message,
     encode_outcome,
+    encode_stages_record,
     encode_write,
     message_prefix,
 )
 
 _HEADER = struct.Struct("!BI")
 MAX_RECORDS = 8
+#: The kinds build_record makes (4, DONE, is its fallback).
+RECORD_KINDS = [1, 2, 3, 4, 5, 6, 7, KIND_AUTH_FAILED, KIND_STAGES]
 TRANSPORTS = sorted(TRANSPORT_CODES)
 RESULTS = list(WriteResult)
 
@@ -89,6 +98,10 @@ def encode(record: Record) -> bytes:
         return encode_close(record.conn_id)
     if isinstance(record, ConnectionsClosedRecord):
         return encode_connections_closed(list(record.conn_ids))
+    if isinstance(record, AuthFailedRecord):
+        return encode_auth_failed(record.conn_id)
+    if isinstance(record, StagesRecord):
+        return encode_stages_record(record.body())
     assert isinstance(record, DoneRecord), type(record)
     return encode_done(record.conn_id, record.messages)
 
@@ -98,6 +111,8 @@ def same(a: Record, b: Record) -> bool:
     if isinstance(a, MessageRecord) and isinstance(b, MessageRecord):
         bits = struct.pack("!d", a.received_at) == struct.pack("!d", b.received_at)
         return bits and a._replace(received_at=0.0) == b._replace(received_at=0.0)
+    if isinstance(a, StagesRecord) and isinstance(b, StagesRecord):
+        return a.body() == b.body()  # sums compared bit for bit (NaN included)
     return type(a) is type(b) and a == b
 
 
@@ -125,10 +140,13 @@ def check_fields(record: Record) -> None:
     elif isinstance(record, CountRecord):
         name = record.name
         assert name.isascii() and 0 < len(name) <= MAX_COUNTER_NAME_BYTES and 0 <= record.delta < 2**64, record
-    elif isinstance(record, CloseRecord):
+    elif isinstance(record, CloseRecord | AuthFailedRecord):
         assert 0 <= record.conn_id < 2**64, record
     elif isinstance(record, ConnectionsClosedRecord):
         assert 0 < len(record.conn_ids) <= MAX_CLOSED_PER_RECORD, record
+    elif isinstance(record, StagesRecord):
+        assert len(record.stages) == len(WORKER_STAGES), record
+        assert all(len(counts) == len(LATENCY_BUCKETS_MS) + 1 for counts, _ in record.stages), record
     else:
         assert isinstance(record, DoneRecord) and 0 <= record.messages < 2**32, record
 
@@ -167,7 +185,7 @@ def ascii_text(provider: atheris.FuzzedDataProvider, limit: int) -> str:
 
 def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
     """A valid record from the provider, and the record it decodes to (text the encoder replaces or cuts)."""
-    kind = provider.ConsumeIntInRange(1, 7)
+    kind = provider.PickValueInList(RECORD_KINDS)
     conn_id = provider.ConsumeIntInRange(0, 2**64 - 1)
     if kind == 1:
         tls = provider.ConsumeUnicode(provider.ConsumeIntInRange(0, 1500))
@@ -208,6 +226,17 @@ def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
         return record, record
     if kind == 6:
         record = CloseRecord(conn_id)
+        return record, record
+    if kind == KIND_AUTH_FAILED:
+        record = AuthFailedRecord(conn_id)
+        return record, record
+    if kind == KIND_STAGES:
+        stages = tuple(
+            (tuple(provider.ConsumeIntInRange(0, 2**32 - 1) for _ in range(len(LATENCY_BUCKETS_MS) + 1)),
+             provider.ConsumeRegularFloat())
+            for _ in WORKER_STAGES
+        )  # fmt: skip
+        record = StagesRecord(stages)
         return record, record
     if kind == 7:
         ids = tuple(provider.ConsumeIntInRange(0, 2**64 - 1) for _ in range(provider.ConsumeIntInRange(1, 40)))

@@ -45,6 +45,7 @@ from sipwire.otel.recorder import (
     SPAN_NAMES,
     SPAN_RECEIVE,
     SPAN_ROUTE,
+    SPAN_UPGRADE,
     ApiSpanRecord,
     SpanRecord,
     SpanRecorder,
@@ -90,6 +91,8 @@ def build_span(record: SpanRecord, resource: Resource, scope: InstrumentationSco
     elif kind == SPAN_HANDSHAKE:
         span_kind = SpanKind.CLIENT if outbound else SpanKind.SERVER
         attributes[attr.TLS_ESTABLISHED] = not error
+    elif kind == SPAN_UPGRADE:
+        span_kind = SpanKind.SERVER  # no outbound WebSockets
     else:
         span_kind = SpanKind.PRODUCER
     if extra:

@@ -88,7 +88,8 @@ SPAN_WRITE: Final = 1
 SPAN_CONNECT: Final = 2
 SPAN_HANDSHAKE: Final = 3
 SPAN_ROUTE: Final = 4  # recorded by the worker
-SPAN_NAMES: Final = ("sip.receive", "sip.write", "tcp.connect", "tls.handshake", "sip.route")
+SPAN_UPGRADE: Final = 5
+SPAN_NAMES: Final = ("sip.receive", "sip.write", "tcp.connect", "tls.handshake", "sip.route", "ws.upgrade")
 
 #: A finished span as an I/O thread (or the worker) records it, fields in this order:
 #: kind, trace id, span id, parent span id (0: root), start and end (UNIX ns), conn id (0: none),
@@ -277,7 +278,8 @@ class SpanRecorder:
         )  # fmt: skip
 
     def start_connection(self, kind: int, job: WriteTrace | None) -> ConnTrace | None:
-        """Open a ``tcp.connect`` or ``tls.handshake`` span: child of ``job``'s write span, else a new root."""
+        """Open a ``tcp.connect``, ``tls.handshake`` or ``ws.upgrade`` span: child of ``job``'s write span, else a
+        new root."""
         if job is not None:
             return ConnTrace(kind, job.trace_id, job.span_id, self.new_span_id(), time.time_ns())
         trace_id = self.root_trace_id()
@@ -306,3 +308,7 @@ class SpanRecorder:
     def next_phase(self, trace: ConnTrace, kind: int) -> ConnTrace:
         """The span that follows ``trace`` on the same connection (TCP connected: the TLS handshake)."""
         return ConnTrace(kind, trace.trace_id, trace.parent_id, self.new_span_id(), time.time_ns())
+
+    def after(self, trace: ConnTrace, kind: int) -> ConnTrace:
+        """A span that ``trace`` led to, as its child (an accepted WSS connection's TLS handshake: its upgrade)."""
+        return ConnTrace(kind, trace.trace_id, trace.span_id, self.new_span_id(), time.time_ns())

@@ -168,6 +168,15 @@ class Settings:
         "SIP messages per second from one peer address (bursts of twice that); more are answered 503 with "
         "Retry-After by the transport itself (limited.request_rate).",
     )
+    auth_failures_per_ip: int = _setting(
+        10,
+        "Failed authentications (a wrong password, an unknown user, a forged or replayed nonce) from one peer "
+        "address within auth_failure_window that block it for that long: its connection is closed after the "
+        "answer (limited.auth_failures) and new ones at accept (refused.auth_failures).",
+    )
+    auth_failure_window: float = _setting(
+        60.0, "Seconds over which auth_failures_per_ip failures are counted, and how long a blocked address stays so."
+    )
     source_limits_allow: str = _setting(
         "127.0.0.0/8,::1",
         "Comma-separated addresses or networks the per-source limits never apply to (trusted peers: "
@@ -453,6 +462,8 @@ def _validate(settings: Settings) -> None:
         "max_connections_per_ip",
         "new_connections_per_ip",
         "requests_per_ip",
+        "auth_failures_per_ip",
+        "auth_failure_window",
         "registrar_min_expires",
         "registrar_max_contacts",
         "ws_max_frame_bytes",

@@ -42,10 +42,10 @@ _SENT = re.compile(r"\d+_([A-Z]+)_Sent")
 _RECV = re.compile(r"\d+_(\d{3})_Recv")
 
 
-def free_port(kind: socket.SocketKind) -> int:
-    """A port on 127.0.0.1 that is free right now (TCP or UDP)."""
+def free_port(kind: socket.SocketKind, host: str = "127.0.0.1") -> int:
+    """A port on ``host`` that is free right now (TCP or UDP)."""
     with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -142,7 +142,9 @@ class Sipp:
         rate: int,
         timeout: float,
         extra_args: Sequence[str] = (),
+        local_ip: str = "127.0.0.1",
     ) -> None:
+        """``local_ip``: the address sipp binds and sends from (another loopback address is another source)."""
         if SIPP is None:
             raise RuntimeError("sipp is not on PATH")
         if transport not in ("t1", "tn"):
@@ -153,8 +155,8 @@ class Sipp:
         self.command = [
             SIPP, f"{host}:{port}", *scenario_args,
             "-t", transport,
-            "-i", "127.0.0.1",
-            "-p", str(free_port(socket.SOCK_STREAM)),
+            "-i", local_ip,
+            "-p", str(free_port(socket.SOCK_STREAM, local_ip)),
             "-ci", "127.0.0.1",
             "-cp", str(free_port(socket.SOCK_DGRAM)),
             "-m", str(calls),
@@ -227,10 +229,11 @@ def run_sipp(
     rate: int,
     timeout: float,
     extra_args: Sequence[str] = (),
+    local_ip: str = "127.0.0.1",
 ) -> SippResult:
     """Run sipp to completion; see :class:`Sipp`."""
     with Sipp(
         host, port, workdir, scenario=scenario, transport=transport, calls=calls, rate=rate, timeout=timeout,
-        extra_args=extra_args,
+        extra_args=extra_args, local_ip=local_ip,
     ) as sipp:  # fmt: skip
         return sipp.wait()

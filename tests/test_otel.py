@@ -69,6 +69,7 @@ from sipwire.transport.routing import RouteContext, Router
 from sipwire.transport.sip import SipMessage, build_response
 from sipwire.transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP, Worker
 from tests.conftest import REPO, RunningTransport, SipClient, sip_request, wait_for
+from tests.wsclient import RawWs, parse_response, sip_over_ws, ws_connect
 
 StartTransport = Callable[..., RunningTransport]
 
@@ -909,6 +910,34 @@ def test_tls_handshake_span_over_otlp_http(start_transport: StartTransport, otlp
     assert handshake.attributes["server.port"] == running.tls_port
     assert receive.attributes["tls.protocol.version"] == "1.3"
     assert receive.attributes["sip.transport"] == "tls"
+
+
+def test_websocket_upgrade_spans_over_otlp_http(start_transport: StartTransport, otlp_receiver: OtlpReceiver) -> None:
+    """A ``ws.upgrade`` span per upgrade: a root for WS, the TLS handshake's child for WSS; a refusal is an error."""
+    running = start_transport(workers=1, threads=1, ws="127.0.0.1:0", wss="127.0.0.1:0", env=otel_env(otlp_receiver))
+    for secure in (False, True):
+        with ws_connect(running, secure) as ws:
+            ws.send(sip_over_ws(sip_request("OPTIONS", call_id=f"ws-span-{secure}@test")).decode())
+            assert parse_response(ws.recv(timeout=5)).status == 200
+    refused = RawWs(running, secure=False)
+    assert refused.upgrade(subprotocol="").startswith(b"HTTP/1.1 400")  # no "sip" subprotocol
+    refused.sock.close()
+
+    def upgrades() -> list[ReceivedSpan] | None:
+        spans = [s for s in otlp_receiver.snapshot() if s.name == "ws.upgrade"]
+        return spans if len(spans) == 3 else None
+
+    spans = wait_for(upgrades, timeout=10.0, what="three ws.upgrade spans")
+    by_transport = {(s.attributes["sip.transport"], s.status_code): s for s in spans}
+    ws_ok, wss_ok = by_transport[("ws", StatusCode.UNSET.value)], by_transport[("wss", StatusCode.UNSET.value)]
+    refused_span = by_transport[("ws", StatusCode.ERROR.value)]
+    assert ws_ok.kind == SpanKind.SERVER.value + 1 and not ws_ok.parent_id  # OTLP kinds count from 1
+    assert ws_ok.attributes["server.port"] == running.ws_port and "tls.protocol.name" not in ws_ok.attributes
+    [handshake] = [s for s in otlp_receiver.snapshot() if s.name == "tls.handshake"]
+    assert (wss_ok.trace_id, wss_ok.parent_id) == (handshake.trace_id, handshake.span_id)
+    assert wss_ok.attributes["server.port"] == running.wss_port
+    assert wss_ok.attributes["tls.protocol.version"] in ("1.2", "1.3")
+    assert refused_span.attributes["error.type"] == "no_sip_subprotocol"
 
 
 def test_a_dead_collector_is_logged_once_and_traffic_goes_on(start_transport: StartTransport) -> None:

@@ -10,14 +10,16 @@ Record-Route set back down the callee's connection.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sipwire.config import Settings
 from sipwire.transport.routers.sqlitestore import open_store
-from tests.conftest import RunningTransport, wait_for
+from tests.conftest import RunningTransport, wait_for, write_config
+from tests.console_process import RunningConsole, console_starter
 from tests.sipp import SIPP, Sipp, SippResult, run_sipp
 
 pytestmark = [
@@ -49,10 +51,12 @@ def _credentials(user: str, password: str, request_uri: str) -> list[str]:
     return ["-au", user, "-ap", password, "-auth_uri", request_uri]
 
 
-def _run(proxy: RunningTransport, workdir: Path, scenario: str, user: str, password: str) -> SippResult:
+def _run(proxy: RunningTransport, workdir: Path, scenario: str, user: str, password: str, **options: Any) -> SippResult:
+    """One sipp REGISTER call over one connection; ``options`` override run_sipp's (calls, local_ip...)."""
+    arguments: dict[str, Any] = {"transport": "t1", "calls": 1, "rate": 1, "timeout": 15, **options}
     return run_sipp(
-        proxy.host, proxy.port, workdir, scenario=scenario, transport="t1", calls=1, rate=1, timeout=15,
-        extra_args=_credentials(user, password, "sip.test"),
+        proxy.host, proxy.port, workdir, scenario=scenario, extra_args=_credentials(user, password, "sip.test"),
+        **arguments,
     )  # fmt: skip
 
 
@@ -68,6 +72,51 @@ def test_sipp_registers_with_digest_and_a_wrong_password_ends_in_403(
     assert counters["auth.ok"] == 1
     assert counters["auth_failed.wrong_password"] == 1
     assert counters["registrar.registered"] == 1
+
+
+@pytest.fixture
+def start_console(tmp_path: Path) -> Iterator[Callable[..., RunningConsole]]:
+    yield from console_starter(tmp_path)
+
+
+def test_a_password_scan_blocks_its_source_and_spares_the_others(
+    start_transport: StartTransport, start_console: Callable[..., RunningConsole], tmp_path: Path
+) -> None:
+    """sipp guesses alice's password from 127.0.0.2, a new connection per guess; 127.0.0.3 is alice's phone."""
+    config = write_config(tmp_path, auth_failures_per_ip=3, auth_failure_window=30, source_limits_allow="")
+    proxy = start_transport("--config", str(config), router="proxy", workers=2, users=USERS, env=SIPP_ENV)
+    scan = _run(
+        proxy, tmp_path / "scan", "register_forbidden.xml", "alice", "guess", transport="tn", calls=6, rate=5,
+        timeout=10, local_ip="127.0.0.2",
+    )  # fmt: skip
+    assert scan.received(403) == 3, scan.describe()  # the third closes its connection after the 403
+    # Then the address is refused at accept: sipp stops at the fourth guess, its connection reset.
+    assert (scan.created, scan.successful, scan.sent("REGISTER")) == (4, 3, 7), scan.describe()
+    assert "remote peer probably closed the socket" in scan.errors, scan.describe()
+    counters = proxy.counters()
+    assert counters["auth_failed.wrong_password"] == 3
+    assert counters["limited.auth_failures"] == 1
+    assert counters["refused.auth_failures"] == 1
+    _clean(
+        _run(proxy, tmp_path / "phone", "register_digest.xml", "alice", USERS["alice@sip.test"], local_ip="127.0.0.3")
+    )
+    blocked = _run(
+        proxy, tmp_path / "late", "register_digest.xml", "alice", USERS["alice@sip.test"], timeout=5,
+        local_ip="127.0.0.2",
+    )  # fmt: skip
+    assert (blocked.successful, blocked.received(200)) == (0, 0), blocked.describe()  # the right password too
+    counters = proxy.counters()
+    assert (counters["auth.ok"], counters["registrar.registered"]) == (1, 1)
+    console = start_console(proxy)  # operators see it on the Edge protection panel and in /metrics
+    with console.client() as browser:
+        wait_for(
+            lambda: all(
+                name in browser.get("/").text.partition('data-testid="edge"')[2]
+                for name in ("refused.auth_failures", "limited.auth_failures")
+            ),
+            what="the blocked source on the console's overview",
+        )
+        assert 'sipwire_events_total{event="limited.auth_failures"} 1' in browser.get("/metrics").text
 
 
 def test_a_sipp_call_reaches_a_sipp_callee_over_its_registered_connection(

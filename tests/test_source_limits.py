@@ -116,3 +116,19 @@ def test_token_bucket_and_idle_sources_are_bounded() -> None:
     started = time.monotonic()
     again = limits.admit("192.0.2.1")  # its connect bucket was remembered while idle
     assert not isinstance(again, str) and again is not None and time.monotonic() - started < 1.0
+
+
+def test_failed_authentications_block_an_address_for_the_window() -> None:
+    limits = SourceLimits(Settings(source_limits_allow="", auth_failures_per_ip=3, auth_failure_window=0.5))
+    source = limits.admit("192.0.2.7")
+    assert not isinstance(source, str) and source is not None
+    assert [limits.auth_failed(source) for _ in range(3)] == [False, False, True]
+    assert limits.auth_failed(source)  # while blocked, every further failure closes its connection too
+    assert limits.admit("192.0.2.7") == "auth_failures"
+    assert not isinstance(limits.admit("192.0.2.8"), str)  # another address is not concerned
+    limits.release(source)
+    assert limits.admit("192.0.2.7") == "auth_failures"  # the block outlives the address's connections
+    time.sleep(0.6)
+    again = limits.admit("192.0.2.7")
+    assert not isinstance(again, str) and again is not None
+    assert not limits.auth_failed(again)  # a new window

@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from sipwire.transport.sip import build_response, parse
 from tests.conftest import RunningTransport, SipClient, run_ctl, sip_request, wait_for
+from tests.sipphone import Phone
 from tests.wsclient import parse_response, sip_over_ws, ws_connect
 
 StartTransport = Callable[..., RunningTransport]
@@ -129,6 +130,63 @@ def test_proxy_reaches_a_registered_websocket_client_over_its_own_connection(sta
         assert len(answer.all("via")) == 1
     counters = running.counters()
     assert counters.get("write.bad_destination", 0) == 0 and counters.get("router_errors", 0) == 0
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["wss", "ws"])
+def test_a_call_with_a_websocket_leg_names_ws_in_via_and_record_route(
+    start_transport: StartTransport, secure: bool
+) -> None:
+    """RFC 7118 section 5.2: Via ``WS``/``WSS``, a Record-Route ``transport=ws`` (sips: for WSS) for the WebSocket leg,
+    in the INVITE and in the in-dialog requests either way; the WebSocket binding goes with its connection."""
+    running = start_transport("--open-registrar", workers=2, router="proxy", **WEBSOCKETS)
+    name, ws_port = ("WSS", running.wss_port) if secure else ("WS", running.ws_port)
+    contact = "<sip:alice@df7jal23ls0d.invalid;transport=ws>"
+    register = sip_request("REGISTER", 1, call_id="reg-ws", uri="sip:127.0.0.1", headers=[("Contact", contact)])
+    register = register.replace(b"To: <sip:service@127.0.0.1>", b"To: <sip:alice@127.0.0.1>")
+    with ws_connect(running, secure) as alice, Phone(running, "bob@127.0.0.1") as bob:
+        alice.send(sip_over_ws(register, name).decode())
+        assert parse_response(alice.recv(timeout=5)).status == 200
+        bob.send(
+            bob.request("INVITE", "sip:alice@127.0.0.1", call_id="ws-call", headers=[("Contact", f"<{bob.contact}>")])
+        )
+        invite = parse(str(alice.recv(timeout=5)).encode())
+        assert invite.values("via")[0].startswith(f"SIP/2.0/{name} 127.0.0.1:{ws_port};branch=z9hG4bKsw")
+        record_routes = invite.values("record-route")
+        scheme = "sips" if secure else "sip"
+        assert record_routes[0].startswith(f"<{scheme}:127.0.0.1:{ws_port};transport=ws;lr;swr="), record_routes
+        assert record_routes[1].startswith(f"<sip:127.0.0.1:{running.port};transport=tcp;lr;swr="), record_routes
+        answer = build_response(
+            invite, 200, "OK", to_tag="alice-tag",
+            extra_headers=[*(("Record-Route", value) for value in record_routes), ("Contact", contact)],
+        )  # fmt: skip
+        alice.send(answer.decode())
+        ok = bob.read()
+        assert ok.status == 200 and ok.values("record-route") == record_routes
+        to_alice = ok.header("to") or ""
+        bob.send(
+            bob.request("ACK", "sip:alice@df7jal23ls0d.invalid;transport=ws", call_id="ws-call", cseq=1, to=to_alice,
+                        headers=[("Route", ", ".join(reversed(record_routes)))])
+        )  # fmt: skip
+        ack = parse(str(alice.recv(timeout=5)).encode())
+        assert ack.method == "ACK" and ack.values("via")[0].startswith(f"SIP/2.0/{name} 127.0.0.1:{ws_port};")
+        bye = sip_request("BYE", 1, call_id="ws-call", uri=bob.contact, headers=[("Route", ", ".join(record_routes))])
+        bye = bye.replace(b";tag=from-tag-1", b";tag=alice-tag").replace(
+            b"To: <sip:service@127.0.0.1>", b"To: <sip:bob@127.0.0.1>;tag=ft1"
+        )
+        alice.send(sip_over_ws(bye, name).decode())
+        got_bye = bob.read()
+        assert got_bye.method == "BYE"
+        assert got_bye.values("via")[0].startswith(f"SIP/2.0/TCP 127.0.0.1:{running.port};branch=z9hG4bKsw")
+        assert got_bye.values("via")[1].startswith(f"SIP/2.0/{name} df7jal23ls0d.invalid")
+        bob.send(build_response(got_bye, 200, "OK"))
+        assert parse_response(alice.recv(timeout=5)).status == 200
+    bob_again = Phone(running, "bob@127.0.0.1")  # alice's WebSocket closed: her binding went with it
+    with bob_again:
+        wait_for(lambda: running.counters().get("registrar.flows_closed", 0) == 1, what="the WebSocket binding removed")
+        bob_again.send(bob_again.request("MESSAGE", "sip:alice@127.0.0.1", call_id="too-late"))
+        assert bob_again.read().reason == "Not Found (no binding and no upstream)"
+    wait_for(lambda: running.counters().get("proxy.in_dialog") == 2, what="the ACK and the BYE counted")
+    assert running.counters().get("router_errors", 0) == 0
 
 
 def test_no_outbound_websocket_connections(start_transport: StartTransport) -> None:

@@ -13,15 +13,14 @@ from sipwire.transport.outcome import WriteResult
 from sipwire.transport.stages import (
     LATENCY_BUCKETS_MS,
     STAGES_BYTES,
-    LatencyHistogram,
     StagesRecord,
     WorkerStages,
-    encode_stages,
 )
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_PROMPT_OUTCOME,
     HEADER_SIZE,
+    KIND_AUTH_FAILED,
     KIND_CLOSE,
     KIND_CONNECTIONS_CLOSED,
     KIND_COUNT,
@@ -33,6 +32,7 @@ from sipwire.transport.wire import (
     MAX_COUNTER_NAME_BYTES,
     MAX_RECORD_BYTES,
     MAX_TLS_FACTS_BYTES,
+    AuthFailedRecord,
     CloseRecord,
     ConnectionsClosedRecord,
     CountRecord,
@@ -43,6 +43,7 @@ from sipwire.transport.wire import (
     RecordReader,
     WireError,
     WriteRecord,
+    encode_auth_failed,
     encode_close,
     encode_connections_closed,
     encode_count,
@@ -90,12 +91,9 @@ def encode(record: Record) -> bytes:
     if isinstance(record, ConnectionsClosedRecord):
         return encode_connections_closed(list(record.conn_ids))
     if isinstance(record, StagesRecord):
-        histograms = []
-        for counts, sum_ms in record.stages:
-            histogram = LatencyHistogram()
-            histogram.add(counts, sum_ms)
-            histograms.append(histogram)
-        return encode_stages_record(encode_stages(histograms))
+        return encode_stages_record(record.body())
+    if isinstance(record, AuthFailedRecord):
+        return encode_auth_failed(record.conn_id)
     return encode_done(record.conn_id, record.messages)
 
 
@@ -147,6 +145,8 @@ RECORDS: list[Record] = [
     CloseRecord(2**64 - 1),
     ConnectionsClosedRecord((9,)),
     ConnectionsClosedRecord((1, 2**64 - 1, 0)),
+    AuthFailedRecord(9),
+    AuthFailedRecord(2**64 - 1),
 ]
 
 
@@ -398,7 +398,7 @@ def test_largest_record_round_trips() -> None:
     assert RecordReader().feed(data) == [record]
 
 
-@pytest.mark.parametrize("kind", [0, 11, 127, 255])
+@pytest.mark.parametrize("kind", [0, 8, 11, 127, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(WireError) as caught:
         RecordReader().feed(raw_record(kind, b"abc"))
@@ -456,6 +456,8 @@ _TIME = struct.pack("!dH", 0.0, 0)
 CORRUPT_BODIES: list[tuple[str, int, bytes, str]] = [
     ("done_short", KIND_DONE, b"\x00" * 11, "undecodable record of kind 4"),
     ("done_long", KIND_DONE, b"\x00" * 13, "undecodable record of kind 4"),
+    ("auth_failed_short", KIND_AUTH_FAILED, b"\x00" * 7, "undecodable record of kind 9"),
+    ("auth_failed_long", KIND_AUTH_FAILED, b"\x00" * 9, "undecodable record of kind 9"),
     ("outcome_short", KIND_OUTCOME, b"\x00" * 16, "undecodable record of kind 2"),
     ("outcome_unknown_result", KIND_OUTCOME, struct.pack("!QQB", 1, 2, 200), "unknown write result code 200"),
     ("outcome_bad_utf8", KIND_OUTCOME, struct.pack("!QQB", 1, 2, 0) + b"\xff", "undecodable record of kind 2"),
@@ -837,7 +839,7 @@ def test_arbitrary_bytes_give_records_or_wire_error(data: bytes, cuts: list[int]
                 assert isinstance(
                     record,
                     MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord
-                    | ConnectionsClosedRecord | StagesRecord,
+                    | ConnectionsClosedRecord | AuthFailedRecord | StagesRecord,
                 )  # fmt: skip
     except WireError:
         pass
@@ -860,6 +862,7 @@ def test_any_header_and_body_give_a_record_or_wire_error(kind: int, body: bytes)
         KIND_COUNT,
         KIND_CLOSE,
         KIND_CONNECTIONS_CLOSED,
+        KIND_AUTH_FAILED,
         KIND_STAGES,
     )
     assert kind in kinds

@@ -134,3 +134,36 @@ def test_sipjs_registers_and_exchanges_messages_with_sipp(
     counters = running.counters()
     assert counters["ws_handshakes"] == 1 and counters.get("router_errors", 0) == 0
     assert "Traceback" not in running.log_text()
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["wss", "ws"])
+def test_sipjs_keeps_a_dialog_through_the_proxys_websocket_record_route(
+    start_transport: Any, page: Any, tmp_path: Path, secure: bool
+) -> None:
+    """SIP.js subscribes to a sipp notifier through the proxy: the proxy record-routes the browser's leg
+    ``transport=ws`` (RFC 7118), sipp's NOTIFYs follow that route set down the WebSocket with a ``WS``/``WSS``
+    Via, and SIP.js's un-SUBSCRIBE follows the route set it learnt back to sipp."""
+    with Sipp("127.0.0.1", 9, tmp_path / "uas", scenario="subscribe_uas.xml", transport="t1", calls=1, rate=1,
+              timeout=60) as uas:  # fmt: skip
+        uas_port = int(uas.command[uas.command.index("-p") + 1])
+        running: RunningTransport = start_transport(
+            "--open-registrar", workers=2, router="proxy", upstream=f"sip:127.0.0.1:{uas_port};transport=tcp",
+            ws="127.0.0.1:0", wss="127.0.0.1:0",
+        )  # fmt: skip
+        name, port = ("WSS", running.wss_port) if secure else ("WS", running.ws_port)
+        server = f"{name.lower()}://127.0.0.1:{port}"
+        try:
+            assert page.evaluate("([s, u, d]) => window.register(s, u, d)", [server, "alice", "127.0.0.1"]) == (
+                "Registered"
+            )
+            via = page.evaluate("(t) => window.subscribe(t)", "sip:bob@127.0.0.1")
+            assert via.startswith(f"SIP/2.0/{name} 127.0.0.1:{port};branch=z9hG4bKsw"), via
+            assert page.evaluate("() => window.unsubscribe()") == "Terminated"
+            uas_result = uas.wait()
+        except BaseException:
+            print(page.inner_text("#log")[-6000:])
+            raise
+    assert (uas_result.successful, uas_result.failed) == (1, 0), uas_result.describe()
+    counters = running.counters()
+    assert counters["proxy.record_routed"] == 1 and counters["proxy.in_dialog"] >= 3  # NOTIFY, SUBSCRIBE, NOTIFY
+    assert counters.get("router_errors", 0) == 0 and counters.get("proxy.responses_dropped", 0) == 0

@@ -7,7 +7,8 @@ bytes the kernel does not take wait in the channel's backlog, whose size is the
 overload signal ``ioread.py`` checks. From the worker come WRITE records (a
 write job: queued on its connection, forwarded to the connection's owner, or a
 connect started), DONE counts, which release a connection's in-flight
-messages and measure dispatch latency, and the workers' STAGES histograms. A channel that closes (its worker
+messages and measure dispatch latency, the workers' STAGES histograms, and AUTH_FAILED
+records, which charge the peer's address (``transport/sources.py``). A channel that closes (its worker
 exited) counts its in-flight messages as lost; a restarted worker's channel
 takes the messages parked in the meantime.
 """
@@ -28,6 +29,7 @@ from sipwire.transport.stages import StagesRecord
 from sipwire.transport.wire import (
     FLAG_NO_OUTCOME,
     FLAG_PROMPT_OUTCOME,
+    AuthFailedRecord,
     CloseRecord,
     CountRecord,
     DoneRecord,
@@ -79,6 +81,8 @@ class ChannelLayer(ConnectLayer):
             elif type(record) is StagesRecord:
                 for histogram, (counts, sum_ms) in zip(self._worker_stages, record.stages, strict=True):
                     histogram.add(counts, sum_ms)
+            elif type(record) is AuthFailedRecord:
+                self._auth_failed(record.conn_id)
         if finished:
             self._dispatch_done(channel, finished)
 
@@ -91,6 +95,27 @@ class ChannelLayer(ConnectLayer):
         owner = self.hub.owner(conn_id)
         if owner is not None and owner is not self:
             owner.post("_close_requested", conn_id)
+
+    def _auth_failed(self, conn_id: int) -> None:
+        """A worker's AUTH_FAILED: charge the peer's address; over its limit, close this connection after the answer.
+
+        Connections of allow-listed peers (and outbound ones) have no source and are never charged.
+        """
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            owner = self.hub.owner(conn_id)
+            if owner is not None and owner is not self:
+                owner.post("_auth_failed", conn_id)
+            return
+        if conn.source is None or not self.hub.sources.auth_failed(conn.source):
+            return
+        self.counters["limited.auth_failures"] += 1
+        self.ratelog.log(
+            logging.WARNING, "limited.auth_failures",
+            "%s is blocked for %g s: %d failed authentications within that time; connection %d closed",
+            conn.remote[0], self.settings.auth_failure_window, self.settings.auth_failures_per_ip, conn.id,
+        )  # fmt: skip
+        self._close_after_flush(conn)
 
     def _write_job(self, worker: int, record: WriteRecord) -> None:
         """A WRITE record: to its connection by id, or to a destination (an open connection or a new one)."""

@@ -26,7 +26,7 @@ import socket
 import time
 from typing import Final, Self
 
-from sipwire.otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, WriteTrace
+from sipwire.otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, SPAN_UPGRADE, WriteTrace
 from sipwire.transport.connection import Connection, ConnState
 from sipwire.transport.hub import DestinationKey
 from sipwire.transport.ioread import ReadLayer
@@ -105,6 +105,8 @@ class ConnectLayer(ReadLayer):
                     conn.trace = self._tracing.start_connection(SPAN_HANDSHAKE, None)
             elif ws is not None:
                 conn.deadline = self._now + self.settings.ws_handshake_timeout
+                if self._tracing is not None:
+                    conn.trace = self._tracing.start_connection(SPAN_UPGRADE, None)
             target = hub.least_loaded_thread()
             hub.owners[conn.id] = target
             if target is self:
@@ -261,7 +263,10 @@ class ConnectLayer(ReadLayer):
         info = connection_info(stream.ssl, round(elapsed_ms, 3))
         conn.set_tls(info)
         if conn.trace is not None:
+            handshake = conn.trace
             self._end_connection_span(conn, "", "")
+            if conn.ws is not None and self._tracing is not None:  # WSS: its upgrade, in the handshake's trace
+                conn.trace = self._tracing.after(handshake, SPAN_UPGRADE)
         if self._recorder is not None and self._recorder.metrics:
             self._recorder.handshake(elapsed_ms / 1000.0, info.version, "")
         if conn.ws is None:

@@ -217,7 +217,7 @@ class WriteLayer(MetricsLayer):
         if conn.held:  # requests of a peer that is gone: nobody to answer
             self.counters["held_dropped_on_close"] += len(conn.held)
             conn.held.clear()
-        if conn.trace is not None:  # still connecting or in its TLS handshake
+        if conn.trace is not None:  # still connecting, in its TLS handshake or its WebSocket upgrade
             self._end_connection_span(conn, result.label, reason)
         for job in conn.jobs:
             self._write_done(job.queued_at)

@@ -2,7 +2,7 @@
 
 The sans-IO layer (:mod:`transport.wsframing`) decides; this layer acts on an
 I/O thread: it opens a connection once its upgrade is answered (the 101 is
-queued, the upgrade time recorded), closes it once the last frame or HTTP
+queued, the upgrade time recorded, its ``ws.upgrade`` span ended), closes it once the last frame or HTTP
 refusal is out, counts every case, pings WebSockets that went quiet (browsers
 send no keep-alives of their own) and closes those that do not answer. TCP
 and TLS connections never come here.
@@ -42,11 +42,15 @@ class WebSocketLayer(WriteLayer):
         conn.transition(ConnState.OPEN)
         conn.deadline = 0.0
         conn.last_activity = self._now
+        if conn.trace is not None:  # its ws.upgrade span
+            self._end_connection_span(conn, "", "")
         self._update_events(conn)
 
     def _ws_closed(self, conn: Connection, error: WebSocketClosedError) -> None:
         """The WebSocket is over (its last bytes are queued): count why, close once they are out."""
         self.counters[error.counter] += 1
+        if conn.trace is not None:  # a refused upgrade ends its ws.upgrade span: error.type is the reason
+            self._end_connection_span(conn, error.counter.rpartition(".")[2], str(error))
         if not error.peer_closed:
             self.ratelog.log(
                 logging.WARNING, error.counter, "closing WebSocket %d from %s:%d: %s",

@@ -23,7 +23,8 @@ worker before the first message (read your own settings there);
 and ``connections_closed(conn_ids, count)``, called in every worker with
 the ids of connections that closed after carrying messages (a registrar
 drops the bindings that lived on them; ``count(name)`` adds to a counter). ``ctx.count(name)`` adds one to a transport
-counter (``ctl stats``); names must come from a fixed set, never from peer text.
+counter (``ctl stats``); names must come from a fixed set, never from peer text. ``ctx.auth_failed()``
+reports a failed authentication by the message's peer, which the per-source limits count.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class Sender(Protocol):
 
     def count(self, name: str) -> None: ...
 
+    def auth_failed(self, conn_id: int) -> None: ...
+
 
 class RouteContext:
     """Per-message handle given to a router."""
@@ -159,6 +162,11 @@ class RouteContext:
     def count(self, name: str) -> None:
         """Add one to the transport counter ``name`` (a fixed name, ASCII, at most 56 bytes)."""
         self._sender.count(name)
+
+    def auth_failed(self) -> None:
+        """The peer of this message failed an authentication: the transport charges its address
+        (``auth_failures_per_ip``; see ``transport/sources.py``)."""
+        self._sender.auth_failed(self.envelope.conn_id)
 
 
 Router = Callable[["SipMessage", RouteContext], None]

@@ -5,11 +5,16 @@ at most ``new_connections_per_ip`` per second (a burst of twice that), and send
 at most ``requests_per_ip`` messages per second (same burst). Over a connection
 limit the new connection is closed at accept; over the request rate the
 transport answers ``503`` with ``Retry-After`` itself, before any worker sees the
-message. Addresses in ``source_limits_allow`` (loopback by default: local tools
-and benchmarks) are never limited.
+message. A worker that sees a peer fail an authentication says so (an
+AUTH_FAILED record): ``auth_failures_per_ip`` failures within
+``auth_failure_window`` seconds block the address for that long, like
+``pike`` after a password scan: the connection of the failure that crossed the
+limit, and of any later one, is closed once its answer is out, and new
+connections are closed at accept. Addresses in ``source_limits_allow``
+(loopback by default: local tools and benchmarks) are never limited.
 
-Cost and locking: the connection count and the connect-rate buckets change once
-per connection, under one lock. The request bucket is one object per address,
+Cost and locking: the connection count, the connect-rate buckets and the
+failure counts change once per connection or failure, under one lock. The request bucket is one object per address,
 attached to each of its connections at accept, so the per-message path does no
 lookup and takes no lock; two I/O threads serving the same address may race on
 it, which can only let a few more messages through, never fewer.
@@ -28,7 +33,8 @@ from sipwire.config import Settings
 
 #: A token bucket holds this many seconds' worth of its rate: short bursts pass, floods do not.
 BURST_SECONDS: Final = 2.0
-#: Connect-rate buckets of addresses that hold no connection are forgotten past this many (least recent first).
+#: Addresses that hold no connection are forgotten past this many, least recent first (their connect rate,
+#: failures and block go with them: an attacker with that many addresses is beyond a per-address limit anyway).
 MAX_IDLE_SOURCES: Final = 65536
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -57,12 +63,15 @@ class TokenBucket:
 
 @dataclass(slots=True)
 class Source:
-    """What the limits keep of one peer address while it has connections."""
+    """What the limits keep of one peer address (while it has connections, then among the idle ones)."""
 
     address: str
     connections: int
     connect_bucket: TokenBucket
     requests: TokenBucket
+    auth_failures: int = 0  # within the window that started at auth_window_start
+    auth_window_start: float = 0.0
+    blocked_until: float = 0.0
 
 
 class SourceLimits:
@@ -72,10 +81,12 @@ class SourceLimits:
         self.max_connections = settings.max_connections_per_ip
         self.connect_rate = float(settings.new_connections_per_ip)
         self.request_rate = float(settings.requests_per_ip)
+        self.auth_failures = settings.auth_failures_per_ip
+        self.auth_window = settings.auth_failure_window
         self.allowed: tuple[Network, ...] = parse_networks(settings.source_limits_allow)
         self._lock = threading.Lock()
         self._active: dict[str, Source] = {}
-        self._idle: OrderedDict[str, TokenBucket] = OrderedDict()  # connect buckets of sources with no connection
+        self._idle: OrderedDict[str, Source] = OrderedDict()  # sources with no connection
 
     def exempt(self, address: str) -> bool:
         try:
@@ -90,19 +101,21 @@ class SourceLimits:
             return None
         now = time.monotonic()
         with self._lock:
-            source = self._active.get(address)
-            bucket = source.connect_bucket if source is not None else self._idle.pop(address, None)
-            if bucket is None:
-                bucket = TokenBucket(self.connect_rate, now)
-            if source is not None and source.connections >= self.max_connections:
-                return "connections_per_ip"
-            if not bucket.take(1, now):
-                if source is None:
-                    self._remember_idle(address, bucket)
-                return "connection_rate"
+            source = self._active.get(address) or self._idle.pop(address, None)
             if source is None:
-                source = Source(address, 0, bucket, TokenBucket(self.request_rate, now))
-                self._active[address] = source
+                source = Source(address, 0, TokenBucket(self.connect_rate, now), TokenBucket(self.request_rate, now))
+            refusal = ""
+            if source.blocked_until > now:
+                refusal = "auth_failures"
+            elif source.connections >= self.max_connections:
+                refusal = "connections_per_ip"
+            elif not source.connect_bucket.take(1, now):
+                refusal = "connection_rate"
+            if refusal:
+                if not source.connections:
+                    self._remember_idle(source)
+                return refusal
+            self._active[address] = source
             source.connections += 1
             return source
 
@@ -112,11 +125,27 @@ class SourceLimits:
             source.connections -= 1
             if source.connections <= 0 and self._active.get(source.address) is source:
                 del self._active[source.address]
-                self._remember_idle(source.address, source.connect_bucket)
+                self._remember_idle(source)
 
-    def _remember_idle(self, address: str, bucket: TokenBucket) -> None:
-        self._idle[address] = bucket
-        self._idle.move_to_end(address)
+    def auth_failed(self, source: Source) -> bool:
+        """Charge one failed authentication to ``source``; True when the address is (now) blocked."""
+        now = time.monotonic()
+        with self._lock:
+            if source.blocked_until > now:
+                return True
+            if now - source.auth_window_start > self.auth_window:
+                source.auth_failures = 0
+                source.auth_window_start = now
+            source.auth_failures += 1
+            if source.auth_failures < self.auth_failures:
+                return False
+            source.auth_failures = 0
+            source.blocked_until = now + self.auth_window
+            return True
+
+    def _remember_idle(self, source: Source) -> None:
+        self._idle[source.address] = source
+        self._idle.move_to_end(source.address)
         while len(self._idle) > MAX_IDLE_SOURCES:
             self._idle.popitem(last=False)
 

@@ -100,6 +100,10 @@ class StagesRecord(NamedTuple):
 
     stages: tuple[tuple[tuple[int, ...], float], ...]
 
+    def body(self) -> bytes:
+        """The record's body again, as :func:`encode_stages` wrote it."""
+        return b"".join(_STAGE.pack(sum_ms, *counts) for counts, sum_ms in self.stages)
+
 
 def encode_stages(histograms: list[LatencyHistogram]) -> bytes:
     """The body of a STAGES record for ``histograms`` (one per :data:`WORKER_STAGES`)."""

@@ -48,6 +48,9 @@ Worker to transport
     CLOSE    ``!Q`` conn id: close that connection once its queued writes are
              out and its in-flight messages answered (a peer that sent
              something the worker could neither parse nor answer).
+    AUTH_FAILED  ``!Q`` conn id: the peer of that connection failed an
+             authentication (wrong password, unknown user, forged or replayed
+             nonce); the transport charges its address (``transport/sources.py``).
     STAGES   per worker stage (queue wait, routing), ``!d`` sum in ms and
              one ``!I`` count per latency bucket: what the worker observed
              since its last STAGES record, at most a few per second
@@ -74,6 +77,7 @@ KIND_DONE: Final = 4
 KIND_COUNT: Final = 5
 KIND_CLOSE: Final = 6
 KIND_CONNECTIONS_CLOSED: Final = 7
+KIND_AUTH_FAILED: Final = 9
 KIND_STAGES: Final = 10
 
 TRANSPORT_CODES: Final = {"tcp": 1, "tls": 2, "ws": 3, "wss": 4}
@@ -176,9 +180,13 @@ class ConnectionsClosedRecord(NamedTuple):
     conn_ids: tuple[int, ...]
 
 
+class AuthFailedRecord(NamedTuple):
+    conn_id: int
+
+
 Record = (
     MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord | ConnectionsClosedRecord
-    | StagesRecord
+    | AuthFailedRecord | StagesRecord
 )  # fmt: skip
 
 
@@ -261,6 +269,10 @@ def encode_count(name: str, delta: int) -> bytes:
 
 def encode_close(conn_id: int) -> bytes:
     return _HEADER.pack(KIND_CLOSE, _CLOSE.size) + _CLOSE.pack(conn_id)
+
+
+def encode_auth_failed(conn_id: int) -> bytes:
+    return _HEADER.pack(KIND_AUTH_FAILED, _CONN_ID.size) + _CONN_ID.pack(conn_id)
 
 
 def encode_stages_record(body: bytes) -> bytes:
@@ -368,6 +380,9 @@ def _decode(kind: int, body: bytes) -> Record:
     if kind == KIND_CLOSE:
         (conn_id,) = _CLOSE.unpack(body)
         return CloseRecord(conn_id)
+    if kind == KIND_AUTH_FAILED:
+        (conn_id,) = _CONN_ID.unpack(body)
+        return AuthFailedRecord(conn_id)
     if kind == KIND_CONNECTIONS_CLOSED:
         if not body or len(body) % _CONN_ID.size or len(body) > _CONN_ID.size * MAX_CLOSED_PER_RECORD:
             raise WireError(f"CONNECTIONS_CLOSED record of {len(body)} bytes")

@@ -57,6 +57,7 @@ from sipwire.transport.wire import (
     OutcomeRecord,
     RecordReader,
     WireError,
+    encode_auth_failed,
     encode_close,
     encode_count,
     encode_done,
@@ -411,6 +412,12 @@ class Worker:
         channel = self._channel_now()
         if channel is not None:  # else the transport is gone: nobody to count for
             channel.counts[name] += 1
+
+    def auth_failed(self, conn_id: int) -> None:
+        """Tell the transport that the peer of ``conn_id`` failed an authentication (its address is charged)."""
+        channel = self._channel_now()
+        if channel is not None:
+            channel.out.append(encode_auth_failed(conn_id))
 
     def _close_connection(self, conn_id: int) -> None:
         """Ask the transport to close ``conn_id`` once what is queued for it is out."""

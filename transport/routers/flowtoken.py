@@ -103,10 +103,16 @@ def _where(fallback: Destination | None) -> str:
 
 
 def fallback_of(via: str) -> Destination | None:
-    """Where a response goes when its connection is gone (RFC 3261 18.2.2): ``received``, sent-by port."""
+    """Where a response goes when its connection is gone (RFC 3261 18.2.2): ``received``, sent-by port.
+
+    None for a WebSocket client (``WS``/``WSS``): it is reached over its own connection or not at all
+    (its sent-by is usually a ``.invalid`` name, RFC 7118 section 5.2, and sipwire opens no WebSocket).
+    """
     protocol, _, rest = via.partition(" ")
     sent_by = rest.split(";", 1)[0].strip()
     transport = protocol.rsplit("/", 1)[-1].lower()
+    if transport in ("ws", "wss"):
+        return None
     try:
         uri = parse_uri(f"sip:{sent_by}")
     except SipUriError:

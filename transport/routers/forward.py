@@ -24,7 +24,11 @@ For each request, in RFC 3261 section 16.3-16.6 order:
 7. Dialog-creating requests (INVITE, SUBSCRIBE, REFER) are record-routed
    twice, one ``lr`` URI per leg with the token of that leg's connection,
    so in-dialog requests in either direction come back here and leave on
-   the right connection whatever the Contact says.
+   the right connection whatever the Contact says. A WebSocket leg's URI
+   says ``transport=ws`` (RFC 7118 section 5.2 defines no other URI value),
+   a sips: URI for WSS; an in-dialog request's Via names the transport and
+   address of the leg it leaves on, read back from that URI (``WS``/``WSS``
+   over WebSockets).
 
 The proxy's branch is ``z9hG4bKsw`` + the loop hash + a hash of the
 client's branch, sent-by and connection: a retransmission, the CANCEL and
@@ -68,6 +72,8 @@ DEFAULT_MAX_FORWARDS: Final = 70
 DIALOG_METHODS: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 #: Requests never challenged and always relayed: they cannot carry new credentials (RFC 3261 section 22.1).
 UNCHALLENGED_METHODS: Final = frozenset({"ACK", "CANCEL"})
+#: Transports whose peers are reached only over their own connection (no outbound WebSocket, RFC 7118).
+WEBSOCKET_TRANSPORTS: Final = frozenset({"ws", "wss"})
 #: The start of this proxy's branches (the RFC 3261 magic cookie, then ours).
 BRANCH_PREFIX: Final = "z9hG4bKsw"
 #: Hex digits of the loop hash and of the transaction hash in a branch.
@@ -113,7 +119,7 @@ def _forward(state: ProxyState, message: SipMessage, ctx: RouteContext, max_forw
     envelope = ctx.envelope
     in_dialog = bool(header_param(message.header("to") or "", "tag"))
     routes = message.values("route")
-    consumed, flow = _own_routes(state, message, ctx, routes)
+    consumed, flow, leg = _own_routes(state, message, ctx, routes)
     remaining = routes[consumed:]
     loop = _loop_hash(message, routes)
     if _looped(state, message, loop):
@@ -123,7 +129,7 @@ def _forward(state: ProxyState, message: SipMessage, ctx: RouteContext, max_forw
     realm = ""
     if state.auth is not None and not in_dialog and message.method not in UNCHALLENGED_METHODS:
         realm = _authenticate(state, message, ctx)
-    target = _target(state, message, ctx, flow, remaining, trusted=bool(realm) or flow is not None)
+    target = _target(state, message, ctx, (flow, leg), remaining, trusted=bool(realm) or flow is not None)
     record_routes = _record_routes(state, message, ctx, target) if not in_dialog else []
     if not in_dialog and message.method in DIALOG_METHODS:
         ctx.count(COUNT_RECORD_ROUTED)
@@ -153,9 +159,15 @@ def _forward(state: ProxyState, message: SipMessage, ctx: RouteContext, max_forw
         ctx.send(target.destination, data, on_outcome, failures_only=True)
 
 
-def _own_routes(state: ProxyState, message: SipMessage, ctx: RouteContext, routes: list[str]) -> tuple[int, int | None]:
-    """How many leading Route values name this proxy, and the connection the last token of ours names."""
+def _own_routes(
+    state: ProxyState, message: SipMessage, ctx: RouteContext, routes: list[str]
+) -> tuple[int, int | None, SipUri | None]:
+    """How many leading Route values name this proxy, and the connection the last token of ours names, with its URI.
+
+    That URI is the Record-Route this proxy wrote for the leg: its address and transport are the proxy's on that leg.
+    """
     flow: int | None = None
+    leg: SipUri | None = None
     consumed = 0
     for route in routes:
         try:
@@ -165,14 +177,14 @@ def _own_routes(state: ProxyState, message: SipMessage, ctx: RouteContext, route
         token = uri.params.get(ROUTE_PARAM)
         verified = None if token is None else state.tokens.verified_route(token, message.call_id)
         if verified is not None:
-            flow = verified
+            flow, leg = verified, uri
         elif not _is_local(state, uri, ctx):
             break  # another proxy's route (its token, if any, is its own business)
         elif token is not None:
             state.answer(message, ctx, 403, "Forbidden (Route token not valid for this dialog)")
             raise _Answered
         consumed += 1
-    return consumed, flow
+    return consumed, flow, leg
 
 
 def _is_local(state: ProxyState, uri: SipUri, ctx: RouteContext) -> bool:
@@ -202,10 +214,19 @@ def _authenticate(state: ProxyState, message: SipMessage, ctx: RouteContext) -> 
 
 
 def _target(
-    state: ProxyState, message: SipMessage, ctx: RouteContext, flow: int | None, remaining: list[str], *, trusted: bool
+    state: ProxyState,
+    message: SipMessage,
+    ctx: RouteContext,
+    token: tuple[int | None, SipUri | None],
+    remaining: list[str],
+    *,
+    trusted: bool,
 ) -> Target:
-    """Where the request goes (step 6 of the module docstring); answers and raises _Answered when nowhere."""
-    transport = ctx.envelope.transport
+    """Where the request goes (step 6 of the module docstring); answers and raises _Answered when nowhere.
+
+    ``token``: the connection the last Record-Route token of ours named, and that Record-Route's URI.
+    """
+    flow, leg = token
     if remaining:
         if not trusted:
             _deny_relay(state, message, ctx)
@@ -213,8 +234,9 @@ def _target(
         destination = Destination(hop.transport, hop.host, hop.default_port())
         return Target(message.uri, 0, destination, "", hop.transport, registered=False)
     uri = _uri_or_answer(state, message, ctx, message.uri)
-    if flow:
-        return Target(message.uri, flow, None, "", transport, registered=False)
+    if flow and leg is not None:
+        local = hostport((leg.host, leg.port)) if leg.port else ""
+        return Target(message.uri, flow, None, local, _leg_transport(leg), registered=False)
     if flow is not None:  # our Record-Route of a leg reached by address: the Request-URI is the next hop
         destination = Destination(uri.transport, uri.host, uri.default_port())
         return Target(message.uri, 0, destination, "", uri.transport, registered=False)
@@ -225,6 +247,10 @@ def _target(
         if best.conn_id:
             return Target(best.contact, best.conn_id, None, best.local, best.transport, registered=True)
         contact = _uri_or_answer(state, message, ctx, best.contact)  # its connection closed: RFC 3261 routing
+        if contact.transport == "ws":
+            ctx.count(COUNT_NOT_FOUND)
+            state.answer(message, ctx, 480, "Temporarily Unavailable (its WebSocket is closed)")
+            raise _Answered
         destination = Destination(contact.transport, contact.host, contact.default_port())
         return Target(best.contact, 0, destination, "", contact.transport, registered=False)
     if uri.host.lower() in state.store.served_domains():
@@ -268,14 +294,25 @@ def _record_routes(state: ProxyState, message: SipMessage, ctx: RouteContext, ta
         return []
     envelope = ctx.envelope
     tokens, call_id = state.tokens, message.call_id
-    caller = (
-        f"<sip:{hostport(envelope.local)};transport={envelope.transport};lr;"
-        f"{ROUTE_PARAM}={tokens.route_token(envelope.conn_id, call_id)}>"
-    )
+    caller = _route_uri(hostport(envelope.local), envelope.transport, tokens.route_token(envelope.conn_id, call_id))
     callee_local = target.local or hostport(envelope.local)
-    callee_token = tokens.route_token(target.conn_id, call_id)
-    callee = f"<sip:{callee_local};transport={target.transport};lr;{ROUTE_PARAM}={callee_token}>"
+    callee = _route_uri(callee_local, target.transport, tokens.route_token(target.conn_id, call_id))
     return [callee, caller]
+
+
+def _route_uri(local: str, transport: str, token: str) -> str:
+    """This proxy's Record-Route for one leg; a WebSocket leg is ``transport=ws``, WSS as a sips: URI (RFC 7118 5.2)."""
+    if transport in WEBSOCKET_TRANSPORTS:
+        scheme = "sips" if transport == "wss" else "sip"
+        return f"<{scheme}:{local};transport=ws;lr;{ROUTE_PARAM}={token}>"
+    return f"<sip:{local};transport={transport};lr;{ROUTE_PARAM}={token}>"
+
+
+def _leg_transport(uri: SipUri) -> str:
+    """The transport of a leg this proxy record-routed, read back from its URI (see :func:`_route_uri`)."""
+    if uri.transport == "ws":
+        return "wss" if uri.scheme == "sips" else "ws"
+    return uri.transport
 
 
 def _loop_hash(message: SipMessage, routes: list[str]) -> str:

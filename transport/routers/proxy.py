@@ -78,7 +78,7 @@ def setup(settings: Settings) -> None:
     """Called once per worker before the first message."""
     global _state  # noqa: PLW0603 - one router state per worker process, set once at start
     directory = runtime_directory(settings)
-    store = open_store(settings)
+    store = open_store(settings, soft_state=True)
     upstream = None
     if settings.upstream:
         uri = parse_uri(settings.upstream)

@@ -9,7 +9,9 @@ no other way).
 
 Counters (``ctx.count``) come from fixed names only: the ``COUNT_*``
 constants, and ``auth_failed.<reason>`` with a reason from
-:mod:`transport.routers.digest`'s fixed set.
+:mod:`transport.routers.digest`'s fixed set. Each failure but a stale nonce is
+also reported to the transport (``ctx.auth_failed()``), which charges the
+peer's address against ``auth_failures_per_ip``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ COUNT_ACK_ABSORBED: Final = "proxy.ack_absorbed"
 COUNT_RELAYED: Final = "proxy.responses_relayed"
 COUNT_UNVERIFIED: Final = "proxy.responses_dropped"
 COUNT_RELAY_DENIED: Final = "proxy.relay_denied"
+
+#: Failures the peer's address is not charged for (``auth_failures_per_ip``): a phone that kept a nonce past
+#: ``digest_nonce_seconds`` is answered ``stale=true`` and retries without its user, as RFC 3261 intends.
+UNCHARGED_FAILURES: Final = frozenset({"stale_nonce"})
 
 #: Seconds a 500 for a busy registrar tells the phone to wait (Retry-After).
 BUSY_RETRY_AFTER_SECONDS: Final = 5
@@ -94,6 +100,8 @@ class ProxyState:
             return
         if verdict.reason:
             ctx.count(COUNT_AUTH_FAILED_PREFIX + verdict.reason)
+            if verdict.reason not in UNCHARGED_FAILURES:
+                ctx.auth_failed()
             self.ratelog.log(
                 logging.INFO, f"auth_failed.{verdict.reason}", "authentication failed (%s) for %s from %s:%d",
                 verdict.reason, ascii(realm)[:80], *ctx.envelope.remote,

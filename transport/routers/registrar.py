@@ -16,7 +16,8 @@ contact over that connection (the only way through a NAT, and the only
 address a TCP phone listens on). A contact with ``+sip.instance`` and
 ``reg-id`` is an RFC 5626 flow: its key is the instance and reg-id, the 200
 carries ``Require: outbound``, and the binding goes the moment its
-connection closes (the phone registers a new flow when it reconnects). Other
+connection closes (the phone registers a new flow when it reconnects), as does
+a binding made over a WebSocket (only its connection reaches a browser). Other
 bindings outlive their connection: requests then go to the Contact's
 address, as RFC 3261 has it.
 """

@@ -12,6 +12,15 @@ The file is created 0600 in the runtime directory (``sipwire/statedir.py``):
 it holds HA1 values, which are password equivalents for their realm.
 Writes use ``BEGIN IMMEDIATE`` so the read-check-write of a REGISTER
 (:func:`~transport.routers.store.plan_register`) is one atomic step.
+
+Durability: SQLite's default (``synchronous=FULL``) flushes the WAL to disk at
+every commit, three per registration; that ``fdatasync`` was a third of the
+worker's CPU per registration (docs/BENCHMARKS.md). The workers' connections write only
+soft state (bindings, which phones refresh, and nonce counts, which expire
+within ``digest_nonce_seconds``) and use ``synchronous=NORMAL``: a commit
+survives a crash of the process, and only an OS crash or power loss can undo
+the last ones (the WAL is flushed at each checkpoint). User changes
+(``sipwire users``, the console) keep ``FULL``.
 """
 
 from __future__ import annotations
@@ -75,15 +84,19 @@ def store_path(settings: Settings) -> Path:
     return runtime_directory(settings) / STORE_FILE
 
 
-def open_store(settings: Settings) -> SqliteStore:
-    """The instance's store, created 0600 on first use."""
-    return SqliteStore(store_path(settings), settings.registrar_wait_seconds)
+def open_store(settings: Settings, *, soft_state: bool = False) -> SqliteStore:
+    """The instance's store, created 0600 on first use.
+
+    ``soft_state``: this connection writes only bindings and nonce counts (a worker), so its commits are not
+    flushed to disk one by one (``synchronous=NORMAL``; see :class:`SqliteStore`).
+    """
+    return SqliteStore(store_path(settings), settings.registrar_wait_seconds, soft_state=soft_state)
 
 
 class SqliteStore:
     """:class:`~transport.routers.store.RegistrarStore` on one SQLite file; one object per process."""
 
-    def __init__(self, path: Path, wait_seconds: float) -> None:
+    def __init__(self, path: Path, wait_seconds: float, *, soft_state: bool = False) -> None:
         self.path = path
         _create_private(path)
         try:
@@ -94,6 +107,8 @@ class SqliteStore:
         self._domains_read = -DOMAINS_CACHE_SECONDS
         with self._errors():
             self._db.execute("PRAGMA journal_mode=WAL")
+            if soft_state:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
 
     def _migrate(self) -> None:
@@ -205,7 +220,9 @@ class SqliteStore:
         rows = [(conn_id,) for conn_id in conn_ids]
         with self._write() as db:
             before = db.total_changes
-            db.executemany("DELETE FROM bindings WHERE conn_id = ? AND reg_id != 0", rows)
+            db.executemany(
+                "DELETE FROM bindings WHERE conn_id = ? AND (reg_id != 0 OR transport IN ('ws', 'wss'))", rows
+            )
             removed = db.total_changes - before
             db.executemany("UPDATE bindings SET conn_id = 0 WHERE conn_id = ?", rows)
         return removed

@@ -60,7 +60,7 @@ class Binding(NamedTuple):
     reg_id: int  # 0 without
     q: str  # the q parameter as sent ("" without)
     conn_id: int  # the connection it registered over, requests for it leave there (0: closed, use the Contact)
-    transport: str  # tcp or tls
+    transport: str  # tcp, tls, ws or wss
     local: str  # HOST:PORT of ours the phone connected to (its Record-Route address)
     remote: str  # HOST:PORT the REGISTER came from
     expires: float  # UNIX time
@@ -194,8 +194,9 @@ class RegistrarStore(Protocol):
         ...
 
     def connections_closed(self, conn_ids: Sequence[int]) -> int:
-        """These connections closed: their RFC 5626 flows go (how many is returned); other bindings made over
-        them keep their Contact, now reached by its address (RFC 3261), with connection id 0."""
+        """These connections closed: their RFC 5626 flows and WebSocket bindings go (how many is returned: nothing
+        can reach a WebSocket client but its own connection); other bindings made over them keep their Contact,
+        now reached by its address (RFC 3261), with connection id 0."""
         ...
 
     def purge(self, now: float) -> int:
