@@ -6,12 +6,12 @@ size (changed at runtime through the control socket) and the worker pool
 (restarting workers that died). Signal handlers only record the request;
 the loop acts on it (SIGTERM/SIGINT: stop accepting, finish in-flight
 messages and queued writes for ``shutdown_grace`` seconds, stop workers).
+Control requests are answered by the :class:`~sipwire.transport.serverctl.ControlOps` layer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import selectors
@@ -20,20 +20,18 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from sipwire.config import Settings
 from sipwire.errors import ConfigurationError, ControlError
 from sipwire.otel.setup import transport_telemetry
 from sipwire.statedir import runtime_directory
 from sipwire.transport.capturequery import CaptureQuery
-from sipwire.transport.connection import ConnectionInfo, format_address
+from sipwire.transport.connection import format_address
 from sipwire.transport.control import ControlServer
 from sipwire.transport.hub import Hub
-from sipwire.transport.iometrics import ThreadStatistics
 from sipwire.transport.iothread import IOThread
+from sipwire.transport.serverctl import SNAPSHOT_TIMEOUT_SECONDS, ControlOps
 from sipwire.transport.statsblock import (
     HANDSHAKE_BUCKETS_MS,
     HISTOGRAM_NAMES,
@@ -45,10 +43,8 @@ from sipwire.transport.statsblock import (
     SUPERVISOR_INTERVAL_SECONDS,
     Capacities,
     HeaderFigures,
-    Histogram,
     StatsError,
     StatsWriter,
-    histogram_view,
     new_block_name,
     publish_block_name,
     published_block_name,
@@ -65,8 +61,6 @@ log = logging.getLogger("sipwire.transport")
 
 #: How often the supervisor checks workers and the pool size.
 SUPERVISOR_TICK_SECONDS: Final = 0.1
-#: How long a control request waits for the I/O threads to answer.
-SNAPSHOT_TIMEOUT_SECONDS: Final = 2.0
 LISTEN_BACKLOG: Final = 1024
 #: How long stopping waits for the last spans to be exported (a dead collector must not hold the stop).
 TELEMETRY_STOP_SECONDS: Final = 2.0
@@ -76,7 +70,7 @@ class StartupError(ConfigurationError):
     """The transport cannot start (address in use, bad settings...)."""
 
 
-class TransportServer:
+class TransportServer(ControlOps):
     """Owns the whole transport process; see the module docstring."""
 
     def __init__(self, settings: Settings, announce_closes: bool = True) -> None:
@@ -380,154 +374,3 @@ class TransportServer:
         )
 
     # -- snapshots and control ------------------------------------------------------------------
-
-    def snapshot(
-        self, with_connections: bool, threads: tuple[IOThread, ...] | None = None
-    ) -> tuple[list[ThreadStatistics], list[ConnectionInfo]]:
-        """Ask every active thread (or ``threads``) for its statistics (and connections) and wait for all."""
-        futures: list[Future[tuple[ThreadStatistics, list[ConnectionInfo]]]] = []
-        for thread in self.hub.threads if threads is None else threads:
-            future: Future[tuple[ThreadStatistics, list[ConnectionInfo]]] = Future()
-            thread.post("snapshot", future, with_connections)
-            futures.append(future)
-        stats: list[ThreadStatistics] = []
-        connections: list[ConnectionInfo] = []
-        try:
-            for future in futures:
-                thread_stats, infos = future.result(SNAPSHOT_TIMEOUT_SECONDS)
-                stats.append(thread_stats)
-                connections.extend(infos)
-        except FutureTimeout:
-            raise ControlError(f"an I/O thread did not answer within {SNAPSHOT_TIMEOUT_SECONDS}s") from None
-        return stats, connections
-
-    def close_connection(self, conn_id: int) -> bool:
-        owner = self.hub.owner(conn_id)
-        if owner is None:
-            return False
-        future: Future[bool] = Future()
-        owner.post("close_connection", conn_id, future)
-        try:
-            return future.result(SNAPSHOT_TIMEOUT_SECONDS)
-        except FutureTimeout:
-            raise ControlError(
-                f"closing connection {conn_id} did not finish within {SNAPSHOT_TIMEOUT_SECONDS}s"
-            ) from None
-
-    def threads_state(self) -> dict[str, Any]:
-        stats, _ = self.snapshot(with_connections=False)
-        return {
-            "size": len(stats),
-            "wanted": self._desired_threads,
-            "max": self.settings.max_threads,
-            "threads": [
-                {
-                    "index": s.index,
-                    "connections": s.connections,
-                    "load": s.load,
-                    "queue_depth": s.queue_depth,
-                    "jobs": s.jobs,
-                    "loop_lag_ms": s.loop_lag_ms,
-                }
-                for s in stats
-            ],
-        }
-
-    def statistics(self) -> dict[str, Any]:
-        with self._retired_lock:
-            active = self.hub.threads
-            counters = dict(self._retired_counters)
-            for retiring in self._retired:
-                # Still draining: read its counters directly (a dict copy is atomic under the GIL).
-                for name, value in dict(retiring.counters).items():
-                    counters[name] = counters.get(name, 0) + value
-        stats, _ = self.snapshot(with_connections=False, threads=active)
-        for thread_stats in stats:
-            for name, value in thread_stats.counters.items():
-                counters[name] = counters.get(name, 0) + value
-        handshakes = [sum(column) for column in zip(*(s.handshake_buckets for s in stats), strict=True)]
-        upgrades = [sum(column) for column in zip(*(s.ws_handshake_buckets for s in stats), strict=True)]
-        in_flight = [sum(s.outstanding[index] for s in stats) for index in range(len(self.workers))]
-        workers = [dataclasses.asdict(w) | {"in_flight": in_flight[w.index]} for w in self.workers.statistics()]
-        return {
-            "connections": sum(s.connections for s in stats),
-            "max_connections": self.settings.max_connections,
-            "pending_write_bytes": sum(s.pending_write_bytes for s in stats),
-            "queue_depth": sum(s.queue_depth for s in stats),
-            "dispatch_in_flight": sum(in_flight),
-            "counters": dict(sorted(counters.items())),
-            "tls_handshake_ms": histogram_view(
-                Histogram("tls_handshake_ms", HANDSHAKE_BUCKETS_MS, tuple(handshakes), sum(handshakes), 0.0)
-            ),
-            "ws_handshake_ms": histogram_view(
-                Histogram("ws_handshake_ms", HANDSHAKE_BUCKETS_MS, tuple(upgrades), sum(upgrades), 0.0)
-            ),
-            "workers": workers,
-            "threads": [dataclasses.asdict(s) for s in stats],
-            "telemetry": self.telemetry.statistics() if self.telemetry is not None else None,
-        }
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "status": "up",
-            "pid": os.getpid(),
-            "uptime": round(time.time() - self.started_at, 3),
-            "started_at": self.started_at,
-            "listening": self.listening,
-            "threads": len(self.hub.threads),
-            "workers": len(self.workers),
-            "instance": self.settings.instance,
-        }
-
-    def handle_control(self, request: dict[str, Any]) -> Any:
-        op = request["op"]
-        if op == "health":
-            return self.health()
-        if op == "threads":
-            if "size" in request:
-                self.resize(_int_argument(request, "size"))
-            return self.threads_state()
-        if op == "stats":
-            return self.statistics()
-        if op == "connections":
-            return self._connections(request)
-        if op == "connection":
-            conn_id = _int_argument(request, "id")
-            _, infos = self.snapshot(with_connections=True)
-            for info in infos:
-                if info.id == conn_id:
-                    return info.as_dict()
-            raise ControlError(f"no open connection with id {conn_id}")
-        if op == "close":
-            conn_id = _int_argument(request, "id")
-            if not self.close_connection(conn_id):
-                raise ControlError(f"no open connection with id {conn_id}")
-            return {"closed": conn_id}
-        if op in ("calls", "call"):
-            if self._captured is None:
-                raise ControlError("the capture is off (setting capture): no calls to show")
-            return self._captured.calls(request) if op == "calls" else self._captured.call(request)
-        raise ControlError(
-            f"unknown op {op!r}: use health, threads, stats, connections, connection, close, calls or call"
-        )
-
-    def _connections(self, request: dict[str, Any]) -> dict[str, Any]:
-        limit = _int_argument(request, "limit") if "limit" in request else 1000
-        if limit < 1:
-            raise ControlError(f"limit {limit} must be at least 1")
-        state = request.get("state")
-        transport = request.get("transport")
-        _, infos = self.snapshot(with_connections=True)
-        selected = [
-            info for info in infos
-            if (state is None or info.state == state) and (transport is None or info.transport == transport)
-        ]  # fmt: skip
-        selected.sort(key=lambda info: info.id)
-        return {"total": len(selected), "connections": [info.as_dict() for info in selected[:limit]]}
-
-
-def _int_argument(request: dict[str, Any], name: str) -> int:
-    value = request.get(name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ControlError(f"{name} must be an integer, got {value!r}")
-    return value
