@@ -6,6 +6,7 @@ Entries are built exactly as the I/O threads build them (MESSAGE records from
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -208,3 +209,19 @@ def test_a_message_queued_before_its_connect_finished_gets_the_address_the_conne
     detail = CaptureQuery(ring, bodies=False).call({"call_id": "o1"})
     assert detail is not None
     assert [m["local"] for m in detail["messages"]] == ["127.0.0.1:45000", "127.0.0.1:45000"]
+
+
+def test_summaries_share_a_calls_strings_and_intern_none_of_the_peers_text() -> None:
+    """Interned strings are never freed on some CPython builds: peer text must stay ordinary, shared per call."""
+    ring = CaptureRing(1 << 20)
+    call_id = "leak-check-7f3a9c"
+    received(ring, request("INVITE", call_id, caller="zed-caller", callee="zed-callee"))
+    ring.sent(PREFIX, response(180, call_id, caller="zed-caller", callee="zed-callee"), None)
+    query = CaptureQuery(ring, bodies=False)
+    query.calls({})
+    first, second = query._calls[call_id]
+    assert second.call_id is first.call_id and second.from_user is first.from_user
+    assert second.remote is first.remote and second.to_uri is first.to_uri
+    for text in (first.call_id, first.from_user, first.to_user, first.from_uri, first.remote, second.reason):
+        fresh = "".join(list(text))  # an equal string, built at run time
+        assert sys.intern(fresh) is not text, f"{text!r} was interned"

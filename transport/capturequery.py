@@ -24,12 +24,12 @@ Control ops (see :mod:`transport.control`):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
-import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -107,12 +107,13 @@ _COMPACT: Final = {b"i": "call-id", b"f": "from", b"t": "to"}
 _SCAN_LIMIT: Final = 8192
 
 
-def summarize(captured: Captured) -> Summary:
+def summarize(captured: Captured, earlier: Callable[[str], Summary | None] | None = None) -> Summary:
     """Read what the list needs from one captured message: a regular-expression scan, no validation.
 
     This runs for every message the ring takes while a console watches, on the transport's control
     thread: only the start line and four header values become text. Anything that is not SIP keeps
-    its first line as its method.
+    its first line as its method. ``earlier`` gives the latest summary of a Call-ID, whose strings
+    this one reuses.
     """
     raw = captured.raw
     end = raw.find(b"\r\n\r\n")
@@ -132,17 +133,44 @@ def summarize(captured: Captured) -> Summary:
             method, status = "", int(code)
     elif rest.endswith(" SIP/2.0"):
         method = first
+    call_id = found.get("call-id", "")
     from_uri, from_user = _user(found.get("from", ""))
     to_uri, to_user = _user(found.get("to", ""))
-    # Interned: a call's messages, and most calls, repeat these texts; one copy each keeps the summaries
-    # a few hundred bytes apiece instead of a kilobyte.
-    intern = sys.intern
+    # A call's messages repeat these texts: they share the strings of the call's previous summary, so a
+    # call holds one copy of each, freed with its last summary. Never sys.intern: these are the peers'
+    # texts, and interned strings are not freed on some CPython builds (3.12.0 to 3.12.5, free-threaded).
+    seen = earlier(call_id) if earlier is not None and call_id else None
+    if seen is not None:
+        call_id, remote = seen.call_id, _same(seen.remote, address(captured.remote))
+        from_uri, from_user = _same(seen.from_uri, from_uri), _same(seen.from_user, from_user)
+        to_uri, to_user = _same(seen.to_uri, to_uri), _same(seen.to_user, to_user)
+        reason, cseq = _same(seen.reason, reason), _same(seen.cseq, found.get("cseq", ""))
+    else:
+        remote, cseq = address(captured.remote), found.get("cseq", "")
     return Summary(
         captured.seq, captured.time, captured.direction, captured.conn_id, captured.transport,
-        intern(address(captured.local)), intern(address(captured.remote)), captured.trace_id,
-        intern(found.get("call-id", "")), intern(method), status, intern(reason), intern(found.get("cseq", "")),
-        intern(from_uri), intern(to_uri), intern(from_user), intern(to_user),
+        _local_address(captured.local), remote, captured.trace_id, call_id, _METHODS.get(method, method), status,
+        reason, cseq, from_uri, to_uri, from_user, to_user,
     )  # fmt: skip
+
+
+def _same(earlier: str, text: str) -> str:
+    """``earlier`` when it equals ``text``: one string object instead of two equal ones."""
+    return earlier if earlier == text else text
+
+
+#: The methods of RFC 3261 and its extensions, one string each (not interned: a fixed vocabulary).
+_METHODS: Final = {
+    name: name
+    for name in ("INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "PRACK", "SUBSCRIBE", "NOTIFY",
+                 "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE")
+}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _local_address(host_port: tuple[str, int]) -> str:
+    """The transport's own addresses, one string each; bounded (ephemeral ports of outbound connections vary)."""
+    return address(host_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +269,7 @@ class CaptureQuery:
         start = max(oldest, self._next_seq)
         summaries, calls = self._summaries, self._calls
         for offset, entry in enumerate(entries):
-            summary = summarize(decode(start + offset, entry))
+            summary = summarize(decode(start + offset, entry), self._latest)
             summaries.append(summary)
             if summary.call_id:
                 calls.setdefault(summary.call_id, []).append(summary)
@@ -254,6 +282,10 @@ class CaptureQuery:
                 if not held:
                     del calls[gone.call_id]
         return calls
+
+    def _latest(self, call_id: str) -> Summary | None:
+        held = self._calls.get(call_id)
+        return held[-1] if held else None
 
     def calls(self, request: dict[str, Any]) -> dict[str, Any]:
         wanted = CallFilter.from_request(request)
