@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import ClassVar
 
 import pytest
 
 from sipwire.config import ConfigError, Settings, load
 from sipwire.errors import ControlError
 from sipwire.otel.recorder import WriteTrace, traceparent
-from sipwire.transport.capture import ENTRY_OVERHEAD_BYTES, CaptureRing, decode
+from sipwire.transport.capture import ENTRY_OVERHEAD_BYTES, EVICT_STEP_BYTES, CaptureRing, decode
 from sipwire.transport.capturequery import MAX_CALLS_PER_PAGE, CaptureQuery, summarize
 from sipwire.transport.wire import encode_message, message_prefix
 
@@ -225,3 +226,37 @@ def test_summaries_share_a_calls_strings_and_intern_none_of_the_peers_text() -> 
     for text in (first.call_id, first.from_user, first.to_user, first.from_uri, first.remote, second.reason):
         fresh = "".join(list(text))  # an equal string, built at run time
         assert sys.intern(fresh) is not text, f"{text!r} was interned"
+
+
+class _Payload(bytes):
+    """A payload that notes, when it is freed, whether the ring's lock was held then."""
+
+    lock_held_when_freed: ClassVar[list[bool]] = []
+    ring: ClassVar[CaptureRing | None] = None
+
+    def __del__(self) -> None:
+        if _Payload.ring is not None:
+            _Payload.lock_held_when_freed.append(_Payload.ring._lock.locked())
+
+
+def test_one_eviction_is_bounded_and_frees_the_entries_outside_the_lock() -> None:
+    """A full 64 MiB ring: 1/16 of it would be 4 MiB freed in one go, under the lock every I/O thread takes."""
+    capacity = 64 << 20
+    ring = CaptureRing(capacity)
+    message = encode_message(PREFIX, 1.0, b"", request("OPTIONS", "fill"))
+    entry_bytes = len(message) + ENTRY_OVERHEAD_BYTES
+    _Payload.ring = ring
+    try:
+        for index in range(4):  # the oldest entries: the first eviction takes them
+            ring.sent(PREFIX, _Payload(request("OPTIONS", f"probe-{index}")), None)
+        evictions = []
+        while len(evictions) < 3:
+            before = ring.statistics()["evicted"]
+            ring.received([message])
+            if evicted := ring.statistics()["evicted"] - before:
+                evictions.append(evicted)
+        assert _Payload.lock_held_when_freed == [False] * 4
+    finally:
+        _Payload.ring = None
+    assert all(0 < evicted <= EVICT_STEP_BYTES // entry_bytes + 2 for evicted in evictions), evictions
+    assert ring.statistics()["bytes"] <= capacity

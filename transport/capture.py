@@ -10,9 +10,10 @@ write job and the payload; on WS and WSS the SIP text, not the frame.
 
 The ring is bounded in bytes (``capture_bytes``: message bytes plus
 :data:`ENTRY_OVERHEAD_BYTES` per entry); past it, the oldest entries go first,
-down to 15/16 of it, and are counted. Several I/O threads append and the control thread reads, so the
-deque and its byte count change under one lock, held for an append or for a
-copy of the references: never while anything is decoded. Entries are numbered
+down to 15/16 of it or :data:`EVICT_STEP_BYTES` below it, and are counted.
+Several I/O threads append and the control thread reads, so the deque and
+its byte count change under one lock, held for an append, a bounded eviction
+or a copy of some references: never while anything is decoded or freed. Entries are numbered
 in the order they were appended (``seq``), which is the order the transport
 carried them; :meth:`CaptureRing.entries` gives the entries from a number on,
 and :func:`decode` turns one into a :class:`Captured`, for :mod:`transport.capturequery`.
@@ -34,8 +35,11 @@ from sipwire.transport.wire import TRANSPORT_NAMES, MessageRecord, RecordReader
 #: counted so a flood of tiny messages cannot hold more memory than ``capture_bytes`` says.
 ENTRY_OVERHEAD_BYTES: Final = 128
 
-#: A full ring is cut down to this many sixteenths of its capacity (the ring holds 15/16 to 16/16 of it).
+#: A full ring is cut down to this many sixteenths of its capacity (the ring holds 15/16 to 16/16 of it)...
 EVICT_TO_SIXTEENTHS: Final = 15
+#: ...but one eviction frees at most this much beyond what the append brought, so an append never holds
+#: the lock the other I/O threads append under for more than a few microseconds (1/16 of 1 GiB is 64 MiB).
+EVICT_STEP_BYTES: Final = 256 << 10
 
 _PREFIX = struct.Struct("!QBHHBBH")  # the fixed part of wire.message_prefix
 
@@ -74,40 +78,48 @@ class CaptureRing:
     def received(self, records: list[bytes]) -> None:
         """The MESSAGE records of one read (as built for the workers)."""
         size = sum(map(len, records)) + ENTRY_OVERHEAD_BYTES * len(records)
+        gone = None
         with self._lock:
             self._entries.extend(records)
             self._appended += len(records)
             self._bytes += size
             if self._bytes > self.capacity_bytes:
-                self._evict()
+                gone = self._evict()
+        del gone  # the evicted entries are freed here, once the lock is released
 
     def sent(self, prefix: bytes, payload: bytes, trace: WriteTrace | None) -> None:
         """A SIP message queued on a connection (``prefix``: that connection's message prefix)."""
         entry = (prefix, time.time(), trace.trace_id if trace is not None else 0, payload)
+        gone = None
         with self._lock:
             self._entries.append(entry)
             self._appended += 1
             self._bytes += len(payload) + ENTRY_OVERHEAD_BYTES
             if self._bytes > self.capacity_bytes:
-                self._evict()
+                gone = self._evict()
+        del gone  # the evicted entries are freed here, once the lock is released
 
-    def _evict(self) -> None:
-        """Drop the oldest entries down to the low-water mark (the lock is held).
+    def _evict(self) -> list[bytes | Outbound]:
+        """Take the oldest entries off, down to the low-water mark (the lock is held); returns them.
 
-        Down to :data:`EVICT_TO` of the capacity, not just below it: eviction then runs once per
-        many appends, in a tight loop, instead of costing every append a call.
+        Down to :data:`EVICT_TO_SIXTEENTHS` of the capacity, not just below it, so that eviction runs
+        once per many appends; but that margin is at most :data:`EVICT_STEP_BYTES`, so one eviction's
+        work is bounded whatever the capacity. The caller drops what is returned after releasing the
+        lock: freeing thousands of messages is most of an eviction's cost.
         """
         entries = self._entries
         popleft = entries.popleft
         held = self._bytes
-        low = self.capacity_bytes * EVICT_TO_SIXTEENTHS // 16
-        evicted = 0
+        capacity = self.capacity_bytes
+        low = capacity - min(capacity - capacity * EVICT_TO_SIXTEENTHS // 16, EVICT_STEP_BYTES)
+        gone = []
         while held > low and entries:
             entry = popleft()
+            gone.append(entry)
             held -= (len(entry) if isinstance(entry, bytes) else len(entry[3])) + ENTRY_OVERHEAD_BYTES
-            evicted += 1
         self._bytes = held
-        self._evicted += evicted
+        self._evicted += len(gone)
+        return gone
 
     # -- readers: the control thread -------------------------------------------------------------
 
