@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Sequence
 from typing import ClassVar
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from sipwire.config import ConfigError, Settings, load
 from sipwire.errors import ControlError
 from sipwire.otel.recorder import WriteTrace, traceparent
-from sipwire.transport.capture import ENTRY_OVERHEAD_BYTES, EVICT_STEP_BYTES, CaptureRing, decode
+from sipwire.transport.capture import ENTRY_OVERHEAD_BYTES, EVICT_STEP_BYTES, CaptureRing, Outbound, decode
 from sipwire.transport.capturequery import MAX_CALLS_PER_PAGE, CaptureQuery, summarize
 from sipwire.transport.wire import encode_message, message_prefix
 
@@ -260,3 +261,58 @@ def test_one_eviction_is_bounded_and_frees_the_entries_outside_the_lock() -> Non
         _Payload.ring = None
     assert all(0 < evicted <= EVICT_STEP_BYTES // entry_bytes + 2 for evicted in evictions), evictions
     assert ring.statistics()["bytes"] <= capacity
+
+
+class _CountingRing(CaptureRing):
+    """The real ring, counting the references each read copies out of it."""
+
+    copied = 0
+
+    def entries(self, from_seq: int = 0, limit: int | None = None) -> tuple[int, list[bytes | Outbound]]:
+        oldest, entries = super().entries(from_seq, limit)
+        self.copied += len(entries)
+        return oldest, entries
+
+    def picked(self, seqs: Sequence[int]) -> list[bytes | Outbound | None]:
+        self.copied += len(seqs)
+        return super().picked(seqs)
+
+
+def test_queries_copy_only_what_arrived_since_the_last_one_and_one_calls_messages() -> None:
+    ring = _CountingRing(8 << 20)
+    for index in range(20000):
+        received(ring, request("OPTIONS", f"call-{index}"))
+    query = CaptureQuery(ring, bodies=False)
+    assert query.calls({"limit": 5})["total"] == ring.statistics()["messages"]
+    ring.copied = 0
+    for index in range(10):
+        received(ring, request("OPTIONS", f"new-{index}"))
+    assert query.calls({"limit": 5})["calls"][0]["call_id"] == "new-9"
+    assert ring.copied == 10
+    ring.copied = 0
+    detail = query.call({"call_id": "new-3"})
+    assert detail is not None and detail["messages"][0]["text"].startswith("OPTIONS ")
+    assert ring.copied == 1
+
+
+def test_the_same_question_with_nothing_carried_since_gets_the_same_answer_without_work() -> None:
+    ring = CaptureRing(1 << 20)
+    received(ring, request("INVITE", "c1"))
+    query = CaptureQuery(ring, bodies=False)
+    first = query.calls({"limit": 5})
+    assert query.calls({"limit": 5}) is first
+    received(ring, request("INVITE", "c2"))
+    assert query.calls({"limit": 5})["total"] == 2
+
+
+@pytest.mark.parametrize(("from_seq", "limit"), [(0, 3), (2, 4), (5, None), (7, 100), (9, 1), (20, 5), (0, None)])
+def test_a_slice_of_the_ring_is_the_same_taken_from_either_end(from_seq: int, limit: int | None) -> None:
+    ring = CaptureRing(1 << 20)
+    messages = [request("OPTIONS", f"s{index}") for index in range(12)]
+    received(ring, *messages[:2])
+    ring.statistics()
+    for message in messages[2:]:
+        received(ring, message)
+    oldest, entries = ring.entries(from_seq, limit)
+    wanted = messages[from_seq : None if limit is None else from_seq + limit]
+    assert oldest == 0 and [decode(0, entry).raw for entry in entries] == wanted

@@ -21,10 +21,12 @@ and :func:`decode` turns one into a :class:`Captured`, for :mod:`transport.captu
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -133,12 +135,32 @@ class CaptureRing:
                 "evicted": self._evicted,
             }
 
-    def entries(self, from_seq: int = 0) -> tuple[int, list[bytes | Outbound]]:
-        """(seq of the oldest entry held, the entries numbered ``max(from_seq, oldest)`` on, undecoded)."""
+    def entries(self, from_seq: int = 0, limit: int | None = None) -> tuple[int, list[bytes | Outbound]]:
+        """(seq of the oldest entry held, at most ``limit`` entries numbered ``max(from_seq, oldest)`` on).
+
+        Only those references are copied, walking from the nearer end of the deque: a query for what
+        arrived since the last one holds the lock for the new entries, not for the whole ring.
+        """
         with self._lock:
-            oldest = self._appended - len(self._entries)
-            entries = list(self._entries)  # references only: the lock is held for a copy of pointers
-        return oldest, entries[max(0, from_seq - oldest) :]
+            entries = self._entries
+            held = len(entries)
+            oldest = self._appended - held
+            start = min(max(from_seq - oldest, 0), held)
+            count = min(held - start, held if limit is None else limit)
+            after = held - start - count  # entries newer than the ones wanted
+            if start <= after:
+                return oldest, list(itertools.islice(entries, start, start + count))
+            newest_first = list(itertools.islice(reversed(entries), after, after + count))
+        newest_first.reverse()
+        return oldest, newest_first
+
+    def picked(self, seqs: Sequence[int]) -> list[bytes | Outbound | None]:
+        """The entries numbered ``seqs`` (None for one evicted or not yet appended): for one call's messages."""
+        with self._lock:
+            entries = self._entries
+            held = len(entries)
+            oldest = self._appended - held
+            return [entries[seq - oldest] if 0 <= seq - oldest < held else None for seq in seqs]
 
 
 def decode(seq: int, entry: bytes | Outbound) -> Captured:
