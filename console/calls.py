@@ -7,7 +7,8 @@ and ``@``: the routes take the rest of the path, so ``/api/calls/a/b@host``
 names Call-ID ``a/b@host`` (clients may also send ``%2F``); a path ending
 in ``.pcap`` asks for the export. Captured SIP is user data: these routes
 are reads like any other, behind the console's read rules
-(:mod:`console.guard`: the admin token beyond loopback).
+(:mod:`console.guard`: the admin token beyond loopback); the transport has
+redacted the digest credentials in the text they get.
 
 Status codes: 404 for a Call-ID the capture does not hold, 422 for an
 invalid filter (with the reason), 503 while the transport is down or its

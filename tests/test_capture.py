@@ -316,3 +316,25 @@ def test_a_slice_of_the_ring_is_the_same_taken_from_either_end(from_seq: int, li
     oldest, entries = ring.entries(from_seq, limit)
     wanted = messages[from_seq : None if limit is None else from_seq + limit]
     assert oldest == 0 and [decode(0, entry).raw for entry in entries] == wanted
+
+
+def test_digest_responses_and_nonces_are_redacted_from_the_text_readers_get() -> None:
+    """Captured credentials would let anyone who reads the console guess the password offline."""
+    register = (
+        b"REGISTER sip:sip.test SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:40000;branch=z9hG4bKr1\r\n"
+        b"From: <sip:alice@sip.test>;tag=a\r\nTo: <sip:alice@sip.test>\r\nCall-ID: reg-1\r\nCSeq: 2 REGISTER\r\n"
+        b'Authorization: Digest username="alice", realm="sip.test", nonce="n0nce-secret", uri="sip:sip.test",\r\n'
+        b' response="6629fae49393a05397450978507c4ef1", algorithm=MD5, cnonce="c-secret", qop=auth, nc=00000001\r\n'
+        b'proxy-authorization:Digest username="alice",realm="proxy.test",nonce=bare-secret,response=abcdef0123\r\n'
+        b"Content-Length: 4\r\n\r\nbody"
+    )
+    received(ring := CaptureRing(1 << 20), register)
+    for bodies in (False, True):
+        detail = CaptureQuery(ring, bodies=bodies).call({"call_id": "reg-1"})
+        assert detail is not None
+        text = detail["messages"][0]["text"]
+        for secret in ("n0nce-secret", "6629fae4", "c-secret", "bare-secret", "abcdef0123"):
+            assert secret not in text
+        assert 'username="alice", realm="sip.test"' in text and 'realm="proxy.test"' in text
+        assert 'nonce="redacted"' in text and 'response="redacted"' in text and 'cnonce="redacted"' in text
+        assert text.endswith("body") is bodies and 'uri="sip:sip.test"' in text and "nc=00000001" in text

@@ -16,8 +16,9 @@ Control ops (see :mod:`transport.control`):
   ``since``/``until`` one with a message in that UNIX-time window), at most
   :data:`MAX_CALLS_PER_PAGE`, with ``total`` and the ring's statistics.
 * ``{"op": "call", "call_id"}``: that call's messages in carried order (null
-  when no captured message has that Call-ID), each
-  with its text (the body only with ``capture_bodies``), at most
+  when no captured message has that Call-ID), each with its text (the body
+  only with ``capture_bodies``; the digest response, nonce and cnonce of
+  Authorization and Proxy-Authorization redacted, :func:`redact_credentials`), at most
   :data:`MAX_MESSAGES_PER_CALL` messages and :data:`MAX_ANSWER_TEXT_BYTES`
   of text (``truncated`` says when either cut it).
 """
@@ -353,13 +354,33 @@ class CaptureQuery:
         """A message's text for readers: the header block, and the body only with ``capture_bodies``."""
         end = raw.find(b"\r\n\r\n")
         head, body = (raw, b"") if end < 0 else (raw[: end + 4], raw[end + 4 :])
-        shown = raw if self.bodies else head
+        head = redact_credentials(head)
+        shown = head + body if self.bodies else head
         # surrogateescape: bytes that are not UTF-8 survive the JSON hop (the pcap needs the exact bytes).
         return {"text": shown.decode("utf-8", "surrogateescape"), "body_bytes": len(body),
                 "body_withheld": bool(body) and not self.bodies}  # fmt: skip
 
     def _ring_view(self) -> dict[str, Any]:
         return {"capture": {**self.ring.statistics(), "bodies": self.bodies}}
+
+
+#: An Authorization or Proxy-Authorization header line, with any continuation lines.
+_CREDENTIALS = re.compile(
+    rb"^(?:proxy-)?authorization[ \t]*:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", re.IGNORECASE | re.MULTILINE
+)
+#: The digest parameters from which, together, a password can be guessed offline (RFC 7616 digest).
+_SECRET_PARAMETER = re.compile(rb"\b(response|nonce|cnonce)([ \t]*=[ \t]*)(\"[^\"]*\"|[^,\s]*)", re.IGNORECASE)
+#: What readers see instead of a digest response, nonce or cnonce.
+REDACTED: Final = b'"redacted"'
+
+
+def redact_credentials(head: bytes) -> bytes:
+    """A header block with the digest response, nonce and cnonce of its credentials replaced by :data:`REDACTED`.
+
+    Username and realm stay: they say who tried; the rest would let a reader of the console or its
+    pcap guess the password offline.
+    """
+    return _CREDENTIALS.sub(lambda line: _SECRET_PARAMETER.sub(rb"\1\2" + REDACTED, line.group(0)), head)
 
 
 def _call_view(messages: Sequence[Summary]) -> dict[str, Any]:
