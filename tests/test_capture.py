@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import tracemalloc
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -16,7 +17,7 @@ import pytest
 from sipwire.config import ConfigError, Settings, load
 from sipwire.errors import ControlError
 from sipwire.otel.recorder import WriteTrace, traceparent
-from sipwire.transport.capture import ENTRY_OVERHEAD_BYTES, EVICT_STEP_BYTES, CaptureRing, Outbound, decode
+from sipwire.transport.capture import EVICT_STEP_BYTES, CaptureRing, Outbound, charge, decode
 from sipwire.transport.capturequery import MAX_CALLS_PER_PAGE, CaptureQuery, summarize
 from sipwire.transport.wire import encode_message, message_prefix
 
@@ -50,7 +51,7 @@ def test_the_ring_keeps_what_fits_in_its_bytes_evicts_the_oldest_and_counts_them
     for index in range(1000):
         received(ring, request("OPTIONS", f"call-{index:04d}"))
     stats = ring.statistics()
-    record_size = len(encode_message(PREFIX, 0.0, b"", message)) + ENTRY_OVERHEAD_BYTES
+    record_size = charge(encode_message(PREFIX, 0.0, b"", message))
     assert 65536 * 15 // 16 - record_size < stats["bytes"] <= 65536  # eviction cuts down to 15/16 of it
     assert stats["bytes"] == stats["messages"] * record_size
     assert stats["appended"] == 1000 and stats["messages"] + stats["evicted"] == 1000
@@ -188,7 +189,7 @@ def test_several_writer_threads_and_a_reader_keep_the_counts_exact() -> None:
     assert stats["appended"] == per_thread * threads_count
     assert stats["messages"] + stats["evicted"] == stats["appended"] and stats["evicted"] > 0
     oldest, entries = ring.entries()
-    held = sum((len(e) if isinstance(e, bytes) else len(e[3])) + ENTRY_OVERHEAD_BYTES for e in entries)
+    held = sum(map(charge, entries))
     assert held == stats["bytes"] <= stats["capacity_bytes"] and oldest == stats["evicted"]
     listed = query.calls({"limit": MAX_CALLS_PER_PAGE})
     held_calls = {summarize(decode(oldest + offset, entry)).call_id for offset, entry in enumerate(entries)}
@@ -245,7 +246,7 @@ def test_one_eviction_is_bounded_and_frees_the_entries_outside_the_lock() -> Non
     capacity = 64 << 20
     ring = CaptureRing(capacity)
     message = encode_message(PREFIX, 1.0, b"", request("OPTIONS", "fill"))
-    entry_bytes = len(message) + ENTRY_OVERHEAD_BYTES
+    entry_bytes = charge(message)
     _Payload.ring = ring
     try:
         for index in range(4):  # the oldest entries: the first eviction takes them
@@ -338,3 +339,30 @@ def test_digest_responses_and_nonces_are_redacted_from_the_text_readers_get() ->
         assert 'username="alice", realm="sip.test"' in text and 'realm="proxy.test"' in text
         assert 'nonce="redacted"' in text and 'response="redacted"' in text and 'cnonce="redacted"' in text
         assert text.endswith("body") is bodies and 'uri="sip:sip.test"' in text and "nc=00000001" in text
+
+
+@pytest.mark.parametrize("messages_per_call", [1, 2, 6])
+def test_the_ring_and_its_summaries_stay_within_capture_bytes(messages_per_call: int) -> None:
+    """The bound covers what the capture really holds: entries, payloads and the summaries a console made."""
+    capacity = 2 << 20
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        ring = CaptureRing(capacity)
+        query = CaptureQuery(ring, bodies=False)
+        trace = 0x0123456789ABCDEF0123456789ABCDEF
+        for index in range(6000 // messages_per_call):
+            call_id = f"{index:08x}-memory@127.0.0.1"
+            for step in range(messages_per_call):
+                if step % 2:
+                    ring.sent(PREFIX, response(200, call_id), WriteTrace(trace + index, 1, 2, 0))
+                else:
+                    received(ring, request("OPTIONS", call_id), at=1000.0 + index)
+            if index % 500 == 0:
+                query.calls({"limit": 5})
+        query.calls({"limit": 5})
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert ring.statistics()["evicted"] > 0
+    assert held <= capacity, f"{held} bytes held for capture_bytes {capacity}"

@@ -8,8 +8,8 @@ trace context, raw message: :mod:`transport.wire`), so a read costs one
 connection's prefix (built once per connection), the time, the trace id of its
 write job and the payload; on WS and WSS the SIP text, not the frame.
 
-The ring is bounded in bytes (``capture_bytes``: message bytes plus
-:data:`ENTRY_OVERHEAD_BYTES` per entry); past it, the oldest entries go first,
+The ring is bounded in bytes (``capture_bytes``: message bytes, plus per
+entry its overhead and its summary's, :func:`charge`); past it, the oldest entries go first,
 down to 15/16 of it or :data:`EVICT_STEP_BYTES` below it, and are counted.
 Several I/O threads append and the control thread reads, so the deque and
 its byte count change under one lock, held for an append, a bounded eviction
@@ -33,9 +33,17 @@ from typing import Final
 from sipwire.otel.recorder import WriteTrace, parse_traceparent
 from sipwire.transport.wire import TRANSPORT_NAMES, MessageRecord, RecordReader
 
-#: What one entry costs beyond its message bytes (the tuple or record header, deque slot, prefix share):
-#: counted so a flood of tiny messages cannot hold more memory than ``capture_bytes`` says.
-ENTRY_OVERHEAD_BYTES: Final = 128
+#: What one entry costs beyond its message bytes, measured with tracemalloc on CPython 3.12, so that a
+#: flood of tiny messages cannot hold more memory than ``capture_bytes`` says. A received entry is its
+#: MESSAGE record (a bytes header and a deque slot); a sent one is a tuple, its time, its trace id and its
+#: payload's header (184 with a trace id, 140 without). Plus :data:`SUMMARY_BYTES`, for its summary.
+RECEIVED_OVERHEAD_BYTES: Final = 48
+SENT_OVERHEAD_BYTES: Final = 184
+#: What the summary of an entry (:mod:`transport.capturequery`) costs, counted in the ring's bound from the
+#: start since a console may ask at any time: measured 524 bytes per message of OPTIONS exchanges (two
+#: messages a Call-ID), less in longer dialogs, about 820 when every message has a Call-ID of its own,
+#: the case this figure covers (tests/test_capture.py checks the bound with tracemalloc).
+SUMMARY_BYTES: Final = 850
 
 #: A full ring is cut down to this many sixteenths of its capacity (the ring holds 15/16 to 16/16 of it)...
 EVICT_TO_SIXTEENTHS: Final = 15
@@ -79,7 +87,7 @@ class CaptureRing:
 
     def received(self, records: list[bytes]) -> None:
         """The MESSAGE records of one read (as built for the workers)."""
-        size = sum(map(len, records)) + ENTRY_OVERHEAD_BYTES * len(records)
+        size = sum(map(len, records)) + (RECEIVED_OVERHEAD_BYTES + SUMMARY_BYTES) * len(records)
         gone = None
         with self._lock:
             self._entries.extend(records)
@@ -96,7 +104,7 @@ class CaptureRing:
         with self._lock:
             self._entries.append(entry)
             self._appended += 1
-            self._bytes += len(payload) + ENTRY_OVERHEAD_BYTES
+            self._bytes += len(payload) + SENT_OVERHEAD_BYTES + SUMMARY_BYTES
             if self._bytes > self.capacity_bytes:
                 gone = self._evict()
         del gone  # the evicted entries are freed here, once the lock is released
@@ -118,7 +126,7 @@ class CaptureRing:
         while held > low and entries:
             entry = popleft()
             gone.append(entry)
-            held -= (len(entry) if isinstance(entry, bytes) else len(entry[3])) + ENTRY_OVERHEAD_BYTES
+            held -= charge(entry)
         self._bytes = held
         self._evicted += len(gone)
         return gone
@@ -161,6 +169,13 @@ class CaptureRing:
             held = len(entries)
             oldest = self._appended - held
             return [entries[seq - oldest] if 0 <= seq - oldest < held else None for seq in seqs]
+
+
+def charge(entry: bytes | Outbound) -> int:
+    """What the ring counts for one entry: its message bytes, its overhead and its summary's."""
+    if isinstance(entry, bytes):
+        return len(entry) + RECEIVED_OVERHEAD_BYTES + SUMMARY_BYTES
+    return len(entry[3]) + SENT_OVERHEAD_BYTES + SUMMARY_BYTES
 
 
 def decode(seq: int, entry: bytes | Outbound) -> Captured:
