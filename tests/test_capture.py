@@ -18,7 +18,7 @@ from sipwire.config import ConfigError, Settings, load
 from sipwire.errors import ControlError
 from sipwire.otel.recorder import WriteTrace, traceparent
 from sipwire.transport.capture import EVICT_STEP_BYTES, CaptureRing, Outbound, charge, decode
-from sipwire.transport.capturequery import MAX_CALLS_PER_PAGE, CaptureQuery, summarize
+from sipwire.transport.capturequery import MAX_CALLS_PER_PAGE, MAX_MESSAGES_PER_CALL, CaptureQuery, summarize
 from sipwire.transport.wire import encode_message, message_prefix
 
 PREFIX = message_prefix(7, "tcp", ("127.0.0.1", 5060), ("127.0.0.1", 40000))
@@ -222,7 +222,7 @@ def test_summaries_share_a_calls_strings_and_intern_none_of_the_peers_text() -> 
     ring.sent(PREFIX, response(180, call_id, caller="zed-caller", callee="zed-callee"), None)
     query = CaptureQuery(ring, bodies=False)
     query.calls({})
-    first, second = query._calls[call_id]
+    first, second = query._calls[call_id].messages
     assert second.call_id is first.call_id and second.from_user is first.from_user
     assert second.remote is first.remote and second.to_uri is first.to_uri
     for text in (first.call_id, first.from_user, first.to_user, first.from_uri, first.remote, second.reason):
@@ -366,3 +366,27 @@ def test_the_ring_and_its_summaries_stay_within_capture_bytes(messages_per_call:
         tracemalloc.stop()
     assert ring.statistics()["evicted"] > 0
     assert held <= capacity, f"{held} bytes held for capture_bytes {capacity}"
+
+
+def test_a_long_call_keeps_its_newest_messages_and_counts_the_older_ones() -> None:
+    """REGISTER refreshes on one Call-ID: the newest matter; the ring evicting the older ones is followed."""
+    message = encode_message(PREFIX, 1.0, b"", request("REGISTER", "reg"))
+    ring = CaptureRing(charge(message) * (MAX_MESSAGES_PER_CALL + 40))
+    query = CaptureQuery(ring, bodies=False)
+    for index in range(MAX_MESSAGES_PER_CALL + 5):
+        received(ring, request("REGISTER", "reg"), at=float(index))
+        if index % 300 == 0:
+            query.calls({})
+    detail = query.call({"call_id": "reg"})
+    assert detail is not None and detail["earlier_not_shown"] == 5 and detail["truncated"]
+    assert len(detail["messages"]) == MAX_MESSAGES_PER_CALL and detail["messages"][0]["time"] == 5.0
+    assert query.calls({})["calls"][0]["messages"] == MAX_MESSAGES_PER_CALL + 5
+    for index in range(60):  # the ring evicts the five cut ones, then kept ones
+        received(ring, request("OPTIONS", f"other-{index}"))
+    detail = query.call({"call_id": "reg"})
+    assert detail is not None and detail["earlier_not_shown"] == 0 and not detail["truncated"]
+    held = ring.statistics()["messages"] - 60
+    assert len(detail["messages"]) == held and detail["messages"][-1]["time"] == MAX_MESSAGES_PER_CALL + 4
+    for index in range(MAX_MESSAGES_PER_CALL + 40):
+        received(ring, request("OPTIONS", f"more-{index}"))
+    assert query.call({"call_id": "reg"}) is None

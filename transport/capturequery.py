@@ -18,9 +18,10 @@ Control ops (see :mod:`transport.control`):
 * ``{"op": "call", "call_id"}``: that call's messages in carried order (null
   when no captured message has that Call-ID), each with its text (the body
   only with ``capture_bodies``; the digest response, nonce and cnonce of
-  Authorization and Proxy-Authorization redacted, :func:`redact_credentials`), at most
-  :data:`MAX_MESSAGES_PER_CALL` messages and :data:`MAX_ANSWER_TEXT_BYTES`
-  of text (``truncated`` says when either cut it).
+  Authorization and Proxy-Authorization redacted, :func:`redact_credentials`),
+  at most the newest :data:`MAX_MESSAGES_PER_CALL` messages
+  (``earlier_not_shown`` counts the older ones the ring still holds) and
+  :data:`MAX_ANSWER_TEXT_BYTES` of text (``truncated`` says when either cut it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sipwire.transport.sipuri import SipUriError, uri_of
 
 #: One page of the call list; the console asks for fewer.
 MAX_CALLS_PER_PAGE: Final = 200
-#: A call with more messages than this (a long-lived dialog re-INVITEd every minute) is cut: the first ones.
+#: A call with more messages than this (REGISTER refreshes on one Call-ID, a long dialog) keeps its newest.
 MAX_MESSAGES_PER_CALL: Final = 1000
 #: Message text in one ``call`` answer; beyond it, messages come without their text.
 MAX_ANSWER_TEXT_BYTES: Final = 4 << 20
@@ -254,6 +255,51 @@ def _float(request: dict[str, Any], name: str) -> float:
     return float(value)
 
 
+class _Call:
+    """One Call-ID's summaries: the newest :data:`MAX_MESSAGES_PER_CALL`, and how many older ones were cut.
+
+    A list read from ``head`` on, not a deque (most calls hold a few messages, and an empty deque
+    alone costs 600 bytes): dropping the oldest moves ``head``, and the list is compacted once
+    ``head`` passes half of it, so each message costs O(1) however long the call.
+    """
+
+    __slots__ = ("cut", "head", "held")
+
+    def __init__(self) -> None:
+        self.held: list[Summary] = []
+        self.head = 0
+        self.cut = 0  # older messages of the call the ring still holds, beyond the bound
+
+    def add(self, summary: Summary) -> None:
+        self.held.append(summary)
+        if len(self.held) - self.head > MAX_MESSAGES_PER_CALL:
+            self.head += 1
+            self.cut += 1
+            self._compact()
+
+    def forget(self, gone: Summary) -> bool:
+        """The ring evicted ``gone``, the oldest message of this call; True when the call has none left."""
+        if self.head < len(self.held) and self.held[self.head] is gone:
+            self.head += 1
+            self._compact()
+        else:
+            self.cut -= 1  # one cut earlier (older than every message kept)
+        return self.head == len(self.held)
+
+    def _compact(self) -> None:
+        if self.head * 2 > len(self.held):
+            del self.held[: self.head]
+            self.head = 0
+
+    @property
+    def messages(self) -> list[Summary]:
+        return self.held[self.head :] if self.head else self.held
+
+    @property
+    def latest(self) -> Summary:
+        return self.held[-1]
+
+
 class CaptureQuery:
     """Summaries kept in step with a :class:`CaptureRing`, and the two control ops over them."""
 
@@ -264,13 +310,12 @@ class CaptureQuery:
         self._summaries: deque[Summary] = deque()  # every entry the ring holds, in seq order
         # Call-ID -> its summaries in seq order. A dict keeps insertion order, which is the order of each
         # call's first message: reversed, newest first, with nothing to sort.
-        # Lists, not deques: most calls hold a few messages, and an empty deque alone costs 600 bytes.
-        self._calls: dict[str, list[Summary]] = {}
+        self._calls: dict[str, _Call] = {}
         self._next_seq = 0
         #: The last ``calls`` answer, with its question and the ring's counts then (a page polls every 2 s).
         self._answered: tuple[CallFilter, dict[str, int], dict[str, Any]] | None = None
 
-    def _refresh(self) -> dict[str, list[Summary]]:
+    def _refresh(self) -> dict[str, _Call]:
         """Summarize what arrived since the last query and forget what the ring evicted (the lock is held).
 
         Only the new entries are copied, :data:`SUMMARY_CHUNK` at a time, up to what the ring held when
@@ -285,22 +330,22 @@ class CaptureQuery:
                 summary = summarize(decode(start + offset, entry), self._latest)
                 summaries.append(summary)
                 if summary.call_id:
-                    calls.setdefault(summary.call_id, []).append(summary)
+                    call = calls.get(summary.call_id)
+                    if call is None:
+                        call = calls[summary.call_id] = _Call()
+                    call.add(summary)
             self._next_seq = start + len(entries)
         held = self.ring.statistics()
         oldest = held["appended"] - held["messages"]
         while summaries and summaries[0].seq < oldest:
             gone = summaries.popleft()
-            if gone.call_id:
-                messages = calls[gone.call_id]
-                del messages[0]  # the oldest of the oldest entry's call is that entry
-                if not messages:
-                    del calls[gone.call_id]
+            if gone.call_id and calls[gone.call_id].forget(gone):
+                del calls[gone.call_id]
         return calls
 
     def _latest(self, call_id: str) -> Summary | None:
-        held = self._calls.get(call_id)
-        return held[-1] if held else None
+        call = self._calls.get(call_id)
+        return call.latest if call is not None else None
 
     def calls(self, request: dict[str, Any]) -> dict[str, Any]:
         wanted = CallFilter.from_request(request)
@@ -314,9 +359,9 @@ class CaptureQuery:
                 total = len(self._calls)
                 page = list(itertools.islice(newest_first, wanted.offset, end))
             else:
-                matching = [messages for messages in newest_first if wanted.matches(messages)]
+                matching = [call for call in newest_first if wanted.matches(call.messages)]
                 total, page = len(matching), matching[wanted.offset : end]
-            views = [_call_view(messages) for messages in page]
+            views = [_call_view(call.messages, call.cut) for call in page]
             answer = {"total": total, "calls": views, "capture": {**ring, "bodies": self.bodies}}
             self._answered = (wanted, ring, answer)
         return answer
@@ -327,12 +372,11 @@ class CaptureQuery:
         if not isinstance(call_id, str) or not call_id or len(call_id) > MAX_FILTER_CHARS:
             raise ControlError(f"call_id must be a non-empty string of at most {MAX_FILTER_CHARS} characters")
         with self._lock:
-            held = self._refresh().get(call_id)
-            messages = list(held) if held is not None else []
-        if not messages:
-            return None
-        truncated = len(messages) > MAX_MESSAGES_PER_CALL
-        messages = messages[:MAX_MESSAGES_PER_CALL]
+            call = self._refresh().get(call_id)
+            if call is None:
+                return None
+            messages, cut = list(call.messages), call.cut
+        truncated = cut > 0
         seqs = [m.seq for m in messages]
         entries = [e for at in range(0, len(seqs), PICK_CHUNK) for e in self.ring.picked(seqs[at : at + PICK_CHUNK])]
         # A message queued on an outbound connection before its connect finished names local port 0 (no
@@ -348,7 +392,8 @@ class CaptureQuery:
             else:
                 truncated = True  # evicted since the summary was made, or over the answer's text budget
             views.append(view)
-        return {**_call_view(messages), "messages": views, "truncated": truncated, **self._ring_view()}
+        return {**_call_view(messages, cut), "messages": views, "earlier_not_shown": cut, "truncated": truncated,
+                **self._ring_view()}  # fmt: skip
 
     def _text(self, raw: bytes) -> dict[str, Any]:
         """A message's text for readers: the header block, and the body only with ``capture_bodies``."""
@@ -383,8 +428,8 @@ def redact_credentials(head: bytes) -> bytes:
     return _CREDENTIALS.sub(lambda line: _SECRET_PARAMETER.sub(rb"\1\2" + REDACTED, line.group(0)), head)
 
 
-def _call_view(messages: Sequence[Summary]) -> dict[str, Any]:
-    """A call as ``GET /api/calls`` lists it."""
+def _call_view(messages: Sequence[Summary], cut: int) -> dict[str, Any]:
+    """A call as ``GET /api/calls`` lists it (``cut``: its older messages beyond the per-call bound)."""
     first = messages[0]
     requests = [m for m in messages if not m.status]
     opener = requests[0] if requests else first
@@ -393,7 +438,7 @@ def _call_view(messages: Sequence[Summary]) -> dict[str, Any]:
         "call_id": first.call_id,
         "first_method": opener.method or opener.cseq.partition(" ")[2],
         "from": opener.from_uri, "to": opener.to_uri, "from_user": opener.from_user, "to_user": opener.to_user,
-        "started": first.time, "last": messages[-1].time, "messages": len(messages),
+        "started": first.time, "last": messages[-1].time, "messages": len(messages) + cut,
         "last_status": statuses[-1] if statuses else None,
         "connections": sorted({m.conn_id for m in messages}),
         "traced": any(m.trace_id for m in messages),
