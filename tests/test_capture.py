@@ -19,7 +19,7 @@ from sipwire.errors import ControlError
 from sipwire.otel.recorder import WriteTrace, traceparent
 from sipwire.transport.capture import EVICT_STEP_BYTES, CaptureRing, Outbound, charge, decode
 from sipwire.transport.capturequery import MAX_CALLS_PER_PAGE, MAX_MESSAGES_PER_CALL, CaptureQuery, summarize
-from sipwire.transport.wire import encode_message, message_prefix
+from sipwire.transport.wire import decode_prefix, encode_message, message_prefix
 
 PREFIX = message_prefix(7, "tcp", ("127.0.0.1", 5060), ("127.0.0.1", 40000))
 PREFIX6 = message_prefix(8, "tls", ("::1", 5061), ("::1", 40001))
@@ -120,7 +120,7 @@ def test_calls_are_filtered_paged_and_newest_first() -> None:
         return [call["call_id"] for call in query.calls(filters)["calls"]]
 
     assert ids() == ["call-c", "call-b", "call-a/1@h"]
-    assert ids(call_id="a/1@") == ["call-a/1@h"]
+    assert ids(call_id="a/1@") == ["call-a/1@h"] == ids(call_id="CALL-A/1@H")  # every text filter ignores case
     assert ids(from_user="ALI") == ["call-c", "call-a/1@h"]
     assert ids(to_user="dave") == ["call-b"]
     assert ids(method="message") == ["call-c"]
@@ -390,3 +390,8 @@ def test_a_long_call_keeps_its_newest_messages_and_counts_the_older_ones() -> No
     for index in range(MAX_MESSAGES_PER_CALL + 40):
         received(ring, request("OPTIONS", f"more-{index}"))
     assert query.call({"call_id": "reg"}) is None
+
+
+def test_a_message_prefix_decodes_to_what_built_it() -> None:
+    prefix = message_prefix(2**40, "wss", ("::1", 443), ("2001:db8::7", 65535), tls="TLSv1.3")
+    assert decode_prefix(prefix) == (2**40, "wss", ("::1", 443), ("2001:db8::7", 65535), "TLSv1.3", len(prefix))

@@ -22,7 +22,6 @@ and :func:`decode` turns one into a :class:`Captured`, for :mod:`transport.captu
 from __future__ import annotations
 
 import itertools
-import struct
 import threading
 import time
 from collections import deque
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sipwire.otel.recorder import WriteTrace, parse_traceparent
-from sipwire.transport.wire import TRANSPORT_NAMES, MessageRecord, RecordReader
+from sipwire.transport.wire import MessageRecord, RecordReader, decode_prefix
 
 #: What one entry costs beyond its message bytes, measured with tracemalloc on CPython 3.12, so that a
 #: flood of tiny messages cannot hold more memory than ``capture_bytes`` says. A received entry is its
@@ -50,8 +49,6 @@ EVICT_TO_SIXTEENTHS: Final = 15
 #: ...but one eviction frees at most this much beyond what the append brought, so an append never holds
 #: the lock the other I/O threads append under for more than a few microseconds (1/16 of 1 GiB is 64 MiB).
 EVICT_STEP_BYTES: Final = 256 << 10
-
-_PREFIX = struct.Struct("!QBHHBBH")  # the fixed part of wire.message_prefix
 
 #: An outbound entry: (connection prefix, wall time queued, trace id or 0, SIP payload).
 Outbound = tuple[bytes, float, int, bytes]
@@ -190,10 +187,7 @@ def decode(seq: int, entry: bytes | Outbound) -> Captured:
             record.raw,
         )  # fmt: skip
     prefix, sent_at, trace_id, payload = entry
-    conn_id, transport, local_port, remote_port, local_len, remote_len, _ = _PREFIX.unpack_from(prefix)
-    local_host = prefix[_PREFIX.size : _PREFIX.size + local_len].decode("ascii")
-    remote_host = prefix[_PREFIX.size + local_len : _PREFIX.size + local_len + remote_len].decode("ascii")
+    conn_id, transport, local, remote, _, _ = decode_prefix(prefix)
     return Captured(
-        seq, sent_at, "out", conn_id, TRANSPORT_NAMES[transport], (local_host, local_port), (remote_host, remote_port),
-        f"{trace_id:032x}" if trace_id else "", bytes(payload),
-    )  # fmt: skip
+        seq, sent_at, "out", conn_id, transport, local, remote, f"{trace_id:032x}" if trace_id else "", bytes(payload)
+    )

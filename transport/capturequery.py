@@ -37,6 +37,7 @@ from typing import Any, Final
 
 from sipwire.errors import ControlError
 from sipwire.transport.capture import Captured, CaptureRing, decode
+from sipwire.transport.connection import format_address
 from sipwire.transport.sipuri import SipUriError, uri_of
 
 #: One page of the call list; the console asks for fewer.
@@ -88,11 +89,6 @@ class Summary:
         else:
             view["method"] = self.method
         return view
-
-
-def address(host_port: tuple[str, int]) -> str:
-    host, port = host_port
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _user(name_addr: str) -> tuple[str, str]:
@@ -147,12 +143,12 @@ def summarize(captured: Captured, earlier: Callable[[str], Summary | None] | Non
     # texts, and interned strings are not freed on some CPython builds (3.12.0 to 3.12.5, free-threaded).
     seen = earlier(call_id) if earlier is not None and call_id else None
     if seen is not None:
-        call_id, remote = seen.call_id, _same(seen.remote, address(captured.remote))
+        call_id, remote = seen.call_id, _same(seen.remote, format_address(captured.remote))
         from_uri, from_user = _same(seen.from_uri, from_uri), _same(seen.from_user, from_user)
         to_uri, to_user = _same(seen.to_uri, to_uri), _same(seen.to_user, to_user)
         reason, cseq = _same(seen.reason, reason), _same(seen.cseq, found.get("cseq", ""))
     else:
-        remote, cseq = address(captured.remote), found.get("cseq", "")
+        remote, cseq = format_address(captured.remote), found.get("cseq", "")
     return Summary(
         captured.seq, captured.time, captured.direction, captured.conn_id, captured.transport,
         _local_address(captured.local), remote, captured.trace_id, call_id, _METHODS.get(method, method), status,
@@ -176,7 +172,7 @@ _METHODS: Final = {
 @functools.lru_cache(maxsize=1024)
 def _local_address(host_port: tuple[str, int]) -> str:
     """The transport's own addresses, one string each; bounded (ephemeral ports of outbound connections vary)."""
-    return address(host_port)
+    return format_address(host_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +203,8 @@ class CallFilter:
             raise ControlError(f"offset {offset} must not be negative")
         since, until = _float(request, "since"), _float(request, "until")
         return cls(
-            texts["call_id"], texts["from_user"].lower(), texts["to_user"].lower(), texts["method"].upper(), status,
-            since, until, offset, limit,
+            texts["call_id"].lower(), texts["from_user"].lower(), texts["to_user"].lower(), texts["method"].upper(),
+            status, since, until, offset, limit,
         )  # fmt: skip
 
     @property
@@ -219,7 +215,7 @@ class CallFilter:
 
     def matches(self, messages: Sequence[Summary]) -> bool:
         first = messages[0]
-        if self.call_id and self.call_id not in first.call_id:
+        if self.call_id and self.call_id not in first.call_id.lower():
             return False
         if self.from_user and not any(self.from_user in m.from_user.lower() for m in messages):
             return False
