@@ -32,7 +32,7 @@ from typing import Final
 from sipwire.otel.recorder import WriteTrace, parse_traceparent
 from sipwire.transport.wire import MessageRecord, RecordReader, decode_prefix
 
-#: What one entry costs beyond its message bytes, measured with tracemalloc on CPython 3.12, so that a
+#: What one entry costs beyond its message bytes, measured with tracemalloc on CPython 3.11, so that a
 #: flood of tiny messages cannot hold more memory than ``capture_bytes`` says. A received entry is its
 #: MESSAGE record (a bytes header and a deque slot); a sent one is a tuple, its time, its trace id and its
 #: payload's header (184 with a trace id, 140 without). Plus :data:`SUMMARY_BYTES`, for its summary.
@@ -119,11 +119,13 @@ class CaptureRing:
         held = self._bytes
         capacity = self.capacity_bytes
         low = capacity - min(capacity - capacity * EVICT_TO_SIXTEENTHS // 16, EVICT_STEP_BYTES)
-        gone = []
+        gone: list[bytes | Outbound] = []
+        keep = gone.append
+        received, sent = RECEIVED_OVERHEAD_BYTES + SUMMARY_BYTES, SENT_OVERHEAD_BYTES + SUMMARY_BYTES
         while held > low and entries:
             entry = popleft()
-            gone.append(entry)
-            held -= charge(entry)
+            keep(entry)
+            held -= len(entry) + received if isinstance(entry, bytes) else len(entry[3]) + sent  # charge(), inline
         self._bytes = held
         self._evicted += len(gone)
         return gone
