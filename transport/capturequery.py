@@ -3,9 +3,10 @@
 Runs on the control socket's threads, never on an I/O thread. Each entry is
 read once, the first time a query sees it (:class:`Summary`: Call-ID,
 method or status, CSeq, From and To users), and the summaries are kept in
-step with the ring: a query parses only what arrived since the last one and
-forgets what the ring evicted. Summaries hold no message text; the ``call``
-op decodes the text of one call's messages only.
+step with the ring: a query copies and parses only what arrived since the
+last one and forgets what the ring evicted; the same question with nothing
+carried since gets the last answer. Summaries hold no message text; the
+``call`` op fetches and decodes one call's entries only.
 
 Control ops (see :mod:`transport.control`):
 
