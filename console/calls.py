@@ -7,7 +7,8 @@ and ``@``: the routes take the rest of the path, so ``/api/calls/a/b@host``
 names Call-ID ``a/b@host`` (clients may also send ``%2F``); a path ending
 in ``.pcap`` asks for the export. Captured SIP is user data: these routes
 are reads like any other, behind the console's read rules
-(:mod:`console.guard`: the admin token beyond loopback).
+(:mod:`console.guard`: the admin token beyond loopback); the transport has
+redacted the digest credentials in the text they get.
 
 Status codes: 404 for a Call-ID the capture does not hold, 422 for an
 invalid filter (with the reason), 503 while the transport is down or its
@@ -30,7 +31,7 @@ from sipwire.console.ladder import call_path, ladder
 from sipwire.console.models import CallDetail, CallList, Problem
 from sipwire.console.pcap import MEDIA_TYPE, PcapMessage, parse_address, withheld_body, write_pcap
 from sipwire.console.render import is_htmx
-from sipwire.console.source import TransportDownError, TransportRefusedError
+from sipwire.console.source import CaptureSlowError, TransportDownError, TransportRefusedError
 
 if TYPE_CHECKING:
     from sipwire.console.state import Console
@@ -45,7 +46,10 @@ WINDOWS: Final = ((0, "any time"), (300, "5 minutes"), (900, "15 minutes"), (360
 MAX_TIME: Final = 1e11
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    503: {"model": Problem, "description": "the transport is down, or its capture is off"},
+    503: {
+        "model": Problem,
+        "description": "the transport is down, its capture is off, or a capture query took too long",
+    },
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -146,13 +150,13 @@ def build_router(console: Console) -> APIRouter:
     def read_calls(query: CallQuery) -> tuple[dict[str, Any] | None, str]:
         try:
             return source.calls(**query.control_arguments(time.time())), ""
-        except (TransportDownError, TransportRefusedError) as error:
+        except (TransportDownError, TransportRefusedError, CaptureSlowError) as error:
             return None, str(error)
 
     def read_call(call_id: str) -> tuple[dict[str, Any] | None, str]:
         try:
             return source.call(call_id), ""
-        except (TransportDownError, TransportRefusedError) as error:
+        except (TransportDownError, TransportRefusedError, CaptureSlowError) as error:
             return None, str(error)
 
     def list_context(request: Request, query: CallQuery) -> dict[str, Any]:

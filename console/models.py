@@ -249,5 +249,8 @@ class CallMessage(BaseModel):
 
 class CallDetail(CallFacts):
     messages: list[CallMessage] = Field(description="in the order the transport carried them")
+    earlier_not_shown: int = Field(
+        default=0, description="older messages of the call still captured but beyond the per-call bound (newest kept)"
+    )
     truncated: bool = Field(description="some messages or their text are missing (answer bounds, eviction)")
     capture: CaptureState

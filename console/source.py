@@ -30,6 +30,10 @@ from sipwire.transport.wire import TRANSPORTS
 
 #: Seconds one control request may take before the transport counts as down.
 CONTROL_TIMEOUT_SECONDS: Final = 3.0
+#: Seconds a capture query (ops ``calls``, ``call``) may take: the first one summarizes the whole ring
+#: (seconds at 200,000 messages). Past it the query fails with :class:`CaptureSlowError`; the transport
+#: is not counted down for it.
+CAPTURE_TIMEOUT_SECONDS: Final = 30.0
 #: How long a full connection list is reused by other readers (pages polling at 10,000 connections).
 CONNECTIONS_CACHE_SECONDS: Final = 1.0
 #: Connection records read from the stats block are reused this long. The I/O threads rewrite
@@ -48,6 +52,10 @@ class TransportDownError(ControlError):
 
 class TransportRefusedError(ControlError):
     """The transport answered but refused the request (unknown connection id, bad size...)."""
+
+
+class CaptureSlowError(ControlError):
+    """A capture query did not answer within :data:`CAPTURE_TIMEOUT_SECONDS`; the transport is not counted down."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +117,11 @@ class TransportSource:
 
     # -- control socket ---------------------------------------------------------------------------
 
-    def _control(self, op: str, **arguments: Any) -> Any:
+    def _control(self, op: str, capture: bool = False, **arguments: Any) -> Any:
+        """One control request; ``capture``: a capture query, allowed longer, and no sign of a transport down."""
+        timeout = CAPTURE_TIMEOUT_SECONDS if capture else CONTROL_TIMEOUT_SECONDS
         try:
-            client = ControlClient(self.settings.control_path, timeout=CONTROL_TIMEOUT_SECONDS)
+            client = ControlClient(self.settings.control_path, timeout=timeout)
         except ControlError as error:
             self._mark_down(str(error))
             raise TransportDownError(str(error)) from error
@@ -119,6 +129,10 @@ class TransportSource:
             with client:
                 result = client.request(op, **arguments)
         except ControlError as error:
+            if capture and isinstance(error.__cause__, TimeoutError):
+                raise CaptureSlowError(
+                    f"the transport's capture took more than {timeout:g} s to answer {op!r}"
+                ) from error
             if isinstance(error.__cause__, OSError) or "closed the control connection" in str(error):
                 self._mark_down(str(error))
                 raise TransportDownError(str(error)) from error
@@ -268,12 +282,12 @@ class TransportSource:
 
     def calls(self, **filters: Any) -> dict[str, Any]:
         """Calls in the transport's capture ring, filtered there (:mod:`transport.capturequery`)."""
-        result: dict[str, Any] = self._control("calls", **filters)
+        result: dict[str, Any] = self._control("calls", True, **filters)
         return result
 
     def call(self, call_id: str) -> dict[str, Any] | None:
         """One captured call with its messages' text, or None when the capture holds no such Call-ID."""
-        result: dict[str, Any] | None = self._control("call", call_id=call_id)
+        result: dict[str, Any] | None = self._control("call", True, call_id=call_id)
         return result
 
     # -- changes (always the control socket) --------------------------------------------------------

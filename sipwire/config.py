@@ -250,8 +250,9 @@ class Settings:
     )
     capture_bytes: int = _setting(
         8 << 20,
-        "Size of the capture ring in bytes (messages plus 128 bytes each); the oldest messages go first and are "
-        "counted (capture evicted). 8 MiB holds about 10,000 typical messages.",
+        "Memory for the capture in bytes: the messages, plus about 900 (received) or 1,030 (sent) bytes each for "
+        "their entry and the summary the call list reads; the oldest messages go first and are counted (capture "
+        "evicted). 8 MiB holds about 6,500 typical messages.",
     )
     capture_bodies: bool = _setting(
         False,

@@ -14,9 +14,15 @@ import pytest
 
 from sipwire.console.pcap import LINKTYPE_RAW, PCAP_MAGIC, SEGMENT_BYTES, PcapMessage, withheld_body, write_pcap
 from tests.test_capture import request, response
-from tests.tshark import TSHARK, dissect
+from tests.tshark import dissect, require_tshark
 
-needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed (Debian package tshark)")
+
+@pytest.fixture
+def tshark() -> str:
+    return require_tshark()
+
+
+needs_tshark = pytest.mark.usefixtures("tshark")
 
 V4_LOCAL, V4_PEER = ("127.0.0.1", 5070), ("127.0.0.2", 41000)
 V6_LOCAL, V6_PEER = ("::1", 5070), ("fd00::7", 41001)
@@ -52,13 +58,11 @@ def test_tshark_dissects_every_message_with_good_checksums() -> None:
     assert [row.ip_checksum for row in rows] == ["1", "1", "", "", "1", "1"]  # IPv6 has no header checksum
 
 
-@needs_tshark
-def test_sequence_numbers_run_on_per_direction_and_acknowledge_the_other_side(tmp_path: Path) -> None:
+def test_sequence_numbers_run_on_per_direction_and_acknowledge_the_other_side(tmp_path: Path, tshark: str) -> None:
     path = tmp_path / "flow.pcap"
     path.write_bytes(write_pcap(_flow()))
-    assert TSHARK is not None
     fields = ["tcp.stream", "tcp.srcport", "tcp.seq_raw", "tcp.ack_raw", "tcp.len", "_ws.expert.message"]
-    command = [TSHARK, "-r", str(path), "-T", "fields", "-E", "separator=|"]
+    command = [tshark, "-r", str(path), "-T", "fields", "-E", "separator=|"]
     for field in fields:
         command += ["-e", field]
     lines = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()

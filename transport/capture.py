@@ -8,11 +8,12 @@ trace context, raw message: :mod:`transport.wire`), so a read costs one
 connection's prefix (built once per connection), the time, the trace id of its
 write job and the payload; on WS and WSS the SIP text, not the frame.
 
-The ring is bounded in bytes (``capture_bytes``: message bytes plus
-:data:`ENTRY_OVERHEAD_BYTES` per entry); past it, the oldest entries go first,
-down to 15/16 of it, and are counted. Several I/O threads append and the control thread reads, so the
-deque and its byte count change under one lock, held for an append or for a
-copy of the references: never while anything is decoded. Entries are numbered
+The ring is bounded in bytes (``capture_bytes``: message bytes, plus per
+entry its overhead and its summary's, :func:`charge`); past it, the oldest entries go first,
+down to 15/16 of it or :data:`EVICT_STEP_BYTES` below it, and are counted.
+Several I/O threads append and the control thread reads, so the deque and
+its byte count change under one lock, held for an append, a bounded eviction
+or a copy of some references: never while anything is decoded or freed. Entries are numbered
 in the order they were appended (``seq``), which is the order the transport
 carried them; :meth:`CaptureRing.entries` gives the entries from a number on,
 and :func:`decode` turns one into a :class:`Captured`, for :mod:`transport.capturequery`.
@@ -20,24 +21,34 @@ and :func:`decode` turns one into a :class:`Captured`, for :mod:`transport.captu
 
 from __future__ import annotations
 
-import struct
+import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from sipwire.otel.recorder import WriteTrace, parse_traceparent
-from sipwire.transport.wire import TRANSPORT_NAMES, MessageRecord, RecordReader
+from sipwire.transport.wire import MessageRecord, RecordReader, decode_prefix
 
-#: What one entry costs beyond its message bytes (the tuple or record header, deque slot, prefix share):
-#: counted so a flood of tiny messages cannot hold more memory than ``capture_bytes`` says.
-ENTRY_OVERHEAD_BYTES: Final = 128
+#: What one entry costs beyond its message bytes, measured with tracemalloc on CPython 3.11, so that a
+#: flood of tiny messages cannot hold more memory than ``capture_bytes`` says. A received entry is its
+#: MESSAGE record (a bytes header and a deque slot); a sent one is a tuple, its time, its trace id and its
+#: payload's header (184 with a trace id, 140 without). Plus :data:`SUMMARY_BYTES`, for its summary.
+RECEIVED_OVERHEAD_BYTES: Final = 48
+SENT_OVERHEAD_BYTES: Final = 184
+#: What the summary of an entry (:mod:`transport.capturequery`) costs, counted in the ring's bound from the
+#: start since a console may ask at any time: measured 524 bytes per message of OPTIONS exchanges (two
+#: messages a Call-ID), less in longer dialogs, about 820 when every message has a Call-ID of its own,
+#: the case this figure covers (tests/test_capture.py checks the bound with tracemalloc).
+SUMMARY_BYTES: Final = 850
 
-#: A full ring is cut down to this many sixteenths of its capacity (the ring holds 15/16 to 16/16 of it).
+#: A full ring is cut down to this many sixteenths of its capacity (the ring holds 15/16 to 16/16 of it)...
 EVICT_TO_SIXTEENTHS: Final = 15
-
-_PREFIX = struct.Struct("!QBHHBBH")  # the fixed part of wire.message_prefix
+#: ...but one eviction frees at most this much beyond what the append brought, so an append never holds
+#: the lock the other I/O threads append under for more than a few microseconds (1/16 of 1 GiB is 64 MiB).
+EVICT_STEP_BYTES: Final = 256 << 10
 
 #: An outbound entry: (connection prefix, wall time queued, trace id or 0, SIP payload).
 Outbound = tuple[bytes, float, int, bytes]
@@ -73,41 +84,51 @@ class CaptureRing:
 
     def received(self, records: list[bytes]) -> None:
         """The MESSAGE records of one read (as built for the workers)."""
-        size = sum(map(len, records)) + ENTRY_OVERHEAD_BYTES * len(records)
+        size = sum(map(len, records)) + (RECEIVED_OVERHEAD_BYTES + SUMMARY_BYTES) * len(records)
+        gone = None
         with self._lock:
             self._entries.extend(records)
             self._appended += len(records)
             self._bytes += size
             if self._bytes > self.capacity_bytes:
-                self._evict()
+                gone = self._evict()
+        del gone  # the evicted entries are freed here, once the lock is released
 
     def sent(self, prefix: bytes, payload: bytes, trace: WriteTrace | None) -> None:
         """A SIP message queued on a connection (``prefix``: that connection's message prefix)."""
         entry = (prefix, time.time(), trace.trace_id if trace is not None else 0, payload)
+        gone = None
         with self._lock:
             self._entries.append(entry)
             self._appended += 1
-            self._bytes += len(payload) + ENTRY_OVERHEAD_BYTES
+            self._bytes += len(payload) + SENT_OVERHEAD_BYTES + SUMMARY_BYTES
             if self._bytes > self.capacity_bytes:
-                self._evict()
+                gone = self._evict()
+        del gone  # the evicted entries are freed here, once the lock is released
 
-    def _evict(self) -> None:
-        """Drop the oldest entries down to the low-water mark (the lock is held).
+    def _evict(self) -> list[bytes | Outbound]:
+        """Take the oldest entries off, down to the low-water mark (the lock is held); returns them.
 
-        Down to :data:`EVICT_TO` of the capacity, not just below it: eviction then runs once per
-        many appends, in a tight loop, instead of costing every append a call.
+        Down to :data:`EVICT_TO_SIXTEENTHS` of the capacity, not just below it, so that eviction runs
+        once per many appends; but that margin is at most :data:`EVICT_STEP_BYTES`, so one eviction's
+        work is bounded whatever the capacity. The caller drops what is returned after releasing the
+        lock: freeing thousands of messages is most of an eviction's cost.
         """
         entries = self._entries
         popleft = entries.popleft
         held = self._bytes
-        low = self.capacity_bytes * EVICT_TO_SIXTEENTHS // 16
-        evicted = 0
+        capacity = self.capacity_bytes
+        low = capacity - min(capacity - capacity * EVICT_TO_SIXTEENTHS // 16, EVICT_STEP_BYTES)
+        gone: list[bytes | Outbound] = []
+        keep = gone.append
+        received, sent = RECEIVED_OVERHEAD_BYTES + SUMMARY_BYTES, SENT_OVERHEAD_BYTES + SUMMARY_BYTES
         while held > low and entries:
             entry = popleft()
-            held -= (len(entry) if isinstance(entry, bytes) else len(entry[3])) + ENTRY_OVERHEAD_BYTES
-            evicted += 1
+            keep(entry)
+            held -= len(entry) + received if isinstance(entry, bytes) else len(entry[3]) + sent  # charge(), inline
         self._bytes = held
-        self._evicted += evicted
+        self._evicted += len(gone)
+        return gone
 
     # -- readers: the control thread -------------------------------------------------------------
 
@@ -121,12 +142,39 @@ class CaptureRing:
                 "evicted": self._evicted,
             }
 
-    def entries(self, from_seq: int = 0) -> tuple[int, list[bytes | Outbound]]:
-        """(seq of the oldest entry held, the entries numbered ``max(from_seq, oldest)`` on, undecoded)."""
+    def entries(self, from_seq: int = 0, limit: int | None = None) -> tuple[int, list[bytes | Outbound]]:
+        """(seq of the oldest entry held, at most ``limit`` entries numbered ``max(from_seq, oldest)`` on).
+
+        Only those references are copied, walking from the nearer end of the deque: a query for what
+        arrived since the last one holds the lock for the new entries, not for the whole ring.
+        """
         with self._lock:
-            oldest = self._appended - len(self._entries)
-            entries = list(self._entries)  # references only: the lock is held for a copy of pointers
-        return oldest, entries[max(0, from_seq - oldest) :]
+            entries = self._entries
+            held = len(entries)
+            oldest = self._appended - held
+            start = min(max(from_seq - oldest, 0), held)
+            count = min(held - start, held if limit is None else limit)
+            after = held - start - count  # entries newer than the ones wanted
+            if start <= after:
+                return oldest, list(itertools.islice(entries, start, start + count))
+            newest_first = list(itertools.islice(reversed(entries), after, after + count))
+        newest_first.reverse()
+        return oldest, newest_first
+
+    def picked(self, seqs: Sequence[int]) -> list[bytes | Outbound | None]:
+        """The entries numbered ``seqs`` (None for one evicted or not yet appended): for one call's messages."""
+        with self._lock:
+            entries = self._entries
+            held = len(entries)
+            oldest = self._appended - held
+            return [entries[seq - oldest] if 0 <= seq - oldest < held else None for seq in seqs]
+
+
+def charge(entry: bytes | Outbound) -> int:
+    """What the ring counts for one entry: its message bytes, its overhead and its summary's."""
+    if isinstance(entry, bytes):
+        return len(entry) + RECEIVED_OVERHEAD_BYTES + SUMMARY_BYTES
+    return len(entry[3]) + SENT_OVERHEAD_BYTES + SUMMARY_BYTES
 
 
 def decode(seq: int, entry: bytes | Outbound) -> Captured:
@@ -141,10 +189,7 @@ def decode(seq: int, entry: bytes | Outbound) -> Captured:
             record.raw,
         )  # fmt: skip
     prefix, sent_at, trace_id, payload = entry
-    conn_id, transport, local_port, remote_port, local_len, remote_len, _ = _PREFIX.unpack_from(prefix)
-    local_host = prefix[_PREFIX.size : _PREFIX.size + local_len].decode("ascii")
-    remote_host = prefix[_PREFIX.size + local_len : _PREFIX.size + local_len + remote_len].decode("ascii")
+    conn_id, transport, local, remote, _, _ = decode_prefix(prefix)
     return Captured(
-        seq, sent_at, "out", conn_id, TRANSPORT_NAMES[transport], (local_host, local_port), (remote_host, remote_port),
-        f"{trace_id:032x}" if trace_id else "", bytes(payload),
-    )  # fmt: skip
+        seq, sent_at, "out", conn_id, transport, local, remote, f"{trace_id:032x}" if trace_id else "", bytes(payload)
+    )

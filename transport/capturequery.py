@@ -3,9 +3,10 @@
 Runs on the control socket's threads, never on an I/O thread. Each entry is
 read once, the first time a query sees it (:class:`Summary`: Call-ID,
 method or status, CSeq, From and To users), and the summaries are kept in
-step with the ring: a query parses only what arrived since the last one and
-forgets what the ring evicted. Summaries hold no message text; the ``call``
-op decodes the text of one call's messages only.
+step with the ring: a query copies and parses only what arrived since the
+last one and forgets what the ring evicted; the same question with nothing
+carried since gets the last answer. Summaries hold no message text; the
+``call`` op fetches and decodes one call's entries only.
 
 Control ops (see :mod:`transport.control`):
 
@@ -16,35 +17,42 @@ Control ops (see :mod:`transport.control`):
   ``since``/``until`` one with a message in that UNIX-time window), at most
   :data:`MAX_CALLS_PER_PAGE`, with ``total`` and the ring's statistics.
 * ``{"op": "call", "call_id"}``: that call's messages in carried order (null
-  when no captured message has that Call-ID), each
-  with its text (the body only with ``capture_bodies``), at most
-  :data:`MAX_MESSAGES_PER_CALL` messages and :data:`MAX_ANSWER_TEXT_BYTES`
-  of text (``truncated`` says when either cut it).
+  when no captured message has that Call-ID), each with its text (the body
+  only with ``capture_bodies``; the digest response, nonce and cnonce of
+  Authorization and Proxy-Authorization redacted, :func:`redact_credentials`),
+  at most the newest :data:`MAX_MESSAGES_PER_CALL` messages
+  (``earlier_not_shown`` counts the older ones the ring still holds) and
+  :data:`MAX_ANSWER_TEXT_BYTES` of text (``truncated`` says when either cut it).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
-import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sipwire.errors import ControlError
 from sipwire.transport.capture import Captured, CaptureRing, decode
+from sipwire.transport.connection import format_address
 from sipwire.transport.sipuri import SipUriError, uri_of
 
 #: One page of the call list; the console asks for fewer.
 MAX_CALLS_PER_PAGE: Final = 200
-#: A call with more messages than this (a long-lived dialog re-INVITEd every minute) is cut: the first ones.
+#: A call with more messages than this (REGISTER refreshes on one Call-ID, a long dialog) keeps its newest.
 MAX_MESSAGES_PER_CALL: Final = 1000
 #: Message text in one ``call`` answer; beyond it, messages come without their text.
 MAX_ANSWER_TEXT_BYTES: Final = 4 << 20
 #: Longest text filter: a Call-ID or a user part, with room.
 MAX_FILTER_CHARS: Final = 256
+#: Entries copied from the ring, then summarized, at a time: the ring's lock is held for one such copy.
+SUMMARY_CHUNK: Final = 4096
+#: Entries of one call fetched from the ring under one hold of its lock.
+PICK_CHUNK: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +92,6 @@ class Summary:
         return view
 
 
-def address(host_port: tuple[str, int]) -> str:
-    host, port = host_port
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _user(name_addr: str) -> tuple[str, str]:
     """(URI, user part) of a From or To value: what precedes '@' after the scheme; "" when there is none."""
     try:
@@ -107,12 +110,13 @@ _COMPACT: Final = {b"i": "call-id", b"f": "from", b"t": "to"}
 _SCAN_LIMIT: Final = 8192
 
 
-def summarize(captured: Captured) -> Summary:
+def summarize(captured: Captured, earlier: Callable[[str], Summary | None] | None = None) -> Summary:
     """Read what the list needs from one captured message: a regular-expression scan, no validation.
 
     This runs for every message the ring takes while a console watches, on the transport's control
     thread: only the start line and four header values become text. Anything that is not SIP keeps
-    its first line as its method.
+    its first line as its method. ``earlier`` gives the latest summary of a Call-ID, whose strings
+    this one reuses.
     """
     raw = captured.raw
     end = raw.find(b"\r\n\r\n")
@@ -132,17 +136,44 @@ def summarize(captured: Captured) -> Summary:
             method, status = "", int(code)
     elif rest.endswith(" SIP/2.0"):
         method = first
+    call_id = found.get("call-id", "")
     from_uri, from_user = _user(found.get("from", ""))
     to_uri, to_user = _user(found.get("to", ""))
-    # Interned: a call's messages, and most calls, repeat these texts; one copy each keeps the summaries
-    # a few hundred bytes apiece instead of a kilobyte.
-    intern = sys.intern
+    # A call's messages repeat these texts: they share the strings of the call's previous summary, so a
+    # call holds one copy of each, freed with its last summary. Never sys.intern: these are the peers'
+    # texts, and interned strings are not freed on some CPython builds (3.12.0 to 3.12.5, free-threaded).
+    seen = earlier(call_id) if earlier is not None and call_id else None
+    if seen is not None:
+        call_id, remote = seen.call_id, _same(seen.remote, format_address(captured.remote))
+        from_uri, from_user = _same(seen.from_uri, from_uri), _same(seen.from_user, from_user)
+        to_uri, to_user = _same(seen.to_uri, to_uri), _same(seen.to_user, to_user)
+        reason, cseq = _same(seen.reason, reason), _same(seen.cseq, found.get("cseq", ""))
+    else:
+        remote, cseq = format_address(captured.remote), found.get("cseq", "")
     return Summary(
         captured.seq, captured.time, captured.direction, captured.conn_id, captured.transport,
-        intern(address(captured.local)), intern(address(captured.remote)), captured.trace_id,
-        intern(found.get("call-id", "")), intern(method), status, intern(reason), intern(found.get("cseq", "")),
-        intern(from_uri), intern(to_uri), intern(from_user), intern(to_user),
+        _local_address(captured.local), remote, captured.trace_id, call_id, _METHODS.get(method, method), status,
+        reason, cseq, from_uri, to_uri, from_user, to_user,
     )  # fmt: skip
+
+
+def _same(earlier: str, text: str) -> str:
+    """``earlier`` when it equals ``text``: one string object instead of two equal ones."""
+    return earlier if earlier == text else text
+
+
+#: The methods of RFC 3261 and its extensions, one string each (not interned: a fixed vocabulary).
+_METHODS: Final = {
+    name: name
+    for name in ("INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "PRACK", "SUBSCRIBE", "NOTIFY",
+                 "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE")
+}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _local_address(host_port: tuple[str, int]) -> str:
+    """The transport's own addresses, one string each; bounded (ephemeral ports of outbound connections vary)."""
+    return format_address(host_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +204,8 @@ class CallFilter:
             raise ControlError(f"offset {offset} must not be negative")
         since, until = _float(request, "since"), _float(request, "until")
         return cls(
-            texts["call_id"], texts["from_user"].lower(), texts["to_user"].lower(), texts["method"].upper(), status,
-            since, until, offset, limit,
+            texts["call_id"].lower(), texts["from_user"].lower(), texts["to_user"].lower(), texts["method"].upper(),
+            status, since, until, offset, limit,
         )  # fmt: skip
 
     @property
@@ -185,7 +216,7 @@ class CallFilter:
 
     def matches(self, messages: Sequence[Summary]) -> bool:
         first = messages[0]
-        if self.call_id and self.call_id not in first.call_id:
+        if self.call_id and self.call_id not in first.call_id.lower():
             return False
         if self.from_user and not any(self.from_user in m.from_user.lower() for m in messages):
             return False
@@ -221,6 +252,51 @@ def _float(request: dict[str, Any], name: str) -> float:
     return float(value)
 
 
+class _Call:
+    """One Call-ID's summaries: the newest :data:`MAX_MESSAGES_PER_CALL`, and how many older ones were cut.
+
+    A list read from ``head`` on, not a deque (most calls hold a few messages, and an empty deque
+    alone costs 600 bytes): dropping the oldest moves ``head``, and the list is compacted once
+    ``head`` passes half of it, so each message costs O(1) however long the call.
+    """
+
+    __slots__ = ("cut", "head", "held")
+
+    def __init__(self) -> None:
+        self.held: list[Summary] = []
+        self.head = 0
+        self.cut = 0  # older messages of the call the ring still holds, beyond the bound
+
+    def add(self, summary: Summary) -> None:
+        self.held.append(summary)
+        if len(self.held) - self.head > MAX_MESSAGES_PER_CALL:
+            self.head += 1
+            self.cut += 1
+            self._compact()
+
+    def forget(self, gone: Summary) -> bool:
+        """The ring evicted ``gone``, the oldest message of this call; True when the call has none left."""
+        if self.head < len(self.held) and self.held[self.head] is gone:
+            self.head += 1
+            self._compact()
+        else:
+            self.cut -= 1  # one cut earlier (older than every message kept)
+        return self.head == len(self.held)
+
+    def _compact(self) -> None:
+        if self.head * 2 > len(self.held):
+            del self.held[: self.head]
+            self.head = 0
+
+    @property
+    def messages(self) -> list[Summary]:
+        return self.held[self.head :] if self.head else self.held
+
+    @property
+    def latest(self) -> Summary:
+        return self.held[-1]
+
+
 class CaptureQuery:
     """Summaries kept in step with a :class:`CaptureRing`, and the two control ops over them."""
 
@@ -231,43 +307,61 @@ class CaptureQuery:
         self._summaries: deque[Summary] = deque()  # every entry the ring holds, in seq order
         # Call-ID -> its summaries in seq order. A dict keeps insertion order, which is the order of each
         # call's first message: reversed, newest first, with nothing to sort.
-        # Lists, not deques: most calls hold a few messages, and an empty deque alone costs 600 bytes.
-        self._calls: dict[str, list[Summary]] = {}
+        self._calls: dict[str, _Call] = {}
         self._next_seq = 0
+        #: The last ``calls`` answer, with its question and the ring's counts then (a page polls every 2 s).
+        self._answered: tuple[CallFilter, dict[str, int], dict[str, Any]] | None = None
 
-    def _refresh(self) -> dict[str, list[Summary]]:
-        """Summarize what arrived since the last query and forget what the ring evicted (the lock is held)."""
-        oldest, entries = self.ring.entries(self._next_seq)
-        start = max(oldest, self._next_seq)
+    def _refresh(self) -> dict[str, _Call]:
+        """Summarize what arrived since the last query and forget what the ring evicted (the lock is held).
+
+        Only the new entries are copied, :data:`SUMMARY_CHUNK` at a time, up to what the ring held when
+        the query began (appends keep coming while it runs).
+        """
         summaries, calls = self._summaries, self._calls
-        for offset, entry in enumerate(entries):
-            summary = summarize(decode(start + offset, entry))
-            summaries.append(summary)
-            if summary.call_id:
-                calls.setdefault(summary.call_id, []).append(summary)
-        self._next_seq = start + len(entries)
+        until = self.ring.statistics()["appended"]
+        while self._next_seq < until:
+            first, entries = self.ring.entries(self._next_seq, min(SUMMARY_CHUNK, until - self._next_seq))
+            start = max(first, self._next_seq)
+            for offset, entry in enumerate(entries):
+                summary = summarize(decode(start + offset, entry), self._latest)
+                summaries.append(summary)
+                if summary.call_id:
+                    call = calls.get(summary.call_id)
+                    if call is None:
+                        call = calls[summary.call_id] = _Call()
+                    call.add(summary)
+            self._next_seq = start + len(entries)
+        held = self.ring.statistics()
+        oldest = held["appended"] - held["messages"]
         while summaries and summaries[0].seq < oldest:
             gone = summaries.popleft()
-            if gone.call_id:
-                held = calls[gone.call_id]
-                del held[0]  # the oldest of the oldest entry's call is that entry
-                if not held:
-                    del calls[gone.call_id]
+            if gone.call_id and calls[gone.call_id].forget(gone):
+                del calls[gone.call_id]
         return calls
+
+    def _latest(self, call_id: str) -> Summary | None:
+        call = self._calls.get(call_id)
+        return call.latest if call is not None else None
 
     def calls(self, request: dict[str, Any]) -> dict[str, Any]:
         wanted = CallFilter.from_request(request)
         end = wanted.offset + wanted.limit
         with self._lock:
+            ring = self.ring.statistics()
+            if self._answered is not None and self._answered[:2] == (wanted, ring):
+                return self._answered[2]  # nothing appended or evicted since the same question: the same answer
             newest_first = reversed(self._refresh().values())
             if wanted.unfiltered:
                 total = len(self._calls)
                 page = list(itertools.islice(newest_first, wanted.offset, end))
             else:
-                matching = [messages for messages in newest_first if wanted.matches(messages)]
+                matching = [call for call in newest_first if wanted.matches(call.messages)]
                 total, page = len(matching), matching[wanted.offset : end]
-            views = [_call_view(messages) for messages in page]
-        return {"total": total, "calls": views, **self._ring_view()}
+            views = [_call_view(call.messages, call.cut) for call in page]
+            answer = {"total": total, "calls": views, "capture": {**ring, "bodies": self.bodies}}
+            self._answered = (wanted, ring, answer)
+        return answer
 
     def call(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """One call's messages with their text; None when no captured message has that Call-ID."""
@@ -275,35 +369,35 @@ class CaptureQuery:
         if not isinstance(call_id, str) or not call_id or len(call_id) > MAX_FILTER_CHARS:
             raise ControlError(f"call_id must be a non-empty string of at most {MAX_FILTER_CHARS} characters")
         with self._lock:
-            held = self._refresh().get(call_id)
-            messages = list(held) if held is not None else []
-        if not messages:
-            return None
-        truncated = len(messages) > MAX_MESSAGES_PER_CALL
-        messages = messages[:MAX_MESSAGES_PER_CALL]
-        oldest, entries = self.ring.entries(messages[0].seq)
-        first = max(oldest, messages[0].seq)
+            call = self._refresh().get(call_id)
+            if call is None:
+                return None
+            messages, cut = list(call.messages), call.cut
+        truncated = cut > 0
+        seqs = [m.seq for m in messages]
+        entries = [e for at in range(0, len(seqs), PICK_CHUNK) for e in self.ring.picked(seqs[at : at + PICK_CHUNK])]
         # A message queued on an outbound connection before its connect finished names local port 0 (no
         # address was bound yet): the connection's later messages know the address it got.
         bound = {m.conn_id: m.local for m in messages if not m.local.endswith(":0")}
         views, text_bytes = [], 0
-        for summary in messages:
+        for summary, entry in zip(messages, entries, strict=True):
             view = summary.view()
             view["local"] = bound.get(summary.conn_id, summary.local)
-            index = summary.seq - first
-            if 0 <= index < len(entries) and text_bytes < MAX_ANSWER_TEXT_BYTES:
-                view.update(self._text(decode(summary.seq, entries[index]).raw))
+            if entry is not None and text_bytes < MAX_ANSWER_TEXT_BYTES:
+                view.update(self._text(decode(summary.seq, entry).raw))
                 text_bytes += len(view["text"])
             else:
                 truncated = True  # evicted since the summary was made, or over the answer's text budget
             views.append(view)
-        return {**_call_view(messages), "messages": views, "truncated": truncated, **self._ring_view()}
+        return {**_call_view(messages, cut), "messages": views, "earlier_not_shown": cut, "truncated": truncated,
+                **self._ring_view()}  # fmt: skip
 
     def _text(self, raw: bytes) -> dict[str, Any]:
         """A message's text for readers: the header block, and the body only with ``capture_bodies``."""
         end = raw.find(b"\r\n\r\n")
         head, body = (raw, b"") if end < 0 else (raw[: end + 4], raw[end + 4 :])
-        shown = raw if self.bodies else head
+        head = redact_credentials(head)
+        shown = head + body if self.bodies else head
         # surrogateescape: bytes that are not UTF-8 survive the JSON hop (the pcap needs the exact bytes).
         return {"text": shown.decode("utf-8", "surrogateescape"), "body_bytes": len(body),
                 "body_withheld": bool(body) and not self.bodies}  # fmt: skip
@@ -312,8 +406,27 @@ class CaptureQuery:
         return {"capture": {**self.ring.statistics(), "bodies": self.bodies}}
 
 
-def _call_view(messages: Sequence[Summary]) -> dict[str, Any]:
-    """A call as ``GET /api/calls`` lists it."""
+#: An Authorization or Proxy-Authorization header line, with any continuation lines.
+_CREDENTIALS = re.compile(
+    rb"^(?:proxy-)?authorization[ \t]*:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", re.IGNORECASE | re.MULTILINE
+)
+#: The digest parameters from which, together, a password can be guessed offline (RFC 7616 digest).
+_SECRET_PARAMETER = re.compile(rb"\b(response|nonce|cnonce)([ \t]*=[ \t]*)(\"[^\"]*\"|[^,\s]*)", re.IGNORECASE)
+#: What readers see instead of a digest response, nonce or cnonce.
+REDACTED: Final = b'"redacted"'
+
+
+def redact_credentials(head: bytes) -> bytes:
+    """A header block with the digest response, nonce and cnonce of its credentials replaced by :data:`REDACTED`.
+
+    Username and realm stay: they say who tried; the rest would let a reader of the console or its
+    pcap guess the password offline.
+    """
+    return _CREDENTIALS.sub(lambda line: _SECRET_PARAMETER.sub(rb"\1\2" + REDACTED, line.group(0)), head)
+
+
+def _call_view(messages: Sequence[Summary], cut: int) -> dict[str, Any]:
+    """A call as ``GET /api/calls`` lists it (``cut``: its older messages beyond the per-call bound)."""
     first = messages[0]
     requests = [m for m in messages if not m.status]
     opener = requests[0] if requests else first
@@ -322,7 +435,7 @@ def _call_view(messages: Sequence[Summary]) -> dict[str, Any]:
         "call_id": first.call_id,
         "first_method": opener.method or opener.cseq.partition(" ")[2],
         "from": opener.from_uri, "to": opener.to_uri, "from_user": opener.from_user, "to_user": opener.to_user,
-        "started": first.time, "last": messages[-1].time, "messages": len(messages),
+        "started": first.time, "last": messages[-1].time, "messages": len(messages) + cut,
         "last_status": statuses[-1] if statuses else None,
         "connections": sorted({m.conn_id for m in messages}),
         "traced": any(m.trace_id for m in messages),

@@ -21,6 +21,7 @@ from typing import Final
 
 from sipwire.otel.recorder import WriteTrace
 from sipwire.transport.connection import Connection, ConnState, PendingJob
+from sipwire.transport.framing import PONG
 from sipwire.transport.iometrics import MetricsLayer
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.streams import StreamError
@@ -92,7 +93,7 @@ class WriteLayer(MetricsLayer):
             self.ratelog.log(logging.WARNING, "global_queue_full", "write job refused: %s", reason)
             self._outcome(worker, job_id, conn.id, WriteResult.LIMIT_REACHED, reason, trace=trace)
             return
-        if self._capture is not None and not raw and size > 4:  # 4: not a keep-alive pong
+        if self._capture is not None and not raw and message != PONG:  # keep-alive answers are not SIP messages
             self._capture.sent(conn.prefix, message, trace)
         conn.out_chunks.append(payload)
         conn.queued_total += size

@@ -333,29 +333,30 @@ def _take(body: bytes, position: int, length: int, what: str) -> bytes:
     return body[position : position + length]
 
 
+def decode_prefix(body: bytes) -> tuple[int, str, tuple[str, int], tuple[str, int], str, int]:
+    """The connection part of a MESSAGE body (:func:`message_prefix`, alone or followed by the rest).
+
+    Returns (connection id, transport, local, remote, TLS facts, where the rest begins); WireError if
+    a length overruns ``body``.
+    """
+    conn_id, transport, local_port, remote_port, local_len, remote_len, tls_len = _MESSAGE_FIXED.unpack_from(body)
+    position = _MESSAGE_FIXED.size
+    local_host = _take(body, position, local_len, "MESSAGE local host").decode("ascii")
+    position += local_len
+    remote_host = _take(body, position, remote_len, "MESSAGE remote host").decode("ascii")
+    position += remote_len
+    tls = _take(body, position, tls_len, "MESSAGE TLS facts").decode("utf-8")
+    position += tls_len
+    return conn_id, TRANSPORT_NAMES[transport], (local_host, local_port), (remote_host, remote_port), tls, position
+
+
 def _decode(kind: int, body: bytes) -> Record:
     if kind == KIND_MESSAGE:
-        conn_id, transport, local_port, remote_port, local_len, remote_len, tls_len = _MESSAGE_FIXED.unpack_from(body)
-        position = _MESSAGE_FIXED.size
-        local_host = _take(body, position, local_len, "MESSAGE local host").decode("ascii")
-        position += local_len
-        remote_host = _take(body, position, remote_len, "MESSAGE remote host").decode("ascii")
-        position += remote_len
-        tls = _take(body, position, tls_len, "MESSAGE TLS facts").decode("utf-8")
-        position += tls_len
+        conn_id, transport, local, remote, tls, position = decode_prefix(body)
         received_at, trace_len = _MESSAGE_TIME.unpack_from(body, position)
         position += _MESSAGE_TIME.size
         trace = _take(body, position, trace_len, "MESSAGE trace context").decode("ascii")
-        return MessageRecord(
-            conn_id,
-            TRANSPORT_NAMES[transport],
-            (local_host, local_port),
-            (remote_host, remote_port),
-            received_at,
-            trace,
-            body[position + trace_len :],
-            tls,
-        )
+        return MessageRecord(conn_id, transport, local, remote, received_at, trace, body[position + trace_len :], tls)
     if kind == KIND_WRITE:
         job_id, conn_id, flags, transport, port, host_len, name_len, trace_len = _WRITE.unpack_from(body)
         position = _WRITE.size
