@@ -43,6 +43,7 @@ from sipwire.transport.wire import (
     HEADER_SIZE,
     MAX_CLOSED_PER_RECORD,
     MAX_COUNTER_NAME_BYTES,
+    MAX_SPANS_BYTES,
     MAX_TLS_FACTS_BYTES,
     TRANSPORT_CODES,
     CloseRecord,
@@ -53,6 +54,7 @@ from sipwire.transport.wire import (
     OutcomeRecord,
     Record,
     RecordReader,
+    SpansRecord,
     WireError,
     WriteRecord,
     encode_close,
@@ -61,6 +63,7 @@ from sipwire.transport.wire import (
     encode_done,
     encode_message,
     encode_outcome,
+    encode_spans,
     encode_write,
     message_prefix,
 )
@@ -89,6 +92,8 @@ def encode(record: Record) -> bytes:
         return encode_close(record.conn_id)
     if isinstance(record, ConnectionsClosedRecord):
         return encode_connections_closed(list(record.conn_ids))
+    if isinstance(record, SpansRecord):
+        return encode_spans(record.spans, record.pid, record.payload)
     assert isinstance(record, DoneRecord), type(record)
     return encode_done(record.conn_id, record.messages)
 
@@ -129,6 +134,8 @@ def check_fields(record: Record) -> None:
         assert 0 <= record.conn_id < 2**64, record
     elif isinstance(record, ConnectionsClosedRecord):
         assert 0 < len(record.conn_ids) <= MAX_CLOSED_PER_RECORD, record
+    elif isinstance(record, SpansRecord):
+        assert len(record.payload) <= MAX_SPANS_BYTES and 0 <= record.spans < 2**32, record
     else:
         assert isinstance(record, DoneRecord) and 0 <= record.messages < 2**32, record
 
@@ -167,7 +174,7 @@ def ascii_text(provider: atheris.FuzzedDataProvider, limit: int) -> str:
 
 def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
     """A valid record from the provider, and the record it decodes to (text the encoder replaces or cuts)."""
-    kind = provider.ConsumeIntInRange(1, 7)
+    kind = provider.ConsumeIntInRange(1, 8)
     conn_id = provider.ConsumeIntInRange(0, 2**64 - 1)
     if kind == 1:
         tls = provider.ConsumeUnicode(provider.ConsumeIntInRange(0, 1500))
@@ -212,6 +219,12 @@ def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
     if kind == 7:
         ids = tuple(provider.ConsumeIntInRange(0, 2**64 - 1) for _ in range(provider.ConsumeIntInRange(1, 40)))
         record = ConnectionsClosedRecord(ids)
+        return record, record
+    if kind == 8:
+        payload = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 2000))
+        record = SpansRecord(
+            provider.ConsumeIntInRange(0, 2**32 - 1), provider.ConsumeIntInRange(0, 2**32 - 1), payload
+        )
         return record, record
     record = DoneRecord(conn_id, provider.ConsumeIntInRange(0, 2**32 - 1))
     return record, record

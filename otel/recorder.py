@@ -21,6 +21,13 @@ Theory of operation
     one record per I/O thread (the length check and the append are not one
     step), which is still a bound.
 
+    Workers record their spans the same way, and ship them to the transport
+    in SPANS records over their channels (``transport/wire.py``); an I/O
+    thread hands such a batch, still marshalled, to :meth:`SpanRecorder.forward`,
+    a second bounded queue (bounded in spans) that the telemetry thread
+    drains next to the first. So one telemetry thread and one exporter
+    process per instance see every span of a trace.
+
     Only sampled traces produce anything: an unsampled message gets an empty
     trace context, so the worker makes no span and its write jobs carry no
     context either. No ids are made for it.
@@ -187,6 +194,12 @@ class SpanRecorder:
         self.ratio = ratio
         self.limit = limit
         self.queue: deque[SpanRecord | ApiSpanRecord] = deque()
+        #: Workers' span batches, as their SPANS records carried them: (worker index, pid, spans, payload).
+        self.forwarded: deque[tuple[int, int, int, bytes]] = deque()
+        #: Spans in :attr:`forwarded` (changed under the drop lock; the bound is :attr:`limit`).
+        self.forwarded_spans = 0
+        #: Workers' spans dropped because :attr:`forwarded` was full.
+        self.forward_dropped = 0
         #: (seconds, TLS version, error type) of finished handshakes, for the duration histogram.
         self.handshakes: deque[tuple[float, str, str]] = deque()
         self.dropped = 0
@@ -211,6 +224,9 @@ class SpanRecorder:
     def _reset_after_fork(self) -> None:
         self.queue = deque()
         self.handshakes = deque()
+        self.forwarded = deque()
+        self.forwarded_spans = 0
+        self.forward_dropped = 0
         self.dropped = 0
         self._drop_lock = threading.Lock()
 
@@ -243,6 +259,27 @@ class SpanRecorder:
         queue.append(record)
         if len(queue) == self._wake_at and self._wake is not None:
             self._wake()
+
+    def forward(self, worker: int, pid: int, count: int, payload: bytes) -> None:
+        """Queue a worker's batch of ``count`` marshalled spans for the exporter, or drop and count it when full."""
+        with self._drop_lock:  # one lock per batch, not per span; I/O threads add, the telemetry thread takes
+            if self.forwarded_spans + count > self.limit:
+                self.forward_dropped += count
+                return
+            self.forwarded_spans += count
+        self.forwarded.append((worker, pid, count, payload))
+        if self._wake is not None and self.forwarded_spans >= self._wake_at:
+            self._wake()
+
+    def take_forwarded(self) -> tuple[int, int, int, bytes] | None:
+        """The oldest forwarded batch (telemetry thread), or None."""
+        try:
+            batch = self.forwarded.popleft()
+        except IndexError:
+            return None
+        with self._drop_lock:
+            self.forwarded_spans -= batch[2]
+        return batch
 
     def handshake(self, seconds: float, version: str, error: str) -> None:
         """A finished TLS handshake for the duration histogram (dropped and counted when full)."""

@@ -10,10 +10,13 @@ span's ``traceparent`` in its WRITE record; the transport makes the job's
 
 Like the transport's I/O threads, the worker's main loop builds no SDK
 span: it records a tuple (:data:`otel.recorder.SpanRecord`) into a bounded
-queue, and its telemetry thread ships the tuples to the worker's own
-exporter process (:mod:`otel.pipeline`). While a router runs, the route
+queue, and at the end of each loop pass takes what the queue holds
+(:meth:`RouteTracing.batches`, bounded) and sends it to the transport in
+SPANS records, with its other records of that pass. The worker has no
+telemetry thread and no exporter process: its spans leave through the
+transport's, with the rest of their trace. While a router runs, the route
 span is the current OpenTelemetry context, and the process's global tracer
-provider ships finished API spans the same way, so a router's own spans
+provider records finished API spans the same way, so a router's own spans
 (``opentelemetry.trace.get_tracer(...).start_as_current_span(...)``) nest
 under ``sip.route``.
 """
@@ -21,6 +24,7 @@ under ``sip.route``.
 from __future__ import annotations
 
 import contextlib
+import marshal
 import time
 from collections.abc import Iterator
 from typing import Final, Protocol
@@ -33,11 +37,13 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sipwire.otel import attributes as attr
-from sipwire.otel.pipeline import Telemetry
 from sipwire.otel.recorder import SPAN_ROUTE, Endpoints, SpanRecorder, traceparent
 
 #: Call-IDs longer than this are cut in the span attribute (a peer could send a huge one).
 MAX_CALL_ID_CHARS: Final = 256
+#: Spans per SPANS record, and records per loop pass: the rest waits in the bounded queue.
+SPANS_PER_BATCH: Final = 256
+BATCHES_PER_PASS: Final = 4
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 
 
@@ -106,9 +112,10 @@ class ShippingSpanProcessor(SpanProcessor):
 class RouteTracing:
     """Makes ``sip.route`` span records; see the module docstring."""
 
-    def __init__(self, telemetry: Telemetry) -> None:
-        self.telemetry = telemetry
-        self.recorder = telemetry.recorder
+    def __init__(self, recorder: SpanRecorder) -> None:
+        self.recorder = recorder
+        #: Spans left out because one record alone exceeded a SPANS record's room.
+        self.oversize = 0
         self._propagator = TraceContextTextMapPropagator()
         #: For routers' own spans: follows the transport's decision, never starts a trace.
         self.provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF), shutdown_on_exit=False)
@@ -172,7 +179,28 @@ class RouteTracing:
              span.attributes or None)
         )  # fmt: skip
 
-    def shutdown(self, timeout: float) -> None:
-        """Ship what is left and let the exporter process finish, within ``timeout`` seconds."""
+    def batches(self, max_bytes: int) -> list[tuple[int, bytes]]:
+        """What the queue holds (at most :data:`BATCHES_PER_PASS` batches), marshalled: (spans, payload) each.
+
+        A batch over ``max_bytes`` (a router's span with huge attributes) is split; one record
+        alone over it is counted in :attr:`oversize` and left out.
+        """
+        queue = self.recorder.queue
+        out: list[tuple[int, bytes]] = []
+        while queue and len(out) < BATCHES_PER_PASS:
+            pending = [[queue.popleft() for _ in range(min(len(queue), SPANS_PER_BATCH))]]
+            while pending:
+                records = pending.pop()
+                payload = marshal.dumps(records)
+                if len(payload) <= max_bytes:
+                    out.append((len(records), payload))
+                elif len(records) == 1:
+                    self.oversize += 1
+                else:
+                    half = len(records) // 2
+                    pending += [records[half:], records[:half]]
+        return out
+
+    def shutdown(self) -> None:
+        """End the routers' tracer provider (what the queue holds leaves with the worker's last pass)."""
         self.provider.shutdown()
-        self.telemetry.shutdown(timeout)

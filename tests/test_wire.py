@@ -19,9 +19,11 @@ from sipwire.transport.wire import (
     KIND_DONE,
     KIND_MESSAGE,
     KIND_OUTCOME,
+    KIND_SPANS,
     KIND_WRITE,
     MAX_COUNTER_NAME_BYTES,
     MAX_RECORD_BYTES,
+    MAX_SPANS_BYTES,
     MAX_TLS_FACTS_BYTES,
     CloseRecord,
     ConnectionsClosedRecord,
@@ -31,6 +33,7 @@ from sipwire.transport.wire import (
     OutcomeRecord,
     Record,
     RecordReader,
+    SpansRecord,
     WireError,
     WriteRecord,
     encode_close,
@@ -39,6 +42,7 @@ from sipwire.transport.wire import (
     encode_done,
     encode_message,
     encode_outcome,
+    encode_spans,
     encode_write,
     message_prefix,
 )
@@ -78,6 +82,8 @@ def encode(record: Record) -> bytes:
         return encode_close(record.conn_id)
     if isinstance(record, ConnectionsClosedRecord):
         return encode_connections_closed(list(record.conn_ids))
+    if isinstance(record, SpansRecord):
+        return encode_spans(record.spans, record.pid, record.payload)
     return encode_done(record.conn_id, record.messages)
 
 
@@ -129,6 +135,9 @@ RECORDS: list[Record] = [
     CloseRecord(2**64 - 1),
     ConnectionsClosedRecord((9,)),
     ConnectionsClosedRecord((1, 2**64 - 1, 0)),
+    SpansRecord(2, 4242, b"\xdb\x02\x00\x00\x00"),
+    SpansRecord(0, 2**32 - 1, b""),
+    SpansRecord(1, 1, b"s" * MAX_SPANS_BYTES),
 ]
 
 
@@ -380,11 +389,20 @@ def test_largest_record_round_trips() -> None:
     assert RecordReader().feed(data) == [record]
 
 
-@pytest.mark.parametrize("kind", [0, 8, 9, 127, 255])
+@pytest.mark.parametrize("kind", [0, 9, 127, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(WireError) as caught:
         RecordReader().feed(raw_record(kind, b"abc"))
     assert str(caught.value) == f"unknown record kind {kind}"
+
+
+def test_a_spans_record_over_its_limit_is_corrupt() -> None:
+    with pytest.raises(WireError, match="SPANS record of"):
+        RecordReader().feed(raw_record(KIND_SPANS, b"\x00" * (8 + MAX_SPANS_BYTES + 1)))
+
+
+def test_spans_layout() -> None:
+    assert encode_spans(3, 7, b"pp") == b"\x08\x00\x00\x00\x0a" + struct.pack("!II", 3, 7) + b"pp"
 
 
 def test_count_and_close_layout() -> None:
@@ -702,6 +720,7 @@ def test_tls_facts_with_lone_surrogates_are_replaced() -> None:
 # -- properties ------------------------------------------------------------------------------------
 
 _U64 = st.integers(min_value=0, max_value=2**64 - 1)
+_U32 = st.integers(min_value=0, max_value=2**32 - 1)
 _PORT = st.integers(min_value=0, max_value=65535)
 _HOST = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=40)
 _TRANSPORT = st.sampled_from(["tcp", "tls"])
@@ -735,6 +754,7 @@ _RECORDS = st.one_of(
     st.builds(DoneRecord, _U64, st.integers(min_value=0, max_value=2**32 - 1)),
     st.builds(CountRecord, st.text(alphabet="abc._", min_size=1, max_size=MAX_COUNTER_NAME_BYTES), _U64),
     st.builds(CloseRecord, _U64),
+    st.builds(SpansRecord, _U32, _U32, st.binary(max_size=200)),
 )
 
 
@@ -796,7 +816,8 @@ def test_arbitrary_bytes_give_records_or_wire_error(data: bytes, cuts: list[int]
         for start, end in itertools.pairwise(points):
             for record in reader.feed(data[start:end]):
                 assert isinstance(
-                    record, MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord
+                    record,
+                    MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord | SpansRecord,
                 )
     except WireError:
         pass

@@ -336,6 +336,8 @@ class TransportServer:
             totals.add(thread_totals)
             for name, value in thread_totals.counters.items():
                 counters[name] = counters.get(name, 0) + value
+        if self.telemetry is not None:
+            counters.update(self.telemetry.counters())  # spans exported and dropped at each bounded step
         stats.write_counters(counters)
         stats.write_histogram(HISTOGRAM_TLS, HANDSHAKE_BUCKETS_MS, totals.handshake, 0.0)
         stats.write_histogram(HISTOGRAM_WS, HANDSHAKE_BUCKETS_MS, totals.ws_handshake, 0.0)
@@ -439,6 +441,8 @@ class TransportServer:
         for thread_stats in stats:
             for name, value in thread_stats.counters.items():
                 counters[name] = counters.get(name, 0) + value
+        if self.telemetry is not None:
+            counters.update(self.telemetry.counters())
         handshakes = [sum(column) for column in zip(*(s.handshake_buckets for s in stats), strict=True)]
         upgrades = [sum(column) for column in zip(*(s.ws_handshake_buckets for s in stats), strict=True)]
         in_flight = [sum(s.outstanding[index] for s in stats) for index in range(len(self.workers))]
