@@ -332,11 +332,10 @@ class Telemetry:
             worker, pid, count, payload = forwarded
             batches.append(((worker, pid), payload))
             spans += count
-        if batches:
-            try:
-                self.delivery(batches, spans)
-            except Exception:  # a broken delivery must not stop the thread
-                log.exception("telemetry: cannot hand %d span records on; dropped", spans)
+        try:
+            self.delivery(batches, spans)  # also when empty: the delivery reads the exporter's totals
+        except Exception:  # a broken delivery must not stop the thread
+            log.exception("telemetry: cannot hand %d span records on; dropped", spans)
         self.shipped += spans
         self._report_drops()
         return spans
