@@ -3,7 +3,9 @@
 Cost (default): tracing off and 100 % sampling (and optionally 10 %), alternated
 round by round. Each run is ``bench/sipbench.py --start-sipwire`` (a fresh
 sipwire, 1 I/O thread, 1 worker) with the mode's ``OTEL_*`` variables, OPTIONS
-over one TCP connection at ``--rate`` for ``--duration`` seconds; traced modes
+over one TCP connection at ``--rate`` for ``--duration`` seconds, measured
+after one unmeasured run of the same load on that sipwire (its start-up --
+worker imports, first connections -- is not what tracing costs); traced modes
 export over OTLP/HTTP to a sink run here on 127.0.0.1 (answers 200, counts
 spans per service), so the figures include the whole export path. It prints
 each run, then the p99 ratio 100 %/off and CPU microseconds per exchange
@@ -163,13 +165,14 @@ def run_mode(mode: str, args: argparse.Namespace, sink: Sink, work: Path, round_
     command = [
         sys.executable, str(SIPBENCH), "--start-sipwire",
         "--threads", str(args.threads), "--workers", str(args.workers),
-        "--conn", args.conn, "--rate", str(args.rate), "--calls", str(args.calls),
+        "--conn", f"{args.conn},{args.conn}" if args.warm else args.conn,
+        "--rate", str(args.rate), "--calls", str(args.calls),
         "--work-dir", str(work / slug), "--json", str(report),
     ]  # fmt: skip
     if args.capacity:
         command += ["--ramp", "--ramp-conn", args.conn, "--rates", args.rates, "--step", str(args.step)]
     steps = len(args.rates.split(",")) + 3  # the rising steps, then sipbench's bisection
-    budget = args.calls / args.rate + 120.0 + steps * (args.step + 10) * args.capacity
+    budget = (1 + args.warm) * args.calls / args.rate + 120.0 + steps * (args.step + 10) * args.capacity
     print(f"\n=== {mode}: {' '.join(command[1:])}", flush=True)
     sink.reset()
     with open(log_path, "wb") as log_file:
@@ -184,7 +187,7 @@ def run_mode(mode: str, args: argparse.Namespace, sink: Sink, work: Path, round_
     if not report.exists():
         return result
     data = json.loads(report.read_text())
-    fixed = (data.get("fixed") or [{}])[0]
+    fixed = (data.get("fixed") or [{}])[-1]  # with --warm, the second run on the warmed-up sipwire
     result.achieved = float(fixed.get("achieved", 0.0))
     result.successful = int(fixed.get("successful", 0))
     result.failed = int(fixed.get("failed", 0))
@@ -332,6 +335,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cost.add_argument("--threads", type=int, default=1, help="sipwire I/O threads")
     cost.add_argument("--workers", type=int, default=1, help="sipwire worker processes")
     cost.add_argument("--warmup", type=float, default=1.0, help="seconds left out of the steady percentiles")
+    cost.add_argument(
+        "--no-warm",
+        dest="warm",
+        action="store_false",
+        help="measure the first run of a fresh sipwire (default: one run of the same load first, not measured)",
+    )
     cost.add_argument("--capacity", action="store_true", help="also find each mode's highest passing rate (ramp)")
     cost.add_argument("--rates", default="2000,4000,6000,8000", help="ramp steps")
     cost.add_argument("--step", type=int, default=3, help="seconds per ramp step")

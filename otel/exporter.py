@@ -129,11 +129,12 @@ class Batcher:
                     self.exported += len(batch)
                 else:
                     self.failed += len(batch)
-            self._report()
+            self.report()
         if not self.pending:
             self.due = float("inf")
 
-    def _report(self) -> None:
+    def report(self) -> None:
+        """Write the running totals (``exported failed``) where the transport reads them."""
         if self.status_fd >= 0:
             with contextlib.suppress(OSError):  # the transport reads when it can; a full pipe skips a line
                 os.write(self.status_fd, b"%d %d\n" % (self.exported, self.failed))
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     exporters = span_exporters(config)
     os.set_blocking(sys.stdout.fileno(), False)
     batcher = Batcher(exporters, config.batch_size, config.schedule_delay, sys.stdout.fileno())
+    batcher.report()  # ready: the transport waits for this line before its traffic starts
     serve(FrameReader(sys.stdin.fileno()), SpanAssembler([], args.instance), batcher)
     steps = [lambda: batcher.export_due(everything=True), *(exporter.shutdown for exporter in exporters)]
     run_bounded(steps, STOP_SECONDS, "export")

@@ -17,8 +17,8 @@ and started again, at most once per :data:`RESTART_SECONDS`; batches in
 between are dropped and counted. Closing stdin is the stop signal: the
 exporter exports what it holds (bounded) and exits.
 
-On its stdout the exporter writes, after each export, a line of its running
-totals (``exported failed``): spans the collector took and spans whose
+On its stdout the exporter writes, once its imports are done and after each
+export, a line of its running totals (``exported failed``): spans the collector took and spans whose
 export failed. The telemetry thread reads them without blocking, so the
 transport's counters cover the exporter too.
 """
@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -47,6 +48,8 @@ MAX_FRAME_BYTES: Final = 64 << 20
 RESTART_SECONDS: Final = 10.0
 #: The pipe to the exporter (Linux's default is 64 KiB; 1 MiB is the usual unprivileged maximum).
 PIPE_BYTES: Final = 1 << 20
+#: How long starting telemetry waits for the exporter's imports (its first totals line) before traffic.
+READY_SECONDS: Final = 5.0
 #: A frame's source: worker index (-1: the transport) and pid.
 SOURCE: Final = struct.Struct("!iI")
 
@@ -60,6 +63,7 @@ class ProcessDelivery:
         self._exported = (0, 0)  # (exported, failed) reported by the exporter process now running
         self._before = (0, 0)  # the same, summed over exporter processes that exited
         self._status = b""
+        self._status_seen = False
         self._process: subprocess.Popen[bytes] | None = None
         self._stdin: IO[bytes] | None = None
         self._started_at = -RESTART_SECONDS
@@ -67,10 +71,24 @@ class ProcessDelivery:
         self._lock = threading.Lock()  # the telemetry thread writes; close() may come from another thread
 
     def start(self) -> None:
-        """Start the exporter process now, before traffic (else it starts with the first batch)."""
+        """Start the exporter process now and wait (bounded) until it is ready, so its imports precede traffic.
+
+        Its imports take about half a second of CPU; on a small machine they would otherwise
+        compete with the first second of SIP traffic.
+        """
         with self._lock:
-            if self._process is None:
-                self._start()
+            if self._process is None and self._start():
+                self._wait_ready(READY_SECONDS)
+
+    def _wait_ready(self, timeout: float) -> None:
+        process = self._process
+        assert process is not None and process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while not self._status_seen and time.monotonic() < deadline and process.poll() is None:
+            select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            self._read_status()
+        if not self._status_seen:
+            log.warning("telemetry: the exporter process is not ready after %.0fs; traffic starts anyway", timeout)
 
     def _start(self) -> bool:
         now = time.monotonic()
@@ -90,6 +108,7 @@ class ProcessDelivery:
         self._before = (self._before[0] + self._exported[0], self._before[1] + self._exported[1])
         self._exported = (0, 0)
         self._status = b""
+        self._status_seen = False
         self._process = process
         self._stdin = process.stdin
         self._exit_logged = False
@@ -132,6 +151,7 @@ class ProcessDelivery:
             fields = line.split()
             if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
                 self._exported = (int(fields[0]), int(fields[1]))
+                self._status_seen = True
                 break
 
     def statistics(self) -> dict[str, int]:
