@@ -2,7 +2,8 @@
 
 The transport decided sampling when the message arrived: a MESSAGE record
 with a trace context is a sampled trace, one without is not traced at all.
-The worker extracts the context with the W3C propagator and times parse
+The worker reads the context (W3C ``traceparent``, parsed by hand as the
+propagator would: :func:`otel.recorder.parse_traceparent`) and times parse
 and routing as the ``sip.route`` span, child of the transport's
 ``sip.receive``. Every write job submitted meanwhile carries the route
 span's ``traceparent`` in its WRITE record; the transport makes the job's
@@ -34,10 +35,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sipwire.otel import attributes as attr
-from sipwire.otel.recorder import SPAN_ROUTE, Endpoints, SpanRecorder, traceparent
+from sipwire.otel.recorder import SPAN_ROUTE, Endpoints, SpanRecorder, parse_traceparent, traceparent
 
 #: Call-IDs longer than this are cut in the span attribute (a peer could send a huge one).
 MAX_CALL_ID_CHARS: Final = 256
@@ -116,18 +116,16 @@ class RouteTracing:
         self.recorder = recorder
         #: Spans left out because one record alone exceeded a SPANS record's room.
         self.oversize = 0
-        self._propagator = TraceContextTextMapPropagator()
         #: For routers' own spans: follows the transport's decision, never starts a trace.
         self.provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF), shutdown_on_exit=False)
         self.provider.add_span_processor(ShippingSpanProcessor(self.recorder))
 
     def start_route(self, record: RoutedRecord) -> RouteSpan | None:
         """The ``sip.route`` span of ``record``, child of its receive span; None when it carries no sampled context."""
-        context = self._propagator.extract({"traceparent": record.trace_context})
-        parent = trace.get_current_span(context).get_span_context()
-        if not parent.is_valid or not parent.trace_flags.sampled:
+        parent = parse_traceparent(record.trace_context)
+        if parent is None:
             return None
-        return RouteSpan(parent.trace_id, parent.span_id, self.recorder.new_span_id(), record)
+        return RouteSpan(parent[0], parent[1], self.recorder.new_span_id(), record)
 
     @staticmethod
     @contextlib.contextmanager
