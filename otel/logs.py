@@ -18,12 +18,20 @@ from __future__ import annotations
 import logging
 import threading
 
+from sipwire.otel.recorder import parse_traceparent
+
 _current = threading.local()
 
 
 def enter(trace_id: int, span_id: int) -> None:
     """Log lines of this thread belong to ``span_id`` of ``trace_id`` until :func:`leave`."""
     _current.ids = (trace_id, span_id)
+
+
+def enter_context(context: str) -> None:
+    """Like :func:`enter`, from a ``traceparent`` (an outcome callback's job context); nothing if empty."""
+    ids = parse_traceparent(context) if context else None
+    _current.ids = ids
 
 
 def leave() -> None:

@@ -178,7 +178,7 @@ class RouteTracing:
         )  # fmt: skip
 
     def batches(self, max_bytes: int) -> list[tuple[int, bytes]]:
-        """What the queue holds (at most :data:`BATCHES_PER_PASS` batches), marshalled: (spans, payload) each.
+        """What the queue holds, at most ``BATCHES_PER_PASS * SPANS_PER_BATCH`` spans, marshalled: (spans, payload).
 
         A batch over ``max_bytes`` (a router's span with huge attributes) is split; one record
         alone over it is counted in :attr:`oversize` and left out.

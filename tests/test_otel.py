@@ -248,6 +248,37 @@ def test_full_queue_drops_and_counts() -> None:
     assert recorder.dropped == 5
 
 
+def test_forwarded_worker_batches_are_bounded_in_spans_and_dropped_whole() -> None:
+    recorder = SpanRecorder(1.0, 100)
+    recorder.forward(0, 11, 60, b"a")
+    recorder.forward(1, 12, 50, b"b")  # 110 > 100: this batch is dropped, whole, and counted
+    recorder.forward(1, 12, 40, b"c")
+    assert (recorder.forwarded_spans, recorder.forward_dropped) == (100, 50)
+    assert recorder.take_forwarded() == (0, 11, 60, b"a")
+    assert recorder.forwarded_spans == 40
+    recorder.forward(0, 11, 60, b"d")
+    assert [recorder.take_forwarded(), recorder.take_forwarded(), recorder.take_forwarded()] == [
+        (1, 12, 40, b"c"), (0, 11, 60, b"d"), None,
+    ]  # fmt: skip
+
+
+def test_a_worker_ships_bounded_batches_and_counts_a_span_too_large_for_one() -> None:
+    tracing = RouteTracing(SpanRecorder(1.0, 2048))
+    record = (SPAN_RECEIVE, 1, 2, 0, 10, 20, 1, "tcp", None, None, None, False, "", "", None)
+    huge = (SPAN_RECEIVE, 1, 3, 0, 10, 20, 1, "tcp", None, None, None, False, "", "", {"x": "y" * 5000})
+    for _ in range(1100):
+        tracing.recorder.put(record)
+    tracing.recorder.put(huge)
+    batches = tracing.batches(4000)  # room for fewer than 256 small records: batches are split
+    assert all(len(payload) <= 4000 for _, payload in batches)
+    assert sum(count for count, _ in batches) == sum(len(marshal.loads(payload)) for _, payload in batches)
+    shipped = sum(count for count, _ in batches)
+    assert 0 < shipped <= 4 * 256
+    while tracing.recorder.queue:
+        shipped += sum(count for count, _ in tracing.batches(4000))
+    assert shipped == 1100 and tracing.oversize == 1
+
+
 # -- spans built from records -------------------------------------------------------------------------------
 
 
@@ -977,6 +1008,7 @@ def test_a_dead_collector_is_logged_once_and_traffic_goes_on(start_transport: St
 def test_metrics_are_exported_over_otlp_http(start_transport: StartTransport, otlp_receiver: OtlpReceiver) -> None:
     env = {
         "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_TRACES_EXPORTER": "none",  # the shared endpoint alone would turn traces on too
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
         "OTEL_METRIC_EXPORT_INTERVAL": "200",
     }

@@ -195,6 +195,38 @@ def test_log_lines_of_a_traced_message_name_its_trace_in_the_transport_and_the_w
     assert transport_trace[transport_ids[1]] == "sip.write"
 
 
+def json_export(trace_id: str, error: bool = False) -> dict[str, Any]:
+    """An OTLP JSON export of one two-span trace (``error``: the child failed)."""
+    spans = [
+        {"traceId": trace_id, "spanId": "1" * 16, "name": "sip.receive", "startTimeUnixNano": "1000",
+         "endTimeUnixNano": "2000"},
+        {"traceId": trace_id, "spanId": "2" * 16, "parentSpanId": "1" * 16, "name": "sip.route",
+         "startTimeUnixNano": "1200", "endTimeUnixNano": "1800", "status": {"code": 2 if error else 0}},
+    ]  # fmt: skip
+    service = {"key": "service.name", "value": {"stringValue": "test"}}
+    return {"resourceSpans": [{"resource": {"attributes": [service]}, "scopeSpans": [{"spans": spans}]}]}
+
+
+def test_under_a_flood_a_listed_trace_stays_and_failed_traces_outlive_fast_ones(
+    start_console: StartConsole, tmp_path: Path
+) -> None:
+    env = {"SIPWIRE_CONSOLE_TRACE_SPANS": "200", "SIPWIRE_CONSOLE_TRACE_RETENTION": "30"}
+    console = start_console(instance="flood", state_dir=tmp_path / "console-state", env=env)
+    with console.client() as http:
+        failed, listed = f"{1:032x}", f"{2:032x}"
+        assert http.post("/v1/traces", json=json_export(failed, error=True)).status_code == 200
+        assert http.post("/v1/traces", json=json_export(listed)).status_code == 200
+        assert http.get("/api/traces").json()["traces"][0]["trace_id"] == listed  # shown: pinned for 30 s
+        for number in range(3, 503):  # 1,000 spans through a store of 200
+            assert http.post("/v1/traces", json=json_export(f"{number:032x}")).status_code == 200
+        assert http.get(f"/api/traces/{listed}").status_code == 200
+        assert http.get(f"/api/traces/{failed}").json()["error"] is True  # the tail policy kept it
+        assert http.get(f"/api/traces/{3:032x}").status_code == 404
+        evicted = http.get("/api/traces").json()["evicted"]
+    # 2 + 500 traces of 2 spans for 100 places; the listed one pinned, the failed one last in line.
+    assert evicted == {"fast": 402, "slow": 0, "error": 0, "pinned": 0}
+
+
 def test_no_trace_ids_in_the_log_when_tracing_is_off(start_transport: StartTransport) -> None:
     running = start_transport(workers=1, router="tests.routers_for_tests:crash")
     with SipClient.connect(running) as client:

@@ -111,6 +111,8 @@ class ChannelLayer(ConnectLayer):
             trace = self._tracing.start_write(record.trace_context)
             if trace is not None:
                 logs.enter(trace.trace_id, trace.span_id)
+        elif self._tracing is not None:
+            logs.leave()  # an untraced job after a traced one in the same read
         if record.conn_id:
             self._write_to(record.conn_id, record.job_id, worker, record.payload, prompt, trace)
             return

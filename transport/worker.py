@@ -287,8 +287,11 @@ class Worker:
                     # Writes made by the callback belong to the trace of the job it answers.
                     if self._callback_contexts:
                         self._trace_context = self._callback_contexts.pop(record.job_id, "")
+                        logs.enter_context(self._trace_context)
                     self._run_callback(callback, Outcome(record.job_id, record.conn_id, record.result, record.reason))
-                    self._trace_context = ""
+                    if self._trace_context:
+                        logs.leave()
+                        self._trace_context = ""
             elif isinstance(record, ConnectionsClosedRecord) and self._connections_closed is not None:
                 try:
                     self._connections_closed(list(record.conn_ids), self.count)
