@@ -314,9 +314,11 @@ def print_summary(results: list[ModeResult], args: argparse.Namespace) -> dict[s
         )
         if args.capacity and not math.isnan(off["ramp_best"] + full["ramp_best"]):
             summary["capacity_loss"] = 1.0 - full["ramp_best"] / off["ramp_best"]
+            top = max(int(rate) for rate in args.rates.split(","))
+            bound = " at most (off passed every step: raise --rates)" if off["ramp_best"] >= top else ""
             print(
                 f"capacity: off {off['ramp_best']:.0f}/s, 100 % {full['ramp_best']:.0f}/s: "
-                f"{100 * summary['capacity_loss']:.1f} % lost (target <= 15 %)"
+                f"{100 * summary['capacity_loss']:.1f} % lost{bound} (target <= 15 %)"
             )
     return summary
 

@@ -293,6 +293,7 @@ class Telemetry:
             "spans": self.shipped,
             "dropped_queue_full": self.recorder.dropped,
             "dropped_forward_queue_full": self.recorder.forward_dropped,
+            "unsampled_queues_full": self.recorder.shed,
             **self.delivery.statistics(),
         }
 

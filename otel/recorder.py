@@ -28,6 +28,12 @@ Theory of operation
     drains next to the first. So one telemetry thread and one exporter
     process per instance see every span of a trace.
 
+    When the exporter cannot keep up, the queues fill before they drop:
+    past three quarters of :attr:`SpanRecorder.limit` the root sampler
+    says no (counted in :attr:`SpanRecorder.shed`) until they drain. A
+    trace is then kept whole or not started at all, and the SIP processes
+    stop paying for spans nobody would export.
+
     Only sampled traces produce anything: an unsampled message gets an empty
     trace context, so the worker makes no span and its write jobs carry no
     context either. No ids are made for it.
@@ -203,6 +209,9 @@ class SpanRecorder:
         #: (seconds, TLS version, error type) of finished handshakes, for the duration histogram.
         self.handshakes: deque[tuple[float, str, str]] = deque()
         self.dropped = 0
+        #: Messages the sampler would have traced, left untraced because the queues were nearly full.
+        self.shed = 0
+        self._shed_at = max(1, limit * 3 // 4)
         self._bound = ratio_bound(ratio)
         self._wake_at = max(1, limit // 2)
         self._wake: Callable[[], None] | None = None
@@ -228,18 +237,23 @@ class SpanRecorder:
         self.forwarded_spans = 0
         self.forward_dropped = 0
         self.dropped = 0
+        self.shed = 0
         self._drop_lock = threading.Lock()
 
     # -- ids and sampling ----------------------------------------------------------------------
 
     def root_trace_id(self) -> int:
-        """A new trace id when the root sampler keeps this trace, else 0 (and no id is made).
+        """A new trace id when the root sampler keeps this trace (and the queues have room), else 0.
 
         The low 64 bits are drawn first and compared with the ratio bound, so a
         kept id passes the SDK's ``TraceIdRatioBased`` check for the same ratio.
         """
         low = random.getrandbits(64)
         if low >= self._bound:
+            return 0
+        if len(self.queue) >= self._shed_at or self.forwarded_spans >= self._shed_at:
+            with self._drop_lock:
+                self.shed += 1
             return 0
         return ((random.getrandbits(64) or 1) << 64) | low
 

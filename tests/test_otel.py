@@ -248,6 +248,21 @@ def test_full_queue_drops_and_counts() -> None:
     assert recorder.dropped == 5
 
 
+def test_nearly_full_queues_stop_new_traces_until_they_drain() -> None:
+    recorder = SpanRecorder(1.0, 8)
+    record = (SPAN_RECEIVE, 1, 2, 0, 10, 20, 1, "tcp", None, None, None, False, "", "", None)
+    assert recorder.root_trace_id()
+    for _ in range(6):  # three quarters of the limit
+        recorder.put(record)
+    assert [recorder.root_trace_id() for _ in range(3)] == [0, 0, 0]
+    assert recorder.shed == 3 and recorder.dropped == 0
+    recorder.queue.clear()
+    recorder.forward(0, 1, 6, b"x")  # workers' batches count as well
+    assert recorder.root_trace_id() == 0 and recorder.shed == 4
+    recorder.take_forwarded()
+    assert recorder.root_trace_id()
+
+
 def test_forwarded_worker_batches_are_bounded_in_spans_and_dropped_whole() -> None:
     recorder = SpanRecorder(1.0, 100)
     recorder.forward(0, 11, 60, b"a")
