@@ -294,6 +294,7 @@ class Telemetry:
             "dropped_queue_full": self.recorder.dropped,
             "dropped_forward_queue_full": self.recorder.forward_dropped,
             "unsampled_queues_full": self.recorder.shed,
+            "unsampled_rate_limit": self.recorder.rate_limited,
             **self.delivery.statistics(),
         }
 

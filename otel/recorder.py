@@ -28,7 +28,11 @@ Theory of operation
     drains next to the first. So one telemetry thread and one exporter
     process per instance see every span of a trace.
 
-    When the exporter cannot keep up, the queues fill before they drop:
+    A rate limit (the ``trace_rate_limit`` setting) bounds the traces started
+    per second, so at any message rate tracing costs at most that many
+    traces' work (messages past it are counted in
+    :attr:`SpanRecorder.rate_limited`). When the exporter cannot keep up,
+    the queues fill before they drop:
     past three quarters of :attr:`SpanRecorder.limit` the root sampler
     says no (counted in :attr:`SpanRecorder.shed`) until they drain. A
     trace is then kept whole or not started at all, and the SIP processes
@@ -192,7 +196,9 @@ class ConnTrace:
 class SpanRecorder:
     """Sampling, ids and the bounded record queue shared by every I/O thread; see the module docstring."""
 
-    def __init__(self, ratio: float, limit: int, *, tracing: bool = True, metrics: bool = False) -> None:
+    def __init__(
+        self, ratio: float, limit: int, *, tracing: bool = True, metrics: bool = False, rate_limit: int = 0
+    ) -> None:
         #: Record spans (else only handshake durations for metrics, and no ids are ever made).
         self.tracing = tracing
         #: Record TLS handshake durations into :attr:`handshakes`.
@@ -211,6 +217,11 @@ class SpanRecorder:
         self.dropped = 0
         #: Messages the sampler would have traced, left untraced because the queues were nearly full.
         self.shed = 0
+        #: Traces started per second at most (0: no limit), and the messages left untraced past it.
+        self.rate_limit = rate_limit
+        self.rate_limited = 0
+        self._second = 0  # the current one-second window (monotonic seconds), and traces started in it
+        self._started = 0
         self._shed_at = max(1, limit * 3 // 4)
         self._bound = ratio_bound(ratio)
         self._wake_at = max(1, limit // 2)
@@ -238,6 +249,7 @@ class SpanRecorder:
         self.forward_dropped = 0
         self.dropped = 0
         self.shed = 0
+        self.rate_limited = 0
         self._drop_lock = threading.Lock()
 
     # -- ids and sampling ----------------------------------------------------------------------
@@ -255,7 +267,22 @@ class SpanRecorder:
             with self._drop_lock:
                 self.shed += 1
             return 0
+        if self.rate_limit and not self._within_rate():
+            return 0
         return ((random.getrandbits(64) or 1) << 64) | low
+
+    def _within_rate(self) -> bool:
+        """One more trace this second? (Threads race on the window's count: the limit is approximate.)"""
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second = second
+            self._started = 0
+        self._started += 1
+        if self._started <= self.rate_limit:
+            return True
+        with self._drop_lock:
+            self.rate_limited += 1
+        return False
 
     @staticmethod
     def new_span_id() -> int:

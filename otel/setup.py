@@ -17,9 +17,11 @@ log = logging.getLogger("sipwire.telemetry")
 
 
 def transport_telemetry(
-    instance: str, read_statistics: Callable[[], Mapping[str, Any]] | None = None
+    instance: str, read_statistics: Callable[[], Mapping[str, Any]] | None = None, rate_limit: int = 0
 ) -> Telemetry | None:
     """The transport's telemetry, started; None (and no SDK import) when nothing is configured.
+
+    ``rate_limit``: traces started per second at most (0: no limit; the ``trace_rate_limit`` setting).
 
     ``read_statistics`` (the transport's statistics, see :class:`otel.metrics.TransportMetrics`) feeds the
     metrics; without it only traces are recorded.
@@ -39,7 +41,9 @@ def transport_telemetry(
     metrics = None
     if config.metrics and read_statistics is not None:
         metrics = TransportMetrics.start(config, attr.resource(attr.SERVICE_TRANSPORT, instance), read_statistics)
-    recorder = SpanRecorder(config.root_ratio, config.queue_size, tracing=config.tracing, metrics=metrics is not None)
+    recorder = SpanRecorder(
+        config.root_ratio, config.queue_size, tracing=config.tracing, metrics=metrics is not None, rate_limit=rate_limit
+    )
     telemetry = Telemetry(recorder, ProcessDelivery(instance), metrics)
     telemetry.start()
     if config.tracing:

@@ -240,6 +240,11 @@ class Settings:
     console_jaeger_url: str = _setting(
         "", "Jaeger UI base URL, e.g. http://127.0.0.1:16686; when set, the traces page links each trace there."
     )
+    trace_rate_limit: int = _setting(
+        2000,
+        "Traces the transport starts per second at most, whatever the sampler (0: no limit). Past it a message "
+        "is not traced (counted: telemetry.unsampled_rate_limit), so tracing costs a bounded amount at any rate.",
+    )
     console_trace_spans: int = _setting(
         30_000,
         "Spans the console's trace store holds (about 2 KiB each). When full it evicts whole traces: fast "
@@ -463,6 +468,8 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"console_public_paths: {path.strip()!r} is not a path starting with /")
     if settings.console_jaeger_url and not settings.console_jaeger_url.startswith(("http://", "https://")):
         raise ConfigError(f"console_jaeger_url: {settings.console_jaeger_url!r} is not an http(s) URL")
+    if settings.trace_rate_limit < 0:
+        raise ConfigError(f"trace_rate_limit: {settings.trace_rate_limit} must be 0 (no limit) or positive")
     if not 100 <= settings.console_trace_spans <= 1_000_000:
         raise ConfigError(f"console_trace_spans: {settings.console_trace_spans} is outside 100..1000000")
     if not 0 <= settings.console_trace_retention <= 86_400:

@@ -248,6 +248,22 @@ def test_full_queue_drops_and_counts() -> None:
     assert recorder.dropped == 5
 
 
+def test_the_rate_limit_bounds_traces_started_per_second() -> None:
+    recorder = SpanRecorder(1.0, 1024, rate_limit=5)
+    for _ in range(20):  # a run of draws inside one second of the monotonic clock
+        second = int(time.monotonic())
+        started = [recorder.root_trace_id() for _ in range(8)]
+        if int(time.monotonic()) == second:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("no eight draws within one second")
+    assert [bool(trace_id) for trace_id in started].count(True) <= 5
+    assert recorder.rate_limited >= 3
+    unlimited = SpanRecorder(1.0, 1024)
+    assert all(unlimited.root_trace_id() for _ in range(100)) and unlimited.rate_limited == 0
+
+
 def test_nearly_full_queues_stop_new_traces_until_they_drain() -> None:
     recorder = SpanRecorder(1.0, 8)
     record = (SPAN_RECEIVE, 1, 2, 0, 10, 20, 1, "tcp", None, None, None, False, "", "", None)

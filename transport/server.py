@@ -121,7 +121,7 @@ class TransportServer:
             self._control.close()
             raise
         self._open_stats(listeners)
-        self.telemetry = transport_telemetry(self.settings.instance, self.statistics)
+        self.telemetry = transport_telemetry(self.settings.instance, self.statistics, self.settings.trace_rate_limit)
         self.hub.recorder = self.telemetry.recorder if self.telemetry is not None else None
         threads = tuple(IOThread(index, self.hub) for index in range(self.settings.threads))
         self.hub.threads = threads
