@@ -16,8 +16,8 @@ thread, and stdin is not read meanwhile, so a slow collector fills the pipe
 and then the transport's bounded queues, where drops are counted. A batch
 leaves when it holds ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans or
 ``OTEL_BSP_SCHEDULE_DELAY`` after its first span. After each export the
-running totals (``exported failed``, spans) are written to stdout, which
-the transport reads.
+running totals (``exported failed``, spans) are written to the status pipe
+(``--status-fd``), which the transport reads.
 
 It runs at a lower CPU priority (:data:`NICENESS`) than the SIP processes.
 It exits when stdin closes (the transport stopped or died), after exporting
@@ -166,6 +166,7 @@ def serve(reader: FrameReader, assembler: SpanAssembler, batcher: Batcher) -> in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sipwire.otel.exporter", description=__doc__)
     parser.add_argument("--instance", required=True, help="the sipwire instance (service.instance.id prefix)")
+    parser.add_argument("--status-fd", type=int, default=-1, help="pipe for the running totals (the transport's)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
@@ -181,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load(os.environ)
     exporters = span_exporters(config)
-    os.set_blocking(sys.stdout.fileno(), False)
-    batcher = Batcher(exporters, config.batch_size, config.schedule_delay, sys.stdout.fileno())
+    if args.status_fd >= 0:
+        os.set_blocking(args.status_fd, False)
+    batcher = Batcher(exporters, config.batch_size, config.schedule_delay, args.status_fd)
     batcher.report()  # ready: the transport waits for this line before its traffic starts
     serve(FrameReader(sys.stdin.fileno()), SpanAssembler([], args.instance), batcher)
     steps = [lambda: batcher.export_due(everything=True), *(exporter.shutdown for exporter in exporters)]

@@ -17,10 +17,12 @@ and started again, at most once per :data:`RESTART_SECONDS`; batches in
 between are dropped and counted. Closing stdin is the stop signal: the
 exporter exports what it holds (bounded) and exits.
 
-On its stdout the exporter writes, once its imports are done and after each
-export, a line of its running totals (``exported failed``): spans the collector took and spans whose
-export failed. The telemetry thread reads them without blocking, so the
-transport's counters cover the exporter too.
+On a status pipe of its own (``--status-fd``) the exporter writes, once its
+imports are done and after each export, a line of its running totals
+(``exported failed``): spans the collector took and spans whose export
+failed. The telemetry thread reads them without blocking, so the transport's
+counters cover the exporter too. Its stdout is the transport's stderr (the
+``console`` exporter prints there, into the transport's log).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class ProcessDelivery:
         self._status = b""
         self._status_seen = False
         self._process: subprocess.Popen[bytes] | None = None
+        self._status_fd = -1  # read end of the running exporter's status pipe (non-blocking)
         self._stdin: IO[bytes] | None = None
         self._started_at = -RESTART_SECONDS
         self._exit_logged = False
@@ -82,10 +85,10 @@ class ProcessDelivery:
 
     def _wait_ready(self, timeout: float) -> None:
         process = self._process
-        assert process is not None and process.stdout is not None
+        assert process is not None
         deadline = time.monotonic() + timeout
         while not self._status_seen and time.monotonic() < deadline and process.poll() is None:
-            select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            select.select([self._status_fd], [], [], max(0.0, deadline - time.monotonic()))
             self._read_status()
         if not self._status_seen:
             log.warning("telemetry: the exporter process is not ready after %.0fs; traffic starts anyway", timeout)
@@ -95,16 +98,24 @@ class ProcessDelivery:
         if now - self._started_at < RESTART_SECONDS:
             return False
         self._started_at = now
-        command = [sys.executable, "-m", "sipwire.otel.exporter", "--instance", self.instance]
+        status_read, status_write = os.pipe2(os.O_CLOEXEC)
+        command = [
+            sys.executable, "-m", "sipwire.otel.exporter", "--instance", self.instance, "--status-fd", str(status_write)
+        ]  # fmt: skip
         try:
-            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=2, pass_fds=(status_write,))
         except OSError as error:
             log.error("telemetry: cannot start the exporter process: %s", error)
+            os.close(status_read)
             return False
-        assert process.stdin is not None and process.stdout is not None
+        finally:
+            os.close(status_write)
+        assert process.stdin is not None
         with contextlib.suppress(OSError, AttributeError):  # a smaller pipe only means less room for bursts
             fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        os.set_blocking(process.stdout.fileno(), False)
+        os.set_blocking(status_read, False)
+        self._close_status()
+        self._status_fd = status_read
         self._before = (self._before[0] + self._exported[0], self._before[1] + self._exported[1])
         self._exported = (0, 0)
         self._status = b""
@@ -137,13 +148,12 @@ class ProcessDelivery:
                 self._log_exit()
 
     def _read_status(self) -> None:
-        """Take the exporter's latest totals line from its stdout, without blocking."""
-        process = self._process
-        if process is None or process.stdout is None:
+        """Take the exporter's latest totals line from its status pipe, without blocking."""
+        if self._status_fd < 0:
             return
         try:
-            data = os.read(process.stdout.fileno(), 65536)
-        except (BlockingIOError, OSError, ValueError):
+            data = os.read(self._status_fd, 65536)
+        except OSError:  # BlockingIOError: nothing new
             return
         lines = (self._status + data).split(b"\n")
         self._status = lines[-1][-256:]
@@ -199,5 +209,9 @@ class ProcessDelivery:
             process.kill()
             process.wait()
         self._read_status()
-        if process.stdout is not None:
-            process.stdout.close()
+        self._close_status()
+
+    def _close_status(self) -> None:
+        if self._status_fd >= 0:
+            os.close(self._status_fd)
+            self._status_fd = -1

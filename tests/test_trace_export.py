@@ -235,3 +235,18 @@ def test_no_trace_ids_in_the_log_when_tracing_is_off(start_transport: StartTrans
     wait_for(lambda: "router raised ValueError" in running.log_text(), what="the worker's log line")
     assert "trace_id=" not in running.log_text()
     assert running.process.pid not in exporter_processes().values()
+
+
+def test_the_console_exporter_prints_whole_traces_into_the_transports_log(start_transport: StartTransport) -> None:
+    running = start_transport(workers=1, env={"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    with SipClient.connect(running) as client:
+        client.send(sip_request("OPTIONS", call_id="printed@test"))
+        assert client.read_response().status == 200
+
+    def printed() -> str | None:
+        text = running.log_text()
+        return text if '"name": "sip.write"' in text and '"name": "sip.route"' in text else None
+
+    text = wait_for(printed, what="the spans printed by the exporter process")
+    assert '"sip.call_id": "printed@test"' in text
+    wait_for(lambda: running.counters().get("telemetry.exporter_spans_exported", 0) >= 3, what="the exporter's count")
