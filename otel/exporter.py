@@ -19,9 +19,7 @@ leaves when it holds ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans or
 running totals (``exported failed``, spans) are written to the status pipe
 (``--status-fd``), which the transport reads.
 
-It runs under Linux's ``SCHED_IDLE`` policy where it can (else at
-:data:`NICENESS`): it gets a CPU only when no SIP process wants it, and
-yields it at once when one does.
+It runs at a lower CPU priority (:data:`NICENESS`) than the SIP processes.
 It exits when stdin closes (the transport stopped or died), after exporting
 what it holds for at most :data:`STOP_SECONDS`; a corrupt frame also ends it
 (the transport starts a new one). SIGINT is ignored: Ctrl-C reaches the
@@ -56,7 +54,7 @@ log = logging.getLogger("sipwire.telemetry")
 STOP_SECONDS: Final = 1.5
 #: Export is background work: when the CPU is contended, the processes carrying SIP go first.
 #: (Measured on 2 cores at 500 exchanges/s, 100 % sampling: without it, bursts of OTLP encoding
-#: showed in the SIP p99.) The niceness applies where SCHED_IDLE is not available.
+#: showed in the SIP p99.)
 NICENESS: Final = 10
 _READ_BYTES: Final = 1 << 20
 
@@ -142,15 +140,6 @@ class Batcher:
                 os.write(self.status_fd, b"%d %d\n" % (self.exported, self.failed))
 
 
-def background() -> None:
-    """This process runs only on CPU time nobody else wants (SCHED_IDLE), else at a lower priority."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):  # not Linux, or refused
-        with contextlib.suppress(OSError):
-            os.nice(NICENESS)
-
-
 def serve(reader: FrameReader, assembler: SpanAssembler, batcher: Batcher) -> int:
     """Build and export the spans of every frame until the stream ends; return the number of frames."""
     frames = 0
@@ -180,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status-fd", type=int, default=-1, help="pipe for the running totals (the transport's)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    background()  # before the SDK's imports, which take a good part of a second of CPU
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)  # before the SDK's imports, which take a good part of a second of CPU
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s exporter[%(process)d] %(levelname)s %(message)s",
