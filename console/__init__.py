@@ -15,6 +15,8 @@ Modules, one responsibility each:
     api      -- the REST API (JSON to clients, HTML partials to htmx)
     pages    -- full HTML pages and the login form
     metrics  -- Prometheus text exposition
-    otlp     -- the OTLP/HTTP trace receiver and its bounded ring buffer
+    otlp     -- the OTLP/HTTP trace receiver and the trace API
+    otlpdecode -- OTLP trace exports (protobuf, JSON) to spans
+    tracestore -- spans assembled into traces; bounded in spans, tail-policy eviction, retention of listed traces
     serve    -- running the app under uvicorn (``sipwire console``)
 """

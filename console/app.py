@@ -39,10 +39,11 @@ from sipwire.console.assets import SWAGGER_UI_CSS, SWAGGER_UI_FAVICON, SWAGGER_U
 from sipwire.console.auth import Auth, load_or_generate_token
 from sipwire.console.guard import AccessGuard, AccessPolicy
 from sipwire.console.history import History
-from sipwire.console.otlp import TraceStore, build_router
+from sipwire.console.otlp import build_router
 from sipwire.console.render import Renderer
 from sipwire.console.source import TransportSource
 from sipwire.console.state import Console
+from sipwire.console.tracestore import TraceStore
 
 log = logging.getLogger("sipwire.console")
 
@@ -66,7 +67,9 @@ def create_app(settings: Settings, *, assets_root: Path | None = None, sample_se
         source=source,
         history=history,
         auth=Auth(token),
-        traces=TraceStore(settings.console_trace_capacity),
+        traces=TraceStore(
+            settings.console_trace_spans, settings.console_trace_retention, settings.console_trace_slow_ms
+        ),
         renderer=renderer,
         token_path=token_path,
     )

@@ -16,9 +16,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sipwire.console.otlp import TraceStore
 from sipwire.console.source import Liveness
 from sipwire.console.stagesview import STAGES
+from sipwire.console.tracestore import TraceStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -79,17 +79,7 @@ def render(
         )
     if stats is not None:
         _transport(out, stats, by_proto)
-    out.one("sipwire_console_traces", "gauge", "Traces held by the console's OTLP receiver.", len(traces))
-    out.one("sipwire_console_spans_received_total", "counter", "Spans received on /v1/traces.", traces.spans_received)
-    out.one(
-        "sipwire_console_spans_dropped_total", "counter", "Spans refused: their trace was full.", traces.spans_dropped
-    )
-    out.one(
-        "sipwire_console_traces_evicted_total",
-        "counter",
-        "Traces pushed out of the ring buffer.",
-        traces.traces_evicted,
-    )
+    _traces(out, traces)
     out.one(
         "sipwire_console_exports_rejected_total",
         "counter",
@@ -97,6 +87,29 @@ def render(
         traces.exports_rejected,
     )
     return "\n".join(out.lines) + "\n"
+
+
+def _traces(out: _Writer, traces: TraceStore) -> None:
+    figures = traces.figures()
+    out.one("sipwire_console_traces", "gauge", "Traces held by the console's trace store.", figures["traces"])
+    out.one("sipwire_console_spans", "gauge", "Spans held by the console's trace store.", figures["spans"])
+    out.one("sipwire_console_spans_capacity", "gauge", "Spans the trace store holds at most.", figures["capacity"])
+    out.one("sipwire_console_spans_received_total", "counter", "Spans received on /v1/traces.", traces.spans_received)
+    out.one(
+        "sipwire_console_spans_dropped_total", "counter", "Spans refused: their trace was full.", traces.spans_dropped
+    )
+    for name, key, what in (("traces", "evicted", "Traces"), ("spans", "spans_evicted", "Spans")):
+        out.family(
+            f"sipwire_console_{name}_evicted_total", "counter",
+            f"{what} evicted to make room, by reason (tail policy: fast, then slow, then error; pinned: listed).",
+            [({"reason": reason}, count) for reason, count in figures[key].items()],
+        )  # fmt: skip
+    out.one(
+        "sipwire_console_trace_pins_refused_total",
+        "counter",
+        "Listed traces not pinned for the retention: pinned traces already held half the capacity.",
+        figures["pins_refused"],
+    )
 
 
 def _transport(out: _Writer, stats: Mapping[str, Any], by_proto: Mapping[str, int]) -> None:

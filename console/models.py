@@ -132,11 +132,18 @@ class TraceSummary(BaseModel):
     span_count: int
     duration_ms: float
     error: bool
+    state: str = Field(
+        description="assembling (its last span arrived under 2 s ago), incomplete (no root, or a parent "
+        "never arrived) or complete"
+    )
 
 
 class TraceList(BaseModel):
-    held: int
-    capacity: int
+    held: int = Field(description="traces held")
+    spans: int = Field(description="spans held")
+    capacity: int = Field(description="spans the store holds at most")
+    retention_seconds: float = Field(description="how long a listed trace stays retrievable")
+    evicted: dict[str, int] = Field(description="traces evicted to make room, by reason (fast, slow, error, pinned)")
     traces: list[TraceSummary]
 
 

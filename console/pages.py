@@ -80,8 +80,7 @@ def build_router(console: Console) -> APIRouter:
             request,
             page="traces",
             traces=console.traces.recent(TRACES_LISTED),
-            held=len(console.traces),
-            capacity=console.traces.capacity,
+            store=console.traces.figures(),
             **views.status_context(source, history),
         )
         return renderer.page("traces.html", context)

@@ -16,9 +16,9 @@ from sipwire.config import Settings
 from sipwire.console.assets import Assets
 from sipwire.console.auth import Auth
 from sipwire.console.history import History
-from sipwire.console.otlp import TraceStore
 from sipwire.console.render import Renderer
 from sipwire.console.source import TransportSource
+from sipwire.console.tracestore import TraceStore
 
 
 @dataclass

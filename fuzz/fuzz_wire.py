@@ -44,9 +44,11 @@ from sipwire.transport.stages import LATENCY_BUCKETS_MS, WORKER_STAGES, StagesRe
 from sipwire.transport.wire import (
     HEADER_SIZE,
     KIND_AUTH_FAILED,
+    KIND_SPANS,
     KIND_STAGES,
     MAX_CLOSED_PER_RECORD,
     MAX_COUNTER_NAME_BYTES,
+    MAX_SPANS_BYTES,
     MAX_TLS_FACTS_BYTES,
     TRANSPORT_CODES,
     AuthFailedRecord,
@@ -58,6 +60,7 @@ from sipwire.transport.wire import (
     OutcomeRecord,
     Record,
     RecordReader,
+    SpansRecord,
     WireError,
     WriteRecord,
     encode_auth_failed,
@@ -67,6 +70,7 @@ from sipwire.transport.wire import (
     encode_done,
     encode_message,
     encode_outcome,
+    encode_spans,
     encode_stages_record,
     encode_write,
     message_prefix,
@@ -75,7 +79,7 @@ from sipwire.transport.wire import (
 _HEADER = struct.Struct("!BI")
 MAX_RECORDS = 8
 #: The kinds build_record makes (4, DONE, is its fallback).
-RECORD_KINDS = [1, 2, 3, 4, 5, 6, 7, KIND_AUTH_FAILED, KIND_STAGES]
+RECORD_KINDS = [1, 2, 3, 4, 5, 6, 7, KIND_SPANS, KIND_AUTH_FAILED, KIND_STAGES]
 TRANSPORTS = sorted(TRANSPORT_CODES)
 RESULTS = list(WriteResult)
 
@@ -102,6 +106,8 @@ def encode(record: Record) -> bytes:
         return encode_auth_failed(record.conn_id)
     if isinstance(record, StagesRecord):
         return encode_stages_record(record.body())
+    if isinstance(record, SpansRecord):
+        return encode_spans(record.spans, record.pid, record.payload)
     assert isinstance(record, DoneRecord), type(record)
     return encode_done(record.conn_id, record.messages)
 
@@ -147,6 +153,8 @@ def check_fields(record: Record) -> None:
     elif isinstance(record, StagesRecord):
         assert len(record.stages) == len(WORKER_STAGES), record
         assert all(len(counts) == len(LATENCY_BUCKETS_MS) + 1 for counts, _ in record.stages), record
+    elif isinstance(record, SpansRecord):
+        assert len(record.payload) <= MAX_SPANS_BYTES and 0 <= record.spans < 2**32, record
     else:
         assert isinstance(record, DoneRecord) and 0 <= record.messages < 2**32, record
 
@@ -241,6 +249,12 @@ def build_record(provider: atheris.FuzzedDataProvider) -> tuple[Record, Record]:
     if kind == 7:
         ids = tuple(provider.ConsumeIntInRange(0, 2**64 - 1) for _ in range(provider.ConsumeIntInRange(1, 40)))
         record = ConnectionsClosedRecord(ids)
+        return record, record
+    if kind == KIND_SPANS:
+        payload = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 2000))
+        record = SpansRecord(
+            provider.ConsumeIntInRange(0, 2**32 - 1), provider.ConsumeIntInRange(0, 2**32 - 1), payload
+        )
         return record, record
     record = DoneRecord(conn_id, provider.ConsumeIntInRange(0, 2**32 - 1))
     return record, record

@@ -13,21 +13,25 @@ One trace per received message::
 
 No process that carries SIP builds or exports an SDK span. The transport's
 I/O threads (and the worker's loop) only decide sampling, make ids and
-append plain tuples to a bounded queue (:class:`otel.recorder.SpanRecorder`);
-a telemetry thread ships them in batches to an exporter process, one per
-sipwire process, niced, where the SDK builds, batches and exports the spans
-over OTLP. Every queue is bounded and drops and counts when full; exporter
-failures are logged once per outage and never reach SIP traffic.
+append plain tuples to a bounded queue (:class:`otel.recorder.SpanRecorder`).
+Workers send theirs to the transport over their channels (SPANS records);
+the transport's telemetry thread ships both, in batches, to the instance's
+one exporter process, niced, where the SDK builds the spans and they are
+exported over OTLP: Jaeger and the console get whole traces from one place.
+Every queue is bounded and drops and counts when full (``telemetry.*``
+transport counters); exporter failures are logged once per outage and never
+reach SIP traffic. Log lines of a traced message carry its ids (:mod:`otel.logs`).
 
 Modules:
     config    -- the OTEL_* settings, read once (no SDK import)
     recorder  -- the I/O threads' side: sampling, ids, traceparent, the bounded queue (no SDK import)
     pipeline  -- the telemetry thread, and records to SDK spans (SpanAssembler)
-    shipper   -- the pipe to the exporter process
-    exporter  -- the exporter process (python -m sipwire.otel.exporter)
+    shipper   -- the pipe to the exporter process, and its totals read back
+    exporter  -- the exporter process (python -m sipwire.otel.exporter): frames in, batches out
+    logs      -- trace_id/span_id on the log lines of a traced message
     export    -- span and metric exporters from the settings, guarded so a failing collector is logged once
     metrics   -- the transport's metrics, read from its own counters
-    worker    -- the worker's routing span, context in and out over the W3C propagator
+    worker    -- the worker's routing span, and its spans' batches for the SPANS records
     attributes-- semantic-convention names and the resource of each process
     setup     -- entry points for the transport and the worker (import the SDK only when configured)
 """

@@ -19,8 +19,14 @@ What turns metrics on
 Protocol
     ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL``, else
     ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf`` (default) or ``grpc``.
-    Endpoints, headers, timeouts, compression and the batch processor
-    (``OTEL_BSP_*``) are read by the SDK's own exporters and processor.
+    Endpoints, headers, timeouts and compression are read by the SDK's own
+    exporters.
+Batches
+    ``OTEL_BSP_MAX_QUEUE_SIZE`` bounds each of the transport's span queues;
+    the exporter process sends a batch when it holds
+    ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans (512) or
+    ``OTEL_BSP_SCHEDULE_DELAY`` ms after its first span (500 here, not the
+    SDK's 5000: a trace should reach the console while someone looks for it).
 Sampling
     ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``. A received message
     has no parent, so the transport applies the sampler's root rule:
@@ -46,6 +52,8 @@ PROTOCOLS: Final = frozenset({"http/protobuf", "grpc"})
 DEFAULT_PROTOCOL: Final = "http/protobuf"
 #: The SDK's batch processor queue default; the transport's record queue uses the same bound.
 DEFAULT_QUEUE_SIZE: Final = 2048
+DEFAULT_BATCH_SIZE: Final = 512
+DEFAULT_SCHEDULE_DELAY_MS: Final = 500
 
 _ROOT_RATIOS: Final = {
     "always_on": 1.0,
@@ -68,6 +76,9 @@ class TelemetryConfig:
     #: Probability that a received message starts a recorded trace.
     root_ratio: float = 1.0
     queue_size: int = DEFAULT_QUEUE_SIZE
+    batch_size: int = DEFAULT_BATCH_SIZE
+    #: Seconds a span waits in the exporter for its batch to fill.
+    schedule_delay: float = DEFAULT_SCHEDULE_DELAY_MS / 1000.0
     warnings: tuple[str, ...] = ()
 
     @property
@@ -101,6 +112,8 @@ def load(environ: Mapping[str, str]) -> TelemetryConfig:
         sampler=sampler,
         root_ratio=ratio,
         queue_size=_positive_int(environ, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE_SIZE, warnings),
+        batch_size=_positive_int(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", DEFAULT_BATCH_SIZE, warnings),
+        schedule_delay=_positive_int(environ, "OTEL_BSP_SCHEDULE_DELAY", DEFAULT_SCHEDULE_DELAY_MS, warnings) / 1000.0,
         warnings=tuple(dict.fromkeys(warnings)),  # the shared protocol variable may be read twice
     )
 

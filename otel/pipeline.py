@@ -4,29 +4,38 @@ Theory of operation
     Building SDK spans and, above all, encoding them as OTLP protobuf costs
     tens of microseconds per span in Python, holds the GIL in bursts of a
     whole batch, and was measured to add tens of milliseconds to the p99
-    of SIP exchanges when done inside the transport or a worker. So neither
-    process exports anything itself:
+    of SIP exchanges when done inside the transport or a worker. So no
+    process that carries SIP exports anything itself, and an instance has
+    one export path:
 
-    1. the I/O threads (or the worker's main loop) append plain tuples to a
-       bounded queue (:class:`otel.recorder.SpanRecorder`);
-    2. a telemetry thread (:class:`Telemetry`) wakes every
-       :data:`DRAIN_SECONDS` (or when the queue is half full), pops what is
-       there and hands the batch to a *delivery*;
+    1. the transport's I/O threads append plain tuples to a bounded queue
+       (:class:`otel.recorder.SpanRecorder`); each worker does the same and
+       ships its queue to the transport in SPANS records over its channels,
+       which the I/O threads put, undecoded, on the recorder's second
+       bounded queue (:meth:`~otel.recorder.SpanRecorder.forward`);
+    2. the transport's telemetry thread (:class:`Telemetry`) wakes every
+       :data:`DRAIN_SECONDS` (or when a queue is half full), takes both
+       queues and hands the batches, marshalled and tagged with the process
+       they come from, to a *delivery*;
     3. the production delivery (:class:`otel.shipper.ProcessDelivery`)
-       writes the batch, marshalled, to the stdin of an exporter process
-       (:mod:`otel.exporter`), one per sipwire process;
+       writes them to the stdin of the instance's one exporter process
+       (:mod:`otel.exporter`);
     4. the exporter process feeds the records to :class:`SpanAssembler`,
        which builds :class:`~opentelemetry.sdk.trace.ReadableSpan` objects
-       and hands them to the SDK's batch span processors (``OTEL_BSP_*``
-       apply) and OTLP exporters (:mod:`otel.export`).
+       with the resource of their process (transport or worker N) and
+       exports them in batches (:mod:`otel.export`).
 
-    Tests use :class:`LocalDelivery`, which runs the same assembler in
-    process. Every queue on the way is bounded; a full one drops and counts.
+    So Jaeger and the console get every span of a trace from one exporter,
+    in the order the transport saw them. Tests use :class:`LocalDelivery`,
+    which runs the same assembler in process. Every queue on the way is
+    bounded; a full one drops and counts (:meth:`Telemetry.counters`).
 """
 
 from __future__ import annotations
 
 import logging
+import marshal
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -136,29 +145,59 @@ def build_api_span(record: ApiSpanRecord, resource: Resource, scope: Instrumenta
     )
 
 
-class SpanAssembler:
-    """Builds spans from shipped records and hands them to span processors (runs in the exporter process)."""
+#: Where a batch of records comes from: the worker's index (:data:`TRANSPORT_SOURCE` for the transport), its pid.
+Source = tuple[int, int]
+TRANSPORT_SOURCE: Final = -1
 
-    def __init__(self, processors: Sequence[SpanProcessor], resource: Resource) -> None:
+
+class SpanAssembler:
+    """Builds spans from shipped records with the resource of their process, and hands them on.
+
+    ``instance`` names the sipwire instance; each source process gets its own
+    resource (``sipwire-transport`` or ``sipwire-worker``, its pid), made once.
+    """
+
+    def __init__(self, processors: Sequence[SpanProcessor], instance: str) -> None:
         self.processors = list(processors)
-        self.resource = resource
+        self.instance = instance
         self.spans = 0
         self.bad_records = 0
         self._scope = InstrumentationScope(attr.SCOPE_NAME, attr.SCOPE_VERSION)
+        self._resources: dict[Source, Resource] = {}
 
-    def feed(self, records: Iterable[Any]) -> None:
+    def resource(self, source: Source) -> Resource:
+        resource = self._resources.get(source)
+        if resource is None:
+            worker, pid = source
+            if worker == TRANSPORT_SOURCE:
+                resource = attr.resource(attr.SERVICE_TRANSPORT, self.instance, pid)
+            else:
+                resource = attr.resource(attr.SERVICE_WORKER, f"{self.instance}-worker-{worker}", pid)
+            if len(self._resources) > 1024:  # restarted workers bring new pids: keep the cache bounded
+                self._resources.clear()
+            self._resources[source] = resource
+        return resource
+
+    def build(self, source: Source, records: Iterable[Any]) -> list[ReadableSpan]:
+        """The spans of ``records``; a record that is not one is counted, logged once and left out."""
+        resource = self.resource(source)
+        spans: list[ReadableSpan] = []
         for record in records:
             try:
                 if isinstance(record[0], str):
-                    span = build_api_span(record, self.resource, self._scope)
+                    spans.append(build_api_span(record, resource, self._scope))
                 else:
-                    span = build_span(record, self.resource, self._scope)
+                    spans.append(build_span(record, resource, self._scope))
             except (TypeError, ValueError, IndexError, KeyError) as error:
                 self.bad_records += 1
                 if self.bad_records == 1:
                     log.error("telemetry: cannot build a span from a record (%s); such records are dropped", error)
-                continue
-            self.spans += 1
+        self.spans += len(spans)
+        return spans
+
+    def feed(self, source: Source, records: Iterable[Any]) -> None:
+        """Build and hand the spans to every processor (tests, through :class:`LocalDelivery`)."""
+        for span in self.build(source, records):
             for processor in self.processors:
                 processor.on_end(span)
 
@@ -189,10 +228,18 @@ def run_bounded(steps: Sequence[Callable[[], object]], timeout: float, what: str
 # -- deliveries --------------------------------------------------------------------------------------------
 
 
+#: A batch on its way to the exporter: its source and the marshalled list of its records.
+Batch = tuple[Source, bytes]
+
+
 class Delivery(Protocol):
     """Where the telemetry thread hands batches of records."""
 
-    def __call__(self, records: list[Any]) -> None: ...
+    def __call__(self, batches: list[Batch], spans: int) -> None: ...
+
+    def statistics(self) -> dict[str, int]:
+        """What the delivery and the exporter counted (spans exported, dropped...)."""
+        ...
 
     def start(self) -> None: ...
 
@@ -205,8 +252,12 @@ class LocalDelivery:
     def __init__(self, assembler: SpanAssembler) -> None:
         self.assembler = assembler
 
-    def __call__(self, records: list[Any]) -> None:
-        self.assembler.feed(records)
+    def __call__(self, batches: list[Batch], spans: int) -> None:
+        for source, payload in batches:
+            self.assembler.feed(source, marshal.loads(payload))
+
+    def statistics(self) -> dict[str, int]:
+        return {"exporter_spans_built": self.assembler.spans}
 
     def start(self) -> None:
         pass
@@ -219,13 +270,14 @@ class LocalDelivery:
 
 
 class Telemetry:
-    """A process's recorder, the thread that drains it into a delivery, and (transport) its metrics."""
+    """The transport's recorder, the thread that drains it into the delivery, and its metrics."""
 
     def __init__(self, recorder: SpanRecorder, delivery: Delivery, metrics: TransportMetrics | None = None) -> None:
         self.recorder = recorder
         self.delivery = delivery
         self.metrics = metrics
         self.shipped = 0
+        self.pid = os.getpid()
         self._wake = threading.Event()
         self._stopping = False
         self._reported_drops = 0
@@ -239,8 +291,19 @@ class Telemetry:
         self._thread.start()
 
     def statistics(self) -> dict[str, int]:
-        """Span records shipped to the exporter, and those dropped because a queue was full."""
-        return {"spans": self.shipped, "dropped_queue_full": self.recorder.dropped}
+        """Span records shipped to the exporter, and those dropped, at each bounded step."""
+        return {
+            "spans": self.shipped,
+            "dropped_queue_full": self.recorder.dropped,
+            "dropped_forward_queue_full": self.recorder.forward_dropped,
+            "unsampled_queues_full": self.recorder.shed,
+            "unsampled_rate_limit": self.recorder.rate_limited,
+            **self.delivery.statistics(),
+        }
+
+    def counters(self) -> dict[str, int]:
+        """:meth:`statistics` as transport counters (``ctl stats``, the stats block, ``/metrics``)."""
+        return {f"telemetry.{name}": value for name, value in self.statistics().items()}
 
     def _run(self) -> None:
         while not self._stopping:
@@ -250,35 +313,46 @@ class Telemetry:
         self.drain()
 
     def drain(self) -> int:
-        """Hand what the queue holds (bounded: what was there when called) to the delivery; return how many."""
+        """Hand what the queues hold (bounded: what was there when called) to the delivery; return how many."""
         recorder = self.recorder
         handshakes = recorder.handshakes
         for _ in range(len(handshakes)):
             seconds, version, error = handshakes.popleft()
             if self.metrics is not None:
                 self.metrics.record_handshake(seconds, version, error)
+        batches: list[Batch] = []
+        spans = 0
         queue = recorder.queue
-        total = 0
+        own: Source = (TRANSPORT_SOURCE, self.pid)
         for _ in range(len(queue) // DRAIN_BATCH + 1):
-            batch = [queue.popleft() for _ in range(min(len(queue), DRAIN_BATCH))]
-            if not batch:
+            records = [queue.popleft() for _ in range(min(len(queue), DRAIN_BATCH))]
+            if not records:
                 break
-            try:
-                self.delivery(batch)
-            except Exception:  # a broken delivery must not stop the thread
-                log.exception("telemetry: cannot hand %d span records on; dropped", len(batch))
-            total += len(batch)
-        self.shipped += total
+            batches.append((own, marshal.dumps(records)))
+            spans += len(records)
+        for _ in range(len(recorder.forwarded)):
+            forwarded = recorder.take_forwarded()
+            if forwarded is None:
+                break
+            worker, pid, count, payload = forwarded
+            batches.append(((worker, pid), payload))
+            spans += count
+        try:
+            self.delivery(batches, spans)  # also when empty: the delivery reads the exporter's totals
+        except Exception:  # a broken delivery must not stop the thread
+            log.exception("telemetry: cannot hand %d span records on; dropped", spans)
+        self.shipped += spans
         self._report_drops()
-        return total
+        return spans
 
     def _report_drops(self) -> None:
-        dropped = self.recorder.dropped
+        dropped = self.recorder.dropped + self.recorder.forward_dropped
         now = time.monotonic()
         if dropped > self._reported_drops and now - self._drop_logged_at >= DROP_LOG_SECONDS:
             log.warning(
-                "telemetry: span queue full (%d records): %d spans dropped so far", self.recorder.limit, dropped
-            )
+                "telemetry: span queue full (%d records): %d spans dropped so far (ctl stats: telemetry)",
+                self.recorder.limit, dropped,
+            )  # fmt: skip
             self._reported_drops = dropped
             self._drop_logged_at = now
 

@@ -21,6 +21,23 @@ Theory of operation
     one record per I/O thread (the length check and the append are not one
     step), which is still a bound.
 
+    Workers record their spans the same way, and ship them to the transport
+    in SPANS records over their channels (``transport/wire.py``); an I/O
+    thread hands such a batch, still marshalled, to :meth:`SpanRecorder.forward`,
+    a second bounded queue (bounded in spans) that the telemetry thread
+    drains next to the first. So one telemetry thread and one exporter
+    process per instance see every span of a trace.
+
+    A rate limit (the ``trace_rate_limit`` setting) bounds the traces started
+    per second, so at any message rate tracing costs at most that many
+    traces' work (messages past it are counted in
+    :attr:`SpanRecorder.rate_limited`). When the exporter cannot keep up,
+    the queues fill before they drop:
+    past three quarters of :attr:`SpanRecorder.limit` the root sampler
+    says no (counted in :attr:`SpanRecorder.shed`) until they drain. A
+    trace is then kept whole or not started at all, and the SIP processes
+    stop paying for spans nobody would export.
+
     Only sampled traces produce anything: an unsampled message gets an empty
     trace context, so the worker makes no span and its write jobs carry no
     context either. No ids are made for it.
@@ -180,7 +197,9 @@ class ConnTrace:
 class SpanRecorder:
     """Sampling, ids and the bounded record queue shared by every I/O thread; see the module docstring."""
 
-    def __init__(self, ratio: float, limit: int, *, tracing: bool = True, metrics: bool = False) -> None:
+    def __init__(
+        self, ratio: float, limit: int, *, tracing: bool = True, metrics: bool = False, rate_limit: int = 0
+    ) -> None:
         #: Record spans (else only handshake durations for metrics, and no ids are ever made).
         self.tracing = tracing
         #: Record TLS handshake durations into :attr:`handshakes`.
@@ -188,9 +207,23 @@ class SpanRecorder:
         self.ratio = ratio
         self.limit = limit
         self.queue: deque[SpanRecord | ApiSpanRecord] = deque()
+        #: Workers' span batches, as their SPANS records carried them: (worker index, pid, spans, payload).
+        self.forwarded: deque[tuple[int, int, int, bytes]] = deque()
+        #: Spans in :attr:`forwarded` (changed under the drop lock; the bound is :attr:`limit`).
+        self.forwarded_spans = 0
+        #: Workers' spans dropped because :attr:`forwarded` was full.
+        self.forward_dropped = 0
         #: (seconds, TLS version, error type) of finished handshakes, for the duration histogram.
         self.handshakes: deque[tuple[float, str, str]] = deque()
         self.dropped = 0
+        #: Messages the sampler would have traced, left untraced because the queues were nearly full.
+        self.shed = 0
+        #: Traces started per second at most (0: no limit), and the messages left untraced past it.
+        self.rate_limit = rate_limit
+        self.rate_limited = 0
+        self._second = 0  # the current one-second window (monotonic seconds), and traces started in it
+        self._started = 0
+        self._shed_at = max(1, limit * 3 // 4)
         self._bound = ratio_bound(ratio)
         self._wake_at = max(1, limit // 2)
         self._wake: Callable[[], None] | None = None
@@ -212,13 +245,18 @@ class SpanRecorder:
     def _reset_after_fork(self) -> None:
         self.queue = deque()
         self.handshakes = deque()
+        self.forwarded = deque()
+        self.forwarded_spans = 0
+        self.forward_dropped = 0
         self.dropped = 0
+        self.shed = 0
+        self.rate_limited = 0
         self._drop_lock = threading.Lock()
 
     # -- ids and sampling ----------------------------------------------------------------------
 
     def root_trace_id(self) -> int:
-        """A new trace id when the root sampler keeps this trace, else 0 (and no id is made).
+        """A new trace id when the root sampler keeps this trace (and the queues have room), else 0.
 
         The low 64 bits are drawn first and compared with the ratio bound, so a
         kept id passes the SDK's ``TraceIdRatioBased`` check for the same ratio.
@@ -226,7 +264,26 @@ class SpanRecorder:
         low = random.getrandbits(64)
         if low >= self._bound:
             return 0
+        if len(self.queue) >= self._shed_at or self.forwarded_spans >= self._shed_at:
+            with self._drop_lock:
+                self.shed += 1
+            return 0
+        if self.rate_limit and not self._within_rate():
+            return 0
         return ((random.getrandbits(64) or 1) << 64) | low
+
+    def _within_rate(self) -> bool:
+        """One more trace this second? (Threads race on the window's count: the limit is approximate.)"""
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second = second
+            self._started = 0
+        self._started += 1
+        if self._started <= self.rate_limit:
+            return True
+        with self._drop_lock:
+            self.rate_limited += 1
+        return False
 
     @staticmethod
     def new_span_id() -> int:
@@ -244,6 +301,27 @@ class SpanRecorder:
         queue.append(record)
         if len(queue) == self._wake_at and self._wake is not None:
             self._wake()
+
+    def forward(self, worker: int, pid: int, count: int, payload: bytes) -> None:
+        """Queue a worker's batch of ``count`` marshalled spans for the exporter, or drop and count it when full."""
+        with self._drop_lock:  # one lock per batch, not per span; I/O threads add, the telemetry thread takes
+            if self.forwarded_spans + count > self.limit:
+                self.forward_dropped += count
+                return
+            self.forwarded_spans += count
+        self.forwarded.append((worker, pid, count, payload))
+        if self._wake is not None and self.forwarded_spans >= self._wake_at:
+            self._wake()
+
+    def take_forwarded(self) -> tuple[int, int, int, bytes] | None:
+        """The oldest forwarded batch (telemetry thread), or None."""
+        try:
+            batch = self.forwarded.popleft()
+        except IndexError:
+            return None
+        with self._drop_lock:
+            self.forwarded_spans -= batch[2]
+        return batch
 
     def handshake(self, seconds: float, version: str, error: str) -> None:
         """A finished TLS handshake for the duration histogram (dropped and counted when full)."""

@@ -281,8 +281,23 @@ class Settings:
     console_jaeger_url: str = _setting(
         "", "Jaeger UI base URL, e.g. http://127.0.0.1:16686; when set, the traces page links each trace there."
     )
-    console_trace_capacity: int = _setting(
-        256, "Traces the console's own OTLP receiver keeps (a ring buffer: the oldest trace goes first)."
+    trace_rate_limit: int = _setting(
+        2000,
+        "Traces the transport starts per second at most, whatever the sampler (0: no limit). Past it a message "
+        "is not traced (counted: telemetry.unsampled_rate_limit), so tracing costs a bounded amount at any rate.",
+    )
+    console_trace_spans: int = _setting(
+        30_000,
+        "Spans the console's trace store holds (about 2 KiB each). When full it evicts whole traces: fast "
+        "successful ones first, then slow ones, failed ones last, oldest first within each (counted by reason).",
+    )
+    console_trace_retention: float = _setting(
+        60.0,
+        "Seconds a trace shown in the trace list (the Traces page or GET /api/traces) stays retrievable, however "
+        "many spans arrive meanwhile (within half of console_trace_spans for such traces).",
+    )
+    console_trace_slow_ms: float = _setting(
+        200.0, "A trace lasting at least this many milliseconds is slow: the store keeps it longer than fast ones."
     )
 
     @property
@@ -498,8 +513,14 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"console_public_paths: {path.strip()!r} is not a path starting with /")
     if settings.console_jaeger_url and not settings.console_jaeger_url.startswith(("http://", "https://")):
         raise ConfigError(f"console_jaeger_url: {settings.console_jaeger_url!r} is not an http(s) URL")
-    if not 1 <= settings.console_trace_capacity <= 100_000:
-        raise ConfigError(f"console_trace_capacity: {settings.console_trace_capacity} is outside 1..100000")
+    if settings.trace_rate_limit < 0:
+        raise ConfigError(f"trace_rate_limit: {settings.trace_rate_limit} must be 0 (no limit) or positive")
+    if not 100 <= settings.console_trace_spans <= 1_000_000:
+        raise ConfigError(f"console_trace_spans: {settings.console_trace_spans} is outside 100..1000000")
+    if not 0 <= settings.console_trace_retention <= 86_400:
+        raise ConfigError(f"console_trace_retention: {settings.console_trace_retention} is outside 0..86400 seconds")
+    if settings.console_trace_slow_ms <= 0:
+        raise ConfigError(f"console_trace_slow_ms: {settings.console_trace_slow_ms} must be positive")
     if not MIN_CAPTURE_BYTES <= settings.capture_bytes <= MAX_CAPTURE_BYTES:
         raise ConfigError(
             f"capture_bytes: {settings.capture_bytes} is outside {MIN_CAPTURE_BYTES}..{MAX_CAPTURE_BYTES}"

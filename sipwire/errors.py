@@ -23,7 +23,7 @@ grouped by kind; each concrete class lives in the module that raises it::
     │   ├── SipParseError                 transport.sip: not a valid SIP message
     │   ├── SipUriError (+ ValueError)    transport.sipuri: not a usable SIP URI
     │   ├── WireError                     transport.wire: a worker channel's records are corrupt
-    │   └── OtlpDecodeError               console.otlp: a POST /v1/traces body is not OTLP
+    │   └── OtlpDecodeError               console.otlpdecode: a POST /v1/traces body is not OTLP
     ├── ConnectionIOError             a socket or TLS stream cannot go on (reset, refused, timed out)
     │   ├── StreamError                   transport.streams
     │   └── StateError                    transport.connection: a transition the state machine forbids

@@ -316,19 +316,29 @@ def test_otlp_receiver_takes_protobuf_and_json_and_refuses_garbage(tmp_path: Pat
         assert families["sipwire_console_spans_received"].samples[0].value == 3
 
 
-def test_trace_ring_buffer_is_bounded(tmp_path: Path, start_console) -> None:
-    console = start_console(instance="ring", state_dir=tmp_path / "state", env={"SIPWIRE_CONSOLE_TRACE_CAPACITY": "3"})
+def test_trace_store_is_bounded_in_spans_and_shows_what_it_evicted(tmp_path: Path, start_console) -> None:
+    env = {"SIPWIRE_CONSOLE_TRACE_SPANS": "100", "SIPWIRE_CONSOLE_TRACE_RETENTION": "0"}
+    console = start_console(instance="ring", state_dir=tmp_path / "state", env=env)
     with console.client() as http:
-        for number in range(1, 6):
+        for number in range(1, 56):  # two spans each: 110 spans for room for 100
             trace_id = number.to_bytes(16, "big")
             answer = http.post(
                 "/v1/traces", content=_protobuf_export(trace_id), headers={"content-type": "application/x-protobuf"}
             )
             assert answer.status_code == 200
         page = http.get("/traces").text
-        assert "3 traces held (ring of 3)" in page
+        assert "50 traces held,\n  100 of 100 spans" in page
+        assert "fast 5 traces (10 spans)" in page
+        listed = http.get("/api/traces").json()
+        assert (listed["held"], listed["spans"], listed["capacity"]) == (50, 100, 100)
+        assert listed["evicted"] == {"fast": 5, "slow": 0, "error": 0, "pinned": 0}
+        assert listed["traces"][0]["state"] == "assembling"
         assert (1).to_bytes(16, "big").hex() not in page
-        assert (5).to_bytes(16, "big").hex() in page
+        assert (55).to_bytes(16, "big").hex() in page
+        families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+        evicted = {s.labels["reason"]: s.value for s in families["sipwire_console_traces_evicted"].samples}
+        assert evicted == {"fast": 5, "slow": 0, "error": 0, "pinned": 0}
+        assert families["sipwire_console_spans"].samples[0].value == 100
 
 
 def test_generated_token_is_written_0600_and_never_logged(start_transport, start_console) -> None:

@@ -282,6 +282,8 @@ def test_traces_page_shows_a_posted_trace_as_a_waterfall(start_transport, start_
     assert answer.status_code == 200
     row = page.get_by_test_id("trace-row").filter(has_text="sip.receive")
     row.wait_for()  # the list polls: no reload
+    assert "3 of 30000 spans" in page.get_by_test_id("traces-held").inner_text()
+    assert "fast 0 traces (0 spans)" in page.get_by_test_id("traces-evicted").inner_text()
     _shot(page, "traces")
     row.get_by_role("link", name="sip.receive").click()
     page.get_by_test_id("waterfall").wait_for()

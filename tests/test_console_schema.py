@@ -25,7 +25,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from sipwire.console import otlp
+from sipwire.console import otlpdecode
 from tests.conftest import RunningTransport, SipClient, sip_request
 from tests.console_process import RunningConsole, console_starter
 
@@ -112,8 +112,8 @@ BAD_EXPORTS = {
 
 @pytest.mark.parametrize("name", BAD_EXPORTS)
 def test_undecodable_otlp_json_is_an_otlp_decode_error(name: str) -> None:
-    with pytest.raises(otlp.OtlpDecodeError):
-        otlp.decode_json(BAD_EXPORTS[name])
+    with pytest.raises(otlpdecode.OtlpDecodeError):
+        otlpdecode.decode_json(BAD_EXPORTS[name])
 
 
 def test_the_fixed_inputs_get_4xx_over_http(live: tuple[RunningTransport, RunningConsole]) -> None:

@@ -1,4 +1,4 @@
-"""The console's pure parts without processes: OTLP decoding and the ring, Prometheus text, views, auth, assets."""
+"""The console's pure parts without processes: OTLP decoding, the waterfall, Prometheus text, views, auth, assets."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 from prometheus_client.parser import text_string_to_metric_families
 
-from sipwire.console import otlp
+from sipwire.console import otlpdecode, tracestore
 from sipwire.console.assets import AssetsMissingError, find_assets
 from sipwire.console.auth import TOKEN_ENV, AuthSetupError, load_or_generate_token
 from sipwire.console.history import error_total, sparkline
@@ -65,7 +65,7 @@ def test_protobuf_export_decodes_to_spans_with_service_and_attributes() -> None:
         ]
     )
     resource.resource.attributes.append(KeyValue(key="service.name", value=AnyValue(string_value="transport")))
-    spans = otlp.decode_protobuf(ExportTraceServiceRequest(resource_spans=[resource]).SerializeToString())
+    spans = otlpdecode.decode_protobuf(ExportTraceServiceRequest(resource_spans=[resource]).SerializeToString())
     assert [(s.name, s.kind, s.service) for s in spans] == [
         ("sip.receive", "server", "transport"),
         ("sip.route", "unspecified", "transport"),
@@ -101,7 +101,7 @@ def test_json_export_accepts_hex_and_base64_ids_and_enum_names() -> None:
             }
         ]
     }
-    (span,) = otlp.decode_json(json.dumps(body).encode())
+    (span,) = otlpdecode.decode_json(json.dumps(body).encode())
     assert span.trace_id == TRACE.hex() and span.kind == "client" and span.status == "ok"
     assert span.service == "unknown service" and span.duration_ms == 20 / 1e6
     assert span.attributes == (("k", "7"),)
@@ -120,39 +120,21 @@ def test_json_export_accepts_hex_and_base64_ids_and_enum_names() -> None:
     ],
 )
 def test_json_garbage_is_a_decode_error(body: bytes) -> None:
-    with pytest.raises(otlp.OtlpDecodeError):
-        otlp.decode_json(body)
+    with pytest.raises(otlpdecode.OtlpDecodeError):
+        otlpdecode.decode_json(body)
 
 
 def test_protobuf_garbage_is_a_decode_error() -> None:
-    with pytest.raises(otlp.OtlpDecodeError):
-        otlp.decode_protobuf(b"\xff\xff\xff\xff")
+    with pytest.raises(otlpdecode.OtlpDecodeError):
+        otlpdecode.decode_protobuf(b"\xff\xff\xff\xff")
 
 
-def _plain(span_id: str, parent: str, start: int, end: int, trace_id: str = TRACE.hex()) -> otlp.Span:
-    return otlp.Span(trace_id, span_id, parent, f"span-{span_id}", "internal", "svc", start, end, "unset", "", ())
-
-
-def test_store_is_a_ring_of_traces_and_joins_spans_of_one_trace() -> None:
-    store = otlp.TraceStore(capacity=2)
-    for number in range(3):
-        store.add([_plain("a", "", 0, 10, trace_id=f"{number + 1:032x}")])
-    assert len(store) == 2 and store.traces_evicted == 1
-    assert store.get(f"{1:032x}") is None
-    store.add([_plain("b", "a", 2, 4, trace_id=f"{3:032x}")])
-    trace = store.get(f"{3:032x}")
-    assert trace is not None and len(trace.spans) == 2
-    assert [t.trace_id for t in store.recent()] == [f"{3:032x}", f"{2:032x}"]
-
-
-def test_store_caps_spans_per_trace() -> None:
-    store = otlp.TraceStore(capacity=1)
-    rejected = store.add(_plain(f"{i:016x}", "", 0, 1) for i in range(otlp.MAX_SPANS_PER_TRACE + 5))
-    assert rejected == 5 and store.spans_dropped == 5
+def _plain(span_id: str, parent: str, start: int, end: int, trace_id: str = TRACE.hex()) -> tracestore.Span:
+    return tracestore.Span(trace_id, span_id, parent, f"span-{span_id}", "internal", "svc", start, end, "unset", "", ())
 
 
 def test_waterfall_orders_children_after_parents_with_offsets() -> None:
-    trace = otlp.Trace(TRACE.hex(), 0.0)
+    trace = tracestore.Trace(TRACE.hex(), 0.0)
     trace.spans = [
         _plain("c", "b", 60, 80),
         _plain("a", "", 0, 100),
@@ -185,9 +167,8 @@ def _stats() -> dict[str, object]:
 
 
 def test_metrics_text_parses_and_escapes_labels() -> None:
-    text = render(
-        Liveness(True, 0.0, 1, "", 0), {"uptime": 5.0, "started_at": 1.0}, _stats(), {"tcp": 3}, otlp.TraceStore(1)
-    )
+    store = tracestore.TraceStore(100)
+    text = render(Liveness(True, 0.0, 1, "", 0), {"uptime": 5.0, "started_at": 1.0}, _stats(), {"tcp": 3}, store)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     events = {s.labels["event"]: s.value for s in families["sipwire_events"].samples}
     assert events == {"messages_in": 10, 'odd"name\\': 1}
@@ -199,7 +180,7 @@ def test_metrics_text_parses_and_escapes_labels() -> None:
 
 
 def test_metrics_when_down_say_only_that() -> None:
-    text = render(Liveness(False, 0.0, None, "gone", 0), None, None, {}, otlp.TraceStore(1))
+    text = render(Liveness(False, 0.0, None, "gone", 0), None, None, {}, tracestore.TraceStore(100))
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert families["sipwire_transport_up"].samples[0].value == 0
     assert "sipwire_connections" not in families

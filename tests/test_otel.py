@@ -6,8 +6,9 @@ Three layers:
   against the SDK's W3C propagator, the bounded queue, the exporter guard;
 * in process: a real I/O thread (its own thread and selector, a real
   listener) and a real worker loop (in a thread of this process) joined by a
-  real channel socketpair, both exporting to the SDK's in-memory exporter:
-  the whole transport -> worker -> transport path of one message;
+  real channel socketpair; the worker's spans ride its channel to the
+  transport's telemetry thread, which exports to the SDK's in-memory
+  exporter: the whole transport -> worker -> transport path of one message;
 * end to end: a transport process with ``OTEL_*`` pointing at an OTLP/HTTP
   receiver run by the test (``http.server`` decoding
   ``ExportTraceServiceRequest``), spans coming from two processes.
@@ -15,7 +16,6 @@ Three layers:
 
 from __future__ import annotations
 
-import io
 import logging
 import marshal
 import os
@@ -50,8 +50,8 @@ from sipwire.config import Settings
 from sipwire.otel import attributes as attr
 from sipwire.otel.config import load
 from sipwire.otel.export import GuardedSpanExporter
-from sipwire.otel.exporter import serve
-from sipwire.otel.pipeline import LocalDelivery, SpanAssembler, Telemetry, build_span
+from sipwire.otel.exporter import Batcher, FrameReader, serve
+from sipwire.otel.pipeline import TRANSPORT_SOURCE, LocalDelivery, SpanAssembler, Telemetry, build_span
 from sipwire.otel.recorder import (
     SPAN_HANDSHAKE,
     SPAN_RECEIVE,
@@ -60,6 +60,7 @@ from sipwire.otel.recorder import (
     ratio_bound,
     traceparent,
 )
+from sipwire.otel.shipper import SOURCE
 from sipwire.otel.worker import RouteTracing
 from sipwire.transport.hub import Hub
 from sipwire.transport.iothread import IOThread
@@ -248,6 +249,68 @@ def test_full_queue_drops_and_counts() -> None:
     assert recorder.dropped == 5
 
 
+def test_the_rate_limit_bounds_traces_started_per_second() -> None:
+    recorder = SpanRecorder(1.0, 1024, rate_limit=5)
+    for _ in range(20):  # a run of draws inside one second of the monotonic clock
+        second = int(time.monotonic())
+        started = [recorder.root_trace_id() for _ in range(8)]
+        if int(time.monotonic()) == second:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("no eight draws within one second")
+    assert [bool(trace_id) for trace_id in started].count(True) <= 5
+    assert recorder.rate_limited >= 3
+    unlimited = SpanRecorder(1.0, 1024)
+    assert all(unlimited.root_trace_id() for _ in range(100)) and unlimited.rate_limited == 0
+
+
+def test_nearly_full_queues_stop_new_traces_until_they_drain() -> None:
+    recorder = SpanRecorder(1.0, 8)
+    record = (SPAN_RECEIVE, 1, 2, 0, 10, 20, 1, "tcp", None, None, None, False, "", "", None)
+    assert recorder.root_trace_id()
+    for _ in range(6):  # three quarters of the limit
+        recorder.put(record)
+    assert [recorder.root_trace_id() for _ in range(3)] == [0, 0, 0]
+    assert recorder.shed == 3 and recorder.dropped == 0
+    recorder.queue.clear()
+    recorder.forward(0, 1, 6, b"x")  # workers' batches count as well
+    assert recorder.root_trace_id() == 0 and recorder.shed == 4
+    recorder.take_forwarded()
+    assert recorder.root_trace_id()
+
+
+def test_forwarded_worker_batches_are_bounded_in_spans_and_dropped_whole() -> None:
+    recorder = SpanRecorder(1.0, 100)
+    recorder.forward(0, 11, 60, b"a")
+    recorder.forward(1, 12, 50, b"b")  # 110 > 100: this batch is dropped, whole, and counted
+    recorder.forward(1, 12, 40, b"c")
+    assert (recorder.forwarded_spans, recorder.forward_dropped) == (100, 50)
+    assert recorder.take_forwarded() == (0, 11, 60, b"a")
+    assert recorder.forwarded_spans == 40
+    recorder.forward(0, 11, 60, b"d")
+    assert [recorder.take_forwarded(), recorder.take_forwarded(), recorder.take_forwarded()] == [
+        (1, 12, 40, b"c"), (0, 11, 60, b"d"), None,
+    ]  # fmt: skip
+
+
+def test_a_worker_ships_bounded_batches_and_counts_a_span_too_large_for_one() -> None:
+    tracing = RouteTracing(SpanRecorder(1.0, 2048))
+    record = (SPAN_RECEIVE, 1, 2, 0, 10, 20, 1, "tcp", None, None, None, False, "", "", None)
+    huge = (SPAN_RECEIVE, 1, 3, 0, 10, 20, 1, "tcp", None, None, None, False, "", "", {"x": "y" * 5000})
+    for _ in range(1100):
+        tracing.recorder.put(record)
+    tracing.recorder.put(huge)
+    batches = tracing.batches(4000)  # room for fewer than 256 small records: batches are split
+    assert all(len(payload) <= 4000 for _, payload in batches)
+    assert sum(count for count, _ in batches) == sum(len(marshal.loads(payload)) for _, payload in batches)
+    shipped = sum(count for count, _ in batches)
+    assert 0 < shipped <= 4 * 256
+    while tracing.recorder.queue:
+        shipped += sum(count for count, _ in tracing.batches(4000))
+    assert shipped == 1100 and tracing.oversize == 1
+
+
 # -- spans built from records -------------------------------------------------------------------------------
 
 
@@ -301,52 +364,84 @@ def test_handshake_span_has_tls_attributes_and_error_status() -> None:
 # -- the exporter process's input ------------------------------------------------------------------------------
 
 
-def _frame(records: list[Any]) -> bytes:
-    payload = marshal.dumps(records)
-    return len(payload).to_bytes(4, "big") + payload
+def _frame(records: list[Any], source: tuple[int, int] = (TRANSPORT_SOURCE, 4242)) -> bytes:
+    body = SOURCE.pack(*source) + marshal.dumps(records)
+    return len(body).to_bytes(4, "big") + body
+
+
+def _serve(data: bytes, exporter: InMemorySpanExporter, batch: int = 512) -> int:
+    """Run the exporter process's loop on ``data`` (written to a pipe, then closed) into ``exporter``."""
+    read_end, write_end = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(write_end, data), os.close(write_end)), daemon=True)
+    writer.start()
+    try:
+        batcher = Batcher([exporter], batch, 0.05)
+        frames = serve(FrameReader(read_end), SpanAssembler([], "t"), batcher)
+        batcher.export_due(everything=True)
+    finally:
+        writer.join(5.0)
+        os.close(read_end)
+    return frames
 
 
 def test_exporter_reads_frames_until_the_stream_ends() -> None:
     exporter = InMemorySpanExporter()
-    assembler = SpanAssembler([SimpleSpanProcessor(exporter)], attr.resource(attr.SERVICE_TRANSPORT, "t", 4242))
     receive = (
         SPAN_RECEIVE, TRACE_ID, SPAN_ID, 0, 10, 20, 3, "tls", ("127.0.0.1", 5061), ("127.0.0.1", 40000),
         ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"), False, "", "", None,
     )  # fmt: skip
     api = ("lookup", SpanKind.CLIENT.value, TRACE_ID, 0x1234, SPAN_ID, 30, 40, {"db.system": "sqlite"}, 2, "boom")
-    stream = io.BytesIO(_frame([receive]) + _frame([api, receive]) + _frame([])[:3])  # the last one is cut short
-    assert serve(stream, assembler) == 2
+    data = _frame([receive]) + _frame([api, receive], (2, 777)) + _frame([])[:3]  # the last one is cut short
+    assert _serve(data, exporter) == 2
     spans = exporter.get_finished_spans()
     assert [span.name for span in spans] == ["sip.receive", "lookup", "sip.receive"]
     assert spans[0].resource.attributes["process.pid"] == 4242
+    assert spans[0].resource.attributes["service.name"] == "sipwire-transport"
     assert spans[0].attributes is not None and spans[0].attributes["tls.protocol.version"] == "1.2"
     lookup = spans[1]
+    # A worker's batch carries its own resource: service, instance and pid of that worker.
+    assert lookup.resource.attributes["service.name"] == "sipwire-worker"
+    assert lookup.resource.attributes["service.instance.id"] == "t-worker-2-777"
     assert lookup.parent is not None and lookup.parent.span_id == SPAN_ID
     assert lookup.kind is SpanKind.CLIENT
     assert lookup.status.status_code is StatusCode.ERROR and lookup.status.description == "boom"
     assert lookup.attributes is not None and lookup.attributes["db.system"] == "sqlite"
 
 
+def test_exporter_sends_full_batches_at_once_and_the_rest_after_the_delay() -> None:
+    exporter = InMemorySpanExporter()
+    record = (SPAN_RECEIVE, TRACE_ID, SPAN_ID, 0, 10, 20, 3, "tcp", None, None, None, False, "", "", None)
+    batcher = Batcher([exporter], 4, 0.2)
+    batcher.add(SpanAssembler([], "t").build((TRANSPORT_SOURCE, 1), [record] * 6))
+    batcher.export_due()
+    assert len(exporter.get_finished_spans()) == 4  # one full batch; two spans wait for the delay
+    assert batcher.timeout() is not None
+    time.sleep(0.25)
+    batcher.export_due()
+    assert len(exporter.get_finished_spans()) == 6
+    assert (batcher.exported, batcher.failed, batcher.timeout()) == (6, 0, None)
+
+
 @pytest.mark.parametrize(
     "data",
     [
         (1 << 30).to_bytes(4, "big") + b"x",  # a length over the frame limit
-        (5).to_bytes(4, "big") + b"\xff\xff\xff\xff\xff",  # not marshal data
+        (13).to_bytes(4, "big") + SOURCE.pack(-1, 1) + b"\xff\xff\xff\xff\xff",  # not marshal data
+        (3).to_bytes(4, "big") + b"abc",  # no room for the source
     ],
-    ids=["oversize", "garbage"],
+    ids=["oversize", "garbage", "no-source"],
 )
 def test_exporter_stops_on_a_corrupt_stream(data: bytes) -> None:
     exporter = InMemorySpanExporter()
-    assembler = SpanAssembler([SimpleSpanProcessor(exporter)], attr.resource(attr.SERVICE_TRANSPORT, "t"))
-    assert serve(io.BytesIO(_frame([]) + data + _frame([])), assembler) == 1
+    assert _serve(_frame([]) + data + _frame([]), exporter) == 1
     assert exporter.get_finished_spans() == ()
 
 
 def test_a_bad_record_is_dropped_and_the_rest_exported(caplog: pytest.LogCaptureFixture) -> None:
     exporter = InMemorySpanExporter()
-    assembler = SpanAssembler([SimpleSpanProcessor(exporter)], attr.resource(attr.SERVICE_TRANSPORT, "t"))
+    assembler = SpanAssembler([SimpleSpanProcessor(exporter)], "t")
     good = (SPAN_RECEIVE, TRACE_ID, SPAN_ID, 0, 10, 20, 3, "tcp", None, None, None, False, "", "", None)
-    assembler.feed([(1, 2), good, ("x",), good])
+    assembler.feed((TRANSPORT_SOURCE, 1), [(1, 2), good, ("x",), good])
     assert len(exporter.get_finished_spans()) == 2
     assert assembler.bad_records == 2
     assert caplog.text.count("cannot build a span") == 1
@@ -505,14 +600,13 @@ class InProcess:
     """An I/O thread and a worker loop of this process, joined by a channel, exporting to memory."""
 
     port: int
-    transport_spans: InMemorySpanExporter
-    worker_spans: InMemorySpanExporter
+    exported: InMemorySpanExporter
     telemetry: Telemetry | None
     tracing: RouteTracing
 
     def spans(self) -> list[ReadableSpan]:
-        """What reached the in-memory exporters (the telemetry threads ship every 0.1 s)."""
-        return [*self.transport_spans.get_finished_spans(), *self.worker_spans.get_finished_spans()]
+        """What reached the in-memory exporter (the telemetry thread ships every 0.1 s)."""
+        return list(self.exported.get_finished_spans())
 
     def exchange(self, request: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5.0) as sock:
@@ -535,12 +629,11 @@ def in_process() -> Iterator[Callable[..., InProcess]]:
     def start(route: Router = responder.route, ratio: float | None = 1.0) -> InProcess:
         settings = Settings()
         hub = Hub(settings, worker_count=1)
-        transport_spans, worker_spans = InMemorySpanExporter(), InMemorySpanExporter()
+        exported = InMemorySpanExporter()
         telemetry = None
         if ratio is not None:
             recorder = SpanRecorder(ratio, 1024)
-            resource = attr.resource(attr.SERVICE_TRANSPORT, "t")
-            assembler = SpanAssembler([SimpleSpanProcessor(transport_spans)], resource)
+            assembler = SpanAssembler([SimpleSpanProcessor(exported)], "t")
             telemetry = Telemetry(recorder, LocalDelivery(assembler))
             telemetry.start()
             hub.recorder = recorder
@@ -551,10 +644,7 @@ def in_process() -> Iterator[Callable[..., InProcess]]:
         thread.post("add_listener", listener, "tcp")
         transport_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         thread.post("add_channel", 0, transport_end)
-        worker_assembler = SpanAssembler([SimpleSpanProcessor(worker_spans)], attr.resource(attr.SERVICE_WORKER, "t"))
-        worker_telemetry = Telemetry(SpanRecorder(1.0, 1024), LocalDelivery(worker_assembler))
-        worker_telemetry.start()
-        tracing = RouteTracing(worker_telemetry)
+        tracing = RouteTracing(SpanRecorder(1.0, 1024))
         control_transport, control_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Telemetry off (ratio None): the worker has no tracing either.
         worker = Worker(
@@ -579,12 +669,12 @@ def in_process() -> Iterator[Callable[..., InProcess]]:
             control_worker.close()
             if telemetry is not None:
                 telemetry.shutdown(2.0)
-            tracing.shutdown(2.0)
+            tracing.shutdown()
             assert not thread.thread.is_alive()
             assert not worker_thread.is_alive()
 
         stops.append(stop)
-        return InProcess(listener.getsockname()[1], transport_spans, worker_spans, telemetry, tracing)
+        return InProcess(listener.getsockname()[1], exported, telemetry, tracing)
 
     yield start
     for stop in stops:
@@ -640,7 +730,7 @@ def test_a_failed_write_job_span_carries_its_outcome(in_process: Callable[..., I
     harness = in_process(send_and_report)
     response = harness.exchange(sip_request("OPTIONS", headers=[("X-Target-Port", str(closed_port))]))
     assert response.startswith(b"SIP/2.0 200 refused")
-    spans = wait_for(  # the worker's route span arrives on its own path: wait for it as well
+    spans = wait_for(
         lambda: (
             spans
             if len(by_name(spans := harness.spans(), "sip.write")) >= 2
@@ -704,8 +794,8 @@ def test_no_sampling_gives_an_empty_trace_context_and_no_spans(
         assert b"\r\nX-Trace: -\r\n" in response
     if harness.telemetry is not None:
         harness.telemetry.drain()
-    harness.tracing.telemetry.drain()
     assert harness.spans() == []
+    assert not harness.tracing.recorder.queue
 
 
 def test_sampled_message_carries_its_receive_span_as_context(in_process: Callable[..., InProcess]) -> None:
@@ -959,19 +1049,26 @@ def test_a_dead_collector_is_logged_once_and_traffic_goes_on(start_transport: St
                 assert client.read_response().status == 200
                 assert time.monotonic() - started < 1.0
             time.sleep(0.4)  # let batches fail in between
-    wait_for(lambda: running.log_text().count("exporting spans to") >= 2, timeout=10.0, what="both warnings")
+    wait_for(lambda: "exporting spans to" in running.log_text(), timeout=10.0, what="the warning")
     time.sleep(1.0)
     log_text = running.log_text()
-    # One warning per process (transport, one worker) for the whole outage; none of the SDK's per-retry lines.
-    assert log_text.count("exporting spans to") == 2, log_text
+    # One warning from the instance's one exporter for the whole outage; none of the SDK's per-retry lines.
+    assert log_text.count("exporting spans to") == 1, log_text
     assert "failed (Failed to export spans batch" in log_text  # the SDK's reason is in the one warning
     export_lines = [line for line in log_text.splitlines() if "export" in line.lower()]
     assert all("telemetry:" in line for line in export_lines), export_lines
+    # The failed spans are counted where the transport reports (ctl stats, the stats block, /metrics).
+    counters = wait_for(
+        lambda: (c := running.control("stats")["counters"]).get("telemetry.exporter_spans_failed", 0) > 0 and c,
+        what="the exporter's failure count in the transport's counters",
+    )
+    assert counters["telemetry.exporter_spans_exported"] == 0
 
 
 def test_metrics_are_exported_over_otlp_http(start_transport: StartTransport, otlp_receiver: OtlpReceiver) -> None:
     env = {
         "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_TRACES_EXPORTER": "none",  # the shared endpoint alone would turn traces on too
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
         "OTEL_METRIC_EXPORT_INTERVAL": "200",
     }
@@ -1056,7 +1153,7 @@ def test_tracing_off_loads_no_sdk_in_the_worker_or_the_transport_modules() -> No
     code = (
         "import sys, transport.server, transport.worker; "
         "from sipwire.otel.setup import transport_telemetry, worker_tracing; "
-        "assert transport_telemetry('x') is None and worker_tracing('x', 0) is None; "
+        "assert transport_telemetry('x') is None and worker_tracing() is None; "
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
     )
     result = subprocess.run(

@@ -27,10 +27,12 @@ from sipwire.transport.wire import (
     KIND_DONE,
     KIND_MESSAGE,
     KIND_OUTCOME,
+    KIND_SPANS,
     KIND_STAGES,
     KIND_WRITE,
     MAX_COUNTER_NAME_BYTES,
     MAX_RECORD_BYTES,
+    MAX_SPANS_BYTES,
     MAX_TLS_FACTS_BYTES,
     AuthFailedRecord,
     CloseRecord,
@@ -41,6 +43,7 @@ from sipwire.transport.wire import (
     OutcomeRecord,
     Record,
     RecordReader,
+    SpansRecord,
     WireError,
     WriteRecord,
     encode_auth_failed,
@@ -50,6 +53,7 @@ from sipwire.transport.wire import (
     encode_done,
     encode_message,
     encode_outcome,
+    encode_spans,
     encode_stages_record,
     encode_write,
     message_prefix,
@@ -94,6 +98,8 @@ def encode(record: Record) -> bytes:
         return encode_stages_record(record.body())
     if isinstance(record, AuthFailedRecord):
         return encode_auth_failed(record.conn_id)
+    if isinstance(record, SpansRecord):
+        return encode_spans(record.spans, record.pid, record.payload)
     return encode_done(record.conn_id, record.messages)
 
 
@@ -147,6 +153,9 @@ RECORDS: list[Record] = [
     ConnectionsClosedRecord((1, 2**64 - 1, 0)),
     AuthFailedRecord(9),
     AuthFailedRecord(2**64 - 1),
+    SpansRecord(2, 4242, b"\xdb\x02\x00\x00\x00"),
+    SpansRecord(0, 2**32 - 1, b""),
+    SpansRecord(1, 1, b"s" * MAX_SPANS_BYTES),
 ]
 
 
@@ -398,11 +407,20 @@ def test_largest_record_round_trips() -> None:
     assert RecordReader().feed(data) == [record]
 
 
-@pytest.mark.parametrize("kind", [0, 8, 11, 127, 255])
+@pytest.mark.parametrize("kind", [0, 11, 127, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(WireError) as caught:
         RecordReader().feed(raw_record(kind, b"abc"))
     assert str(caught.value) == f"unknown record kind {kind}"
+
+
+def test_a_spans_record_over_its_limit_is_corrupt() -> None:
+    with pytest.raises(WireError, match="SPANS record of"):
+        RecordReader().feed(raw_record(KIND_SPANS, b"\x00" * (8 + MAX_SPANS_BYTES + 1)))
+
+
+def test_spans_layout() -> None:
+    assert encode_spans(3, 7, b"pp") == b"\x08\x00\x00\x00\x0a" + struct.pack("!II", 3, 7) + b"pp"
 
 
 def test_count_and_close_layout() -> None:
@@ -743,6 +761,7 @@ def test_tls_facts_with_lone_surrogates_are_replaced() -> None:
 # -- properties ------------------------------------------------------------------------------------
 
 _U64 = st.integers(min_value=0, max_value=2**64 - 1)
+_U32 = st.integers(min_value=0, max_value=2**32 - 1)
 _PORT = st.integers(min_value=0, max_value=65535)
 _HOST = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=40)
 _TRANSPORT = st.sampled_from(["tcp", "tls"])
@@ -776,6 +795,7 @@ _RECORDS = st.one_of(
     st.builds(DoneRecord, _U64, st.integers(min_value=0, max_value=2**32 - 1)),
     st.builds(CountRecord, st.text(alphabet="abc._", min_size=1, max_size=MAX_COUNTER_NAME_BYTES), _U64),
     st.builds(CloseRecord, _U64),
+    st.builds(SpansRecord, _U32, _U32, st.binary(max_size=200)),
 )
 
 
@@ -839,7 +859,7 @@ def test_arbitrary_bytes_give_records_or_wire_error(data: bytes, cuts: list[int]
                 assert isinstance(
                     record,
                     MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord
-                    | ConnectionsClosedRecord | AuthFailedRecord | StagesRecord,
+                    | ConnectionsClosedRecord | AuthFailedRecord | StagesRecord | SpansRecord,
                 )  # fmt: skip
     except WireError:
         pass
@@ -864,6 +884,7 @@ def test_any_header_and_body_give_a_record_or_wire_error(kind: int, body: bytes)
         KIND_CONNECTIONS_CLOSED,
         KIND_AUTH_FAILED,
         KIND_STAGES,
+        KIND_SPANS,
     )
     assert kind in kinds
     assert encode(records[0]) == raw_record(kind, body)

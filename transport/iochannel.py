@@ -7,8 +7,9 @@ bytes the kernel does not take wait in the channel's backlog, whose size is the
 overload signal ``ioread.py`` checks. From the worker come WRITE records (a
 write job: queued on its connection, forwarded to the connection's owner, or a
 connect started), DONE counts, which release a connection's in-flight
-messages and measure dispatch latency, the workers' STAGES histograms, and AUTH_FAILED
-records, which charge the peer's address (``transport/sources.py``). A channel that closes (its worker
+messages and measure dispatch latency, the workers' STAGES histograms, AUTH_FAILED
+records, which charge the peer's address (``transport/sources.py``), and SPANS records
+(the worker's trace spans), which go undecoded to the transport's telemetry queue. A channel that closes (its worker
 exited) counts its in-flight messages as lost; a restarted worker's channel
 takes the messages parked in the meantime.
 """
@@ -21,6 +22,7 @@ import logging
 import socket
 import time
 
+from sipwire.otel import logs
 from sipwire.transport.connection import ConnState
 from sipwire.transport.ioconnect import ConnectLayer
 from sipwire.transport.iostate import KIND_CHANNEL, READ, WRITE, WorkerChannel
@@ -33,6 +35,7 @@ from sipwire.transport.wire import (
     CloseRecord,
     CountRecord,
     DoneRecord,
+    SpansRecord,
     WireError,
     WriteRecord,
     encode_connections_closed,
@@ -83,8 +86,19 @@ class ChannelLayer(ConnectLayer):
                     histogram.add(counts, sum_ms)
             elif type(record) is AuthFailedRecord:
                 self._auth_failed(record.conn_id)
+            elif type(record) is SpansRecord:
+                self._forward_spans(worker, record)
+        if self._tracing is not None:
+            logs.leave()  # a traced write job above named its span in this thread's log lines
         if finished:
             self._dispatch_done(channel, finished)
+
+    def _forward_spans(self, worker: int, record: SpansRecord) -> None:
+        """A worker's spans: to the one exporter, through the telemetry thread (bounded, drops counted)."""
+        if self._tracing is None:
+            self.counters["telemetry.dropped_tracing_off"] += record.spans
+            return
+        self._tracing.forward(worker, record.pid, record.spans, record.payload)
 
     def _close_requested(self, conn_id: int) -> None:
         """A worker's CLOSE: the connection closes once what is queued for it is sent (its owner does it)."""
@@ -125,6 +139,10 @@ class ChannelLayer(ConnectLayer):
         trace = None  # the job's sip.write span, open until its outcome
         if record.trace_context and self._tracing is not None:
             trace = self._tracing.start_write(record.trace_context)
+            if trace is not None:
+                logs.enter(trace.trace_id, trace.span_id)
+        elif self._tracing is not None:
+            logs.leave()  # an untraced job after a traced one in the same read
         if record.conn_id:
             self._write_to(record.conn_id, record.job_id, worker, record.payload, prompt, trace)
             return

@@ -121,7 +121,7 @@ class TransportServer(ControlOps):
             self._control.close()
             raise
         self._open_stats(listeners)
-        self.telemetry = transport_telemetry(self.settings.instance, self.statistics)
+        self.telemetry = transport_telemetry(self.settings.instance, self.statistics, self.settings.trace_rate_limit)
         self.hub.recorder = self.telemetry.recorder if self.telemetry is not None else None
         threads = tuple(IOThread(index, self.hub) for index in range(self.settings.threads))
         self.hub.threads = threads
@@ -336,6 +336,8 @@ class TransportServer(ControlOps):
             totals.add(thread_totals)
             for name, value in thread_totals.counters.items():
                 counters[name] = counters.get(name, 0) + value
+        if self.telemetry is not None:
+            counters.update(self.telemetry.counters())  # spans exported and dropped at each bounded step
         stats.write_counters(counters)
         stats.write_histogram(HISTOGRAM_TLS, HANDSHAKE_BUCKETS_MS, totals.handshake, 0.0)
         stats.write_histogram(HISTOGRAM_WS, HANDSHAKE_BUCKETS_MS, totals.ws_handshake, 0.0)

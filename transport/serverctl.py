@@ -115,6 +115,8 @@ class ControlOps:
         for thread_stats in stats:
             for name, value in thread_stats.counters.items():
                 counters[name] = counters.get(name, 0) + value
+        if self.telemetry is not None:
+            counters.update(self.telemetry.counters())
         handshakes = [sum(column) for column in zip(*(s.handshake_buckets for s in stats), strict=True)]
         upgrades = [sum(column) for column in zip(*(s.ws_handshake_buckets for s in stats), strict=True)]
         in_flight = [sum(s.outstanding[index] for s in stats) for index in range(len(self.workers))]

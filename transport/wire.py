@@ -48,6 +48,11 @@ Worker to transport
     CLOSE    ``!Q`` conn id: close that connection once its queued writes are
              out and its in-flight messages answered (a peer that sent
              something the worker could neither parse nor answer).
+    SPANS    ``!II`` number of spans, worker pid; a :mod:`marshal` dump of a
+             list of span records (:mod:`otel.recorder`). The I/O thread does
+             not decode it: it hands the bytes to the transport's telemetry
+             thread, which forwards them to the one exporter process
+             (``otel/__init__.py``). At most :data:`MAX_SPANS_BYTES` of records.
     AUTH_FAILED  ``!Q`` conn id: the peer of that connection failed an
              authentication (wrong password, unknown user, forged or replayed
              nonce); the transport charges its address (``transport/sources.py``).
@@ -77,6 +82,7 @@ KIND_DONE: Final = 4
 KIND_COUNT: Final = 5
 KIND_CLOSE: Final = 6
 KIND_CONNECTIONS_CLOSED: Final = 7
+KIND_SPANS: Final = 8
 KIND_AUTH_FAILED: Final = 9
 KIND_STAGES: Final = 10
 
@@ -99,6 +105,8 @@ FLAG_PROMPT_OUTCOME: Final = 1
 FLAG_NO_OUTCOME: Final = 2
 #: Connection ids per CONNECTIONS_CLOSED record (32 KiB): a mass close becomes several records.
 MAX_CLOSED_PER_RECORD: Final = 4096
+#: A SPANS record's payload stays under this (a worker's batch is split across records above it).
+MAX_SPANS_BYTES: Final = 256 * 1024
 #: Counter names are short fixed labels (``sip_parse_error.closed``); 64 bytes is ample
 #: and keeps them within the stats block's 56-byte names plus a prefix.
 MAX_COUNTER_NAME_BYTES: Final = 64
@@ -112,6 +120,7 @@ _DONE = struct.Struct("!QI")
 _COUNT = struct.Struct("!Q")
 _CLOSE = struct.Struct("!Q")
 _CONN_ID = struct.Struct("!Q")
+_SPANS = struct.Struct("!II")
 HEADER_SIZE: Final = _HEADER.size
 
 
@@ -180,13 +189,19 @@ class ConnectionsClosedRecord(NamedTuple):
     conn_ids: tuple[int, ...]
 
 
+class SpansRecord(NamedTuple):
+    spans: int
+    pid: int
+    payload: bytes
+
+
 class AuthFailedRecord(NamedTuple):
     conn_id: int
 
 
 Record = (
     MessageRecord | OutcomeRecord | WriteRecord | DoneRecord | CountRecord | CloseRecord | ConnectionsClosedRecord
-    | AuthFailedRecord | StagesRecord
+    | SpansRecord | AuthFailedRecord | StagesRecord
 )  # fmt: skip
 
 
@@ -269,6 +284,11 @@ def encode_count(name: str, delta: int) -> bytes:
 
 def encode_close(conn_id: int) -> bytes:
     return _HEADER.pack(KIND_CLOSE, _CLOSE.size) + _CLOSE.pack(conn_id)
+
+
+def encode_spans(spans: int, pid: int, payload: bytes) -> bytes:
+    """A SPANS record: ``spans`` span records, already marshalled into ``payload``."""
+    return _HEADER.pack(KIND_SPANS, _SPANS.size + len(payload)) + _SPANS.pack(spans, pid) + payload
 
 
 def encode_auth_failed(conn_id: int) -> bytes:
@@ -388,6 +408,11 @@ def _decode(kind: int, body: bytes) -> Record:
         if not body or len(body) % _CONN_ID.size or len(body) > _CONN_ID.size * MAX_CLOSED_PER_RECORD:
             raise WireError(f"CONNECTIONS_CLOSED record of {len(body)} bytes")
         return ConnectionsClosedRecord(struct.unpack(f"!{len(body) // _CONN_ID.size}Q", body))
+    if kind == KIND_SPANS:
+        spans, pid = _SPANS.unpack_from(body)
+        if len(body) - _SPANS.size > MAX_SPANS_BYTES:
+            raise WireError(f"SPANS record of {len(body)} bytes")
+        return SpansRecord(spans, pid, body[_SPANS.size :])
     if kind == KIND_STAGES:
         return decode_stages(body)
     if kind == KIND_OUTCOME:

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from sipwire.config import Settings
+from sipwire.otel import logs
 from sipwire.otel.setup import worker_tracing
 from sipwire.transport.outcome import WriteResult
 from sipwire.transport.ratelog import RateLimitedLog
@@ -51,6 +53,7 @@ from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
     FLAG_NO_OUTCOME,
     FLAG_PROMPT_OUTCOME,
+    MAX_SPANS_BYTES,
     MAX_WRITE_PAYLOAD,
     ConnectionsClosedRecord,
     MessageRecord,
@@ -61,6 +64,7 @@ from sipwire.transport.wire import (
     encode_close,
     encode_count,
     encode_done,
+    encode_spans,
     encode_stages_record,
     encode_write,
 )
@@ -76,8 +80,6 @@ CONTROL_ADD_CHANNEL = 1
 CONTROL_STOP = 2
 
 RECV_BYTES = 262144
-#: The transport kills a worker that has not exited 2 s after being told to stop: export what is left before that.
-WORKER_TELEMETRY_STOP_SECONDS = 1.0
 #: Peer text quoted in a log line is cut here: enough to recognise the message, too short to flood.
 MAX_LOGGED_PEER_CHARS: Final = 120
 
@@ -90,6 +92,7 @@ COUNT_UNPARSABLE_ANSWERED: Final = "sip_parse_error.answered"
 COUNT_UNPARSABLE_CLOSED: Final = "sip_parse_error.closed"
 COUNT_UNPARSABLE_RESPONSE: Final = "sip_parse_error.response_dropped"
 COUNT_UNRESOLVABLE: Final = "write.unresolvable"  # a write job whose host name did not resolve
+COUNT_SPANS_DROPPED: Final = "telemetry.dropped_worker_queue_full"  # spans the worker could not queue or ship
 
 
 class _Channel:
@@ -141,6 +144,8 @@ class Worker:
         # Traced jobs whose outcome callback is pending: the context its own writes get.
         self._callback_contexts: dict[int, str] = {}
         self._stages = WorkerStages()
+        self._pid = os.getpid()
+        self._spans_dropped = 0  # already reported in COUNT records
 
     # -- the Sender protocol used by RouteContext ------------------------------------------
 
@@ -320,8 +325,11 @@ class Worker:
                     # Writes made by the callback belong to the trace of the job it answers.
                     if self._callback_contexts:
                         self._trace_context = self._callback_contexts.pop(record.job_id, "")
+                        logs.enter_context(self._trace_context)
                     self._run_callback(callback, Outcome(record.job_id, record.conn_id, record.result, record.reason))
-                    self._trace_context = ""
+                    if self._trace_context:
+                        logs.leave()
+                        self._trace_context = ""
             elif isinstance(record, ConnectionsClosedRecord) and self._connections_closed is not None:
                 try:
                     self._connections_closed(list(record.conn_ids), self.count)
@@ -339,10 +347,12 @@ class Worker:
             return
         self._span = span
         self._trace_context = span.traceparent
+        logs.enter(span.trace_id, span.span_id)
         try:
             with tracing.current(span):
                 self._route_message(record)
         finally:
+            logs.leave()
             self._span = None
             self._trace_context = ""
             tracing.end(span)
@@ -435,8 +445,22 @@ class Worker:
         except Exception as error:
             self._router_failed(error, f"in the outcome callback of job {outcome.job_id}")
 
+    def _ship_spans(self, tracing: RouteTracing) -> None:
+        """This pass's spans go to the transport with the pass's other records; drops are counted there."""
+        channel = self._channel_now()
+        if channel is None:
+            return  # they wait in the bounded queue for a channel
+        for count, payload in tracing.batches(MAX_SPANS_BYTES):
+            channel.out.append(encode_spans(count, self._pid, payload))
+        dropped = tracing.recorder.dropped + tracing.oversize
+        if dropped != self._spans_dropped:
+            channel.counts[COUNT_SPANS_DROPPED] += dropped - self._spans_dropped
+            self._spans_dropped = dropped
+
     def _flush(self) -> bool:
         """Send every channel's records; whether there were any."""
+        if self._tracing is not None:
+            self._ship_spans(self._tracing)
         if self._channels and (stages := self._stages.report(time.monotonic())) is not None:
             next(iter(self._channels.values())).out.append(encode_stages_record(stages))
         sent = False
@@ -490,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     if router.setup is not None:
         router.setup(settings)
     control = socket.socket(fileno=args.control_fd)
-    tracing = worker_tracing(settings.instance, args.index)
+    tracing = worker_tracing()
     resolver = Resolver(ResolverLimits.from_settings(settings))
     try:
         Worker(
@@ -499,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         resolver.close()
         if tracing is not None:
-            tracing.shutdown(WORKER_TELEMETRY_STOP_SECONDS)
+            tracing.shutdown()
     return 0
 
 
