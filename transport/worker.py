@@ -9,7 +9,8 @@ selector of the I/O thread that owns the connection.
 
 The worker exits when its control socket closes, so it never outlives the
 transport. Ctrl-C reaches the whole process group; the worker ignores
-SIGINT and lets the transport drive an orderly stop.
+SIGINT and lets the transport drive an orderly stop. What a router's context
+sends (write jobs, counters, closes) is the :class:`~sipwire.transport.workerjobs.WriteJobs` layer.
 """
 
 from __future__ import annotations
@@ -27,47 +28,37 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final
 
 from sipwire.config import Settings
 from sipwire.otel import logs
 from sipwire.otel.setup import worker_tracing
-from sipwire.transport.outcome import WriteResult
 from sipwire.transport.ratelog import RateLimitedLog
 from sipwire.transport.readbuffer import ReadBuffer
-from sipwire.transport.resolver import Failure, Resolver, ResolverLimits
+from sipwire.transport.resolver import Resolver, ResolverLimits
 from sipwire.transport.routing import (
-    Destination,
     Envelope,
     Outcome,
     OutcomeCallback,
     RouteContext,
     Router,
-    is_ip_literal,
     load_router,
 )
 from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
-from sipwire.transport.sipsyntax import MAX_PORT
 from sipwire.transport.stages import WorkerStages, min_timeout
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (
-    FLAG_NO_OUTCOME,
-    FLAG_PROMPT_OUTCOME,
     MAX_SPANS_BYTES,
-    MAX_WRITE_PAYLOAD,
     ConnectionsClosedRecord,
     MessageRecord,
     OutcomeRecord,
-    RecordReader,
     WireError,
-    encode_auth_failed,
-    encode_close,
     encode_count,
     encode_done,
     encode_spans,
     encode_stages_record,
-    encode_write,
 )
+from sipwire.transport.workerjobs import WorkerChannel, WriteJobs
 
 if TYPE_CHECKING:
     from sipwire.otel.worker import RouteSpan, RouteTracing
@@ -91,23 +82,10 @@ COUNT_ROUTER_ERRORS: Final = "router_errors"
 COUNT_UNPARSABLE_ANSWERED: Final = "sip_parse_error.answered"
 COUNT_UNPARSABLE_CLOSED: Final = "sip_parse_error.closed"
 COUNT_UNPARSABLE_RESPONSE: Final = "sip_parse_error.response_dropped"
-COUNT_UNRESOLVABLE: Final = "write.unresolvable"  # a write job whose host name did not resolve
 COUNT_SPANS_DROPPED: Final = "telemetry.dropped_worker_queue_full"  # spans the worker could not queue or ship
 
 
-class _Channel:
-    __slots__ = ("counts", "out", "reader", "sock", "thread_index")
-
-    def __init__(self, thread_index: int, sock: socket.socket) -> None:
-        self.thread_index = thread_index
-        self.sock = sock
-        self.reader = RecordReader()
-        self.out: list[bytes] = []
-        # Counter deltas since the last flush: one COUNT record per name per loop pass.
-        self.counts: defaultdict[str, int] = defaultdict(int)
-
-
-class Worker:
+class Worker(WriteJobs):
     """Reads channel records, runs the router, writes back jobs and done counts."""
 
     def __init__(
@@ -129,8 +107,8 @@ class Worker:
         self._selector.register(control, selectors.EVENT_READ, None)
         self._resolver = resolver
         self._selector.register(resolver.wake_fd, selectors.EVENT_READ, resolver)
-        self._channels: dict[int, _Channel] = {}
-        self._current: _Channel | None = None
+        self._channels: dict[int, WorkerChannel] = {}
+        self._current: WorkerChannel | None = None
         self._next_job = 1
         self._callbacks: dict[int, OutcomeCallback] = {}
         self._deferred: list[Callable[[], None]] = []
@@ -146,97 +124,6 @@ class Worker:
         self._stages = WorkerStages()
         self._pid = os.getpid()
         self._spans_dropped = 0  # already reported in COUNT records
-
-    # -- the Sender protocol used by RouteContext ------------------------------------------
-
-    def submit(
-        self,
-        conn_id: int,
-        destination: Destination | None,
-        data: bytes,
-        on_outcome: OutcomeCallback | None,
-        failures_only: bool = False,
-    ) -> int:
-        job_id = self._next_job
-        self._next_job += 1
-        if len(data) > MAX_WRITE_PAYLOAD:
-            reason = f"{len(data)} bytes exceed the {MAX_WRITE_PAYLOAD}-byte limit of one write job"
-            self._fail_later(job_id, conn_id, on_outcome, WriteResult.TOO_LARGE, reason)
-            return job_id
-        channel = self._channel_now()
-        if channel is None:
-            self._fail_later(job_id, conn_id, on_outcome, WriteResult.SHUTDOWN, "no channel to the transport")
-            return job_id
-        flags = FLAG_PROMPT_OUTCOME
-        if on_outcome is None:
-            flags = FLAG_NO_OUTCOME
-        elif failures_only:
-            flags = 0  # its "sent" comes late, with later records: no wake-up for it
-        trace_context = self._trace_context
-        if self._span is not None and self._tracing is not None:
-            self._tracing.replied(self._span, data)
-        if destination is None:
-            self._register_callback(job_id, on_outcome, trace_context)
-            channel.out.append(
-                encode_write(job_id, conn_id, "tcp", "", 0, data, flags=flags, trace_context=trace_context)
-            )
-            return job_id
-        if not 0 <= destination.port <= MAX_PORT:  # a WRITE record's port is 16 bits; the transport refuses 0
-            reason = f"port {destination.port} is out of range"
-            self._fail_later(job_id, 0, on_outcome, WriteResult.BAD_DESTINATION, reason)
-            return job_id
-        job = _DestinationJob(job_id, channel, destination, data, flags, trace_context, on_outcome)
-        host = destination.host.strip("[]")
-        if is_ip_literal(host):
-            self._send_resolved(job, host)
-            return job_id
-        answer = self._resolver.cached(host, destination.port)
-        if answer is None:  # resolved off the loop; the job leaves when the answer is collected
-            self._resolver.lookup(host, destination.port, lambda found: self._send_resolved(job, found))
-        else:
-            self._send_resolved(job, answer)
-        return job_id
-
-    def _register_callback(self, job_id: int, on_outcome: OutcomeCallback | None, trace_context: str) -> None:
-        if on_outcome is not None:
-            self._callbacks[job_id] = on_outcome
-            if trace_context:
-                self._callback_contexts[job_id] = trace_context
-
-    def _send_resolved(self, job: _DestinationJob, address: str | Failure) -> None:
-        """Encode a destination job once its host is an address (or fail it with ``unresolvable``)."""
-        if isinstance(address, Failure):
-            self.count(COUNT_UNRESOLVABLE)
-            self._fail_later(job.job_id, 0, job.on_outcome, WriteResult.UNRESOLVABLE, address.reason)
-            return
-        destination = job.destination
-        try:
-            server_name = destination.tls_name(address)
-        except ValueError as error:
-            self._fail_later(job.job_id, 0, job.on_outcome, WriteResult.BAD_DESTINATION, str(error))
-            return
-        channel = job.channel
-        if self._channels.get(channel.thread_index) is not channel:  # that I/O thread retired meanwhile
-            replacement = next(iter(self._channels.values()), None)
-            if replacement is None:
-                reason = "no channel to the transport"
-                self._fail_later(job.job_id, 0, job.on_outcome, WriteResult.SHUTDOWN, reason)
-                return
-            channel = replacement
-        self._register_callback(job.job_id, job.on_outcome, job.trace_context)
-        channel.out.append(
-            encode_write(
-                job.job_id, 0, destination.transport, address, destination.port, job.data, server_name, job.flags,
-                job.trace_context,
-            )
-        )  # fmt: skip
-
-    def _fail_later(
-        self, job_id: int, conn_id: int, on_outcome: OutcomeCallback | None, result: WriteResult, reason: str
-    ) -> None:
-        if on_outcome is not None:
-            outcome = Outcome(job_id, conn_id, result, reason)
-            self._deferred.append(lambda: self._run_callback(on_outcome, outcome))
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -279,20 +166,20 @@ class Worker:
             old = self._channels.get(thread_index)
             if old is not None:
                 self._close_channel(old)
-            channel = _Channel(thread_index, socket.socket(fileno=fds[0]))
+            channel = WorkerChannel(thread_index, socket.socket(fileno=fds[0]))
             self._channels[thread_index] = channel
             self._selector.register(channel.sock, selectors.EVENT_READ, channel)
         elif command == CONTROL_STOP:
             self._running = False
 
-    def _close_channel(self, channel: _Channel) -> None:
+    def _close_channel(self, channel: WorkerChannel) -> None:
         if self._channels.get(channel.thread_index) is channel:
             del self._channels[channel.thread_index]
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(channel.sock)
         channel.sock.close()
 
-    def _read_channel(self, channel: _Channel) -> None:
+    def _read_channel(self, channel: WorkerChannel) -> None:
         try:
             data = self._reader.recv(channel.sock)
         except OSError:
@@ -417,28 +304,6 @@ class Worker:
         )  # fmt: skip
         log.debug("worker %d: router traceback", self.index, exc_info=error)
 
-    def count(self, name: str) -> None:
-        """Add one to a transport counter; ``name`` must be one of this module's ``COUNT_*``."""
-        channel = self._channel_now()
-        if channel is not None:  # else the transport is gone: nobody to count for
-            channel.counts[name] += 1
-
-    def auth_failed(self, conn_id: int) -> None:
-        """Tell the transport that the peer of ``conn_id`` failed an authentication (its address is charged)."""
-        channel = self._channel_now()
-        if channel is not None:
-            channel.out.append(encode_auth_failed(conn_id))
-
-    def _close_connection(self, conn_id: int) -> None:
-        """Ask the transport to close ``conn_id`` once what is queued for it is out."""
-        channel = self._channel_now()
-        if channel is not None:
-            channel.out.append(encode_close(conn_id))
-
-    def _channel_now(self) -> _Channel | None:
-        """The channel this worker's records go to now: the current message's, else any."""
-        return self._current or next(iter(self._channels.values()), None)
-
     def _run_callback(self, callback: OutcomeCallback, outcome: Outcome) -> None:
         try:
             callback(outcome)
@@ -477,18 +342,6 @@ class Worker:
                 except OSError:
                     self._close_channel(channel)
         return sent
-
-
-class _DestinationJob(NamedTuple):
-    """A write job to a destination, kept while its host name resolves."""
-
-    job_id: int
-    channel: _Channel
-    destination: Destination
-    data: bytes
-    flags: int
-    trace_context: str
-    on_outcome: OutcomeCallback | None
 
 
 def _quoted(text: str) -> str:
