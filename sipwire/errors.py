@@ -29,7 +29,8 @@ grouped by kind; each concrete class lives in the module that raises it::
     │   └── StateError                    transport.connection: a transition the state machine forbids
     ├── ControlError                  a control-socket request failed or was refused (this module)
     │   ├── TransportDownError            console.source: the transport does not answer
-    │   └── TransportRefusedError         console.source: it answered with a refusal
+    │   ├── TransportRefusedError         console.source: it answered with a refusal
+    │   └── CaptureSlowError              console.source: a call-flow query outlasted its time (not "down")
     ├── StatsError                    the shared-memory stats block cannot be read (this module)
     │   ├── StatsUnavailableError, StatsLayoutError, StatsWriterGoneError   transport.statsblock.reader
     │   └── StatsBusyError                                                 transport.statsblock.writer
