@@ -46,6 +46,7 @@ def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle for client and outbound verification")
     parser.add_argument("--threads", type=int, metavar="N", help="I/O threads at start (default 2)")
     parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
+    parser.add_argument("--cpu-affinity", metavar="CPUS", help="CPUs for I/O threads and workers, e.g. 1 or 0,2-3")
     parser.add_argument(
         "--busy-poll-us", type=int, metavar="US", help="poll this long for workers' answers, not sleep (0: off)"
     )
@@ -142,6 +143,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "threads",
             "workers",
             "busy_poll_us",
+            "cpu_affinity",
             "router",
             "upstream",
             "state_dir",

@@ -164,6 +164,22 @@ def test_busy_polling_answers_as_usual_and_stops_polling_once_idle(start_transpo
         assert max(spent) < 0.3, f"CPU seconds over one idle second (transport, worker): {spent}"
 
 
+def test_cpu_affinity_puts_the_io_threads_and_the_workers_on_the_cpus_asked(start_transport: Any) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    running = start_transport(workers=2, cpu_affinity=str(cpu))
+
+    def allowed(pid: int, tid: int | None = None) -> str:
+        status = Path(f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status").read_text()
+        return next(line.split(":")[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+
+    threads = [int(task.name) for task in Path(f"/proc/{running.process.pid}/task").iterdir()]
+    assert len(threads) > 1 and {allowed(running.process.pid, tid) for tid in threads} == {str(cpu)}
+    assert {allowed(pid) for pid in running.worker_pids} == {str(cpu)}
+    with SipClient.connect(running) as client:
+        client.send(sip_request("OPTIONS", 1))
+        assert client.read_response().status == 200
+
+
 def test_message_split_over_many_small_sends(start_transport: Any) -> None:
     running = start_transport(workers=1)
     body = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from sipwire.config import Settings
+from sipwire.config import Settings, cpu_set
 from sipwire.errors import ConfigurationError, ControlError
 from sipwire.otel.setup import transport_telemetry
 from sipwire.statedir import runtime_directory
@@ -123,6 +123,9 @@ class TransportServer(ControlOps):
         self._open_stats(listeners)
         self.telemetry = transport_telemetry(self.settings.instance, self.statistics, self.settings.trace_rate_limit)
         self.hub.recorder = self.telemetry.recorder if self.telemetry is not None else None
+        if cpus := cpu_set(self.settings.cpu_affinity):  # before the I/O threads and workers: they inherit it
+            os.sched_setaffinity(0, cpus)
+            log.info("I/O threads and workers run on CPUs %s", ",".join(map(str, sorted(cpus))))
         threads = tuple(IOThread(index, self.hub) for index in range(self.settings.threads))
         self.hub.threads = threads
         for listener, transport in listeners:
