@@ -35,25 +35,8 @@ from typing import Final, NamedTuple
 #: Upper bounds (ms) of the latency histograms (stages, dispatch, write jobs); one more bucket counts the
 #: rest. A stage in the I/O thread or the worker takes tens of microseconds: hence the low end.
 LATENCY_BUCKETS_MS: Final = (
-    0.005,
-    0.01,
-    0.02,
-    0.05,
-    0.1,
-    0.2,
-    0.5,
-    1.0,
-    2.0,
-    5.0,
-    10.0,
-    20.0,
-    50.0,
-    100.0,
-    200.0,
-    500.0,
-    1000.0,
-    5000.0,
-)
+    0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
+)  # fmt: skip
 #: The worker's stages, in the order of a STAGES record.
 WORKER_STAGES: Final = ("queue_wait_ms", "routing_ms")
 #: A worker reports its stage histograms at most this often.
