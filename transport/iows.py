@@ -87,6 +87,7 @@ class WebSocketLayer(WriteLayer):
         self.counters["ws_handshake_failed.timeout"] += 1
         self.ratelog.log(
             logging.WARNING, "ws_handshake_failed.timeout", "closing connection %d from %s:%d: no WebSocket upgrade "
-            "within %.1fs", conn.id, conn.remote[0], conn.remote[1], self.settings.ws_handshake_timeout,
+            "within %.1fs (%d bytes of a request received%s)", conn.id, conn.remote[0], conn.remote[1],
+            self.settings.ws_handshake_timeout, conn.bytes_in, ", after TLS" if conn.tls is not None else "",
         )  # fmt: skip
         self._close(conn, "no WebSocket upgrade in time", WriteResult.TIMEOUT)
