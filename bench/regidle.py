@@ -39,7 +39,6 @@ import contextlib
 import heapq
 import json
 import random
-import resource
 import secrets
 import selectors
 import socket
@@ -50,6 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sipbench import raise_nofile
 from wsbench import Sipwire, cpu_seconds, settled_rss, vm_rss_kib  # puts the repository on sys.path
 
 from sipwire.config import Settings
@@ -62,15 +62,6 @@ DOMAIN = "bench.test"
 PASSWORD = "bench-secret-1"
 #: A keep-alive unanswered this long counts as lost (RFC 5626 section 4.4.1: 10 s for a pong).
 PONG_TIMEOUT = 10.0
-
-
-def raise_nofile(wanted: int) -> int:
-    """Raise the soft open-files limit towards ``wanted`` (the transport child inherits it); the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def add_users(state: Path, count: int) -> None:
