@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sipwire.transport import sipsyntax
+from sipwire.transport import sip, sipsyntax
 from sipwire.transport.framing import Framer
 from sipwire.transport.sip import (
     COMPACT_FORMS,
@@ -886,6 +886,25 @@ def test_the_plain_address_fast_path_accepts_only_what_the_full_check_accepts(va
 def test_the_plain_via_fast_path_accepts_only_what_the_full_check_accepts(value: str) -> None:
     if sipsyntax._PLAIN_VIA.fullmatch(value) is not None:
         assert sipsyntax._via_walk(value) is None, value
+
+
+@given(
+    st.lists(
+        st.sampled_from(["0", "9", "4294967295", "4294967296", " ", "\t", "INVITE", "ACK", "é", ";"]), max_size=5
+    ).map("".join),
+    st.sampled_from([None, "INVITE", "ACK"]),
+)
+def test_the_plain_cseq_fast_path_accepts_only_what_the_full_check_accepts(value: str, method: str | None) -> None:
+    plain = sipsyntax._PLAIN_CSEQ.fullmatch(value)
+    if plain is not None and int(plain[1]) <= sipsyntax.MAX_CSEQ and (method is None or plain[2] == method):
+        assert sipsyntax._cseq_walk(value, method) is None, value
+    assert (sipsyntax.cseq_problem(value, method) is None) == (sipsyntax._cseq_walk(value, method) is None), value
+
+
+def test_usual_header_spellings_read_as_the_general_path_reads_them() -> None:
+    for spelling, key in sip._USUAL_NAMES.items():
+        general = spelling.rstrip(" \t").lower()
+        assert key == sip.COMPACT_FORMS.get(general, general), spelling
 
 
 def test_the_fast_paths_take_the_common_shapes() -> None:

@@ -173,6 +173,11 @@ class Resolver:
                     waiter(failure)
                 # The entry stays until the thread returns, so a name that hangs is not asked again meanwhile.
 
+    @property
+    def waiting(self) -> bool:
+        """Lookups are under way: :meth:`collect` has answers or timeouts to look for on every pass."""
+        return bool(self._pending)
+
     def seconds_to_next_deadline(self) -> float | None:
         """How long the loop may sleep before :meth:`collect` must fail a lookup that timed out."""
         deadlines = [p.deadline for p in self._pending.values() if p.waiters]

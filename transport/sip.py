@@ -88,6 +88,61 @@ CANONICAL_NAMES: Final[dict[str, str]] = {
     "www-authenticate": "WWW-Authenticate",
 }
 
+#: Header names as phones and proxies usually spell them, to their canonical key: parse() reads them with
+#: one lookup; any other spelling takes the general path (strip, lower case, compact form).
+_USUAL_NAMES: Final[dict[str, str]] = {
+    spelling: COMPACT_FORMS.get(spelling.lower(), spelling.lower())
+    for name in (
+        "Via",
+        "From",
+        "To",
+        "Call-ID",
+        "CSeq",
+        "Contact",
+        "Max-Forwards",
+        "Content-Length",
+        "Content-Type",
+        "User-Agent",
+        "Server",
+        "Allow",
+        "Accept",
+        "Supported",
+        "Require",
+        "Expires",
+        "Route",
+        "Record-Route",
+        "Authorization",
+        "Proxy-Authorization",
+        "WWW-Authenticate",
+        "Proxy-Authenticate",
+        "Event",
+        "Subject",
+        "Date",
+        "Path",
+        "Allow-Events",
+        "Session-Expires",
+        "Min-SE",
+        "Timestamp",
+        "Organization",
+        "Reason",
+        "Subscription-State",
+        "P-Asserted-Identity",
+        "Refer-To",
+        "Referred-By",
+        "Replaces",
+        "RAck",
+        "RSeq",
+        "Call-Id",
+        "Cseq",
+        "Content-length",
+        "Max-forwards",
+        "User-agent",
+        "Record-route",
+        *COMPACT_FORMS,
+    )
+    for spelling in (name, name.lower(), name.upper())
+}
+
 #: Headers a request must carry to be answered at all (RFC 3261 section 8.1.1).
 MANDATORY_REQUEST_HEADERS: Final = ("via", "from", "to", "call-id", "cseq")
 
@@ -148,12 +203,13 @@ class SipMessage:
 
     def header(self, name: str) -> str | None:
         """First value of a header, or None. ``name`` is case-insensitive."""
-        positions = self.index.get(_canonical_key(name))
+        positions = self.index.get(name) or self.index.get(_canonical_key(name))  # canonical names: one lookup
         return self.headers[positions[0]][1] if positions else None
 
     def header_lines(self, name: str) -> list[str]:
         """Every line of a header, as written (list values not split)."""
-        return [self.headers[i][1] for i in self.index.get(_canonical_key(name), ())]
+        positions = self.index.get(name) or self.index.get(_canonical_key(name)) or ()
+        return [self.headers[i][1] for i in positions]
 
     def values(self, name: str) -> list[str]:
         """All values of a header; lines of list headers (Via, Contact...) are split at top-level commas.
@@ -208,11 +264,17 @@ def parse(raw: bytes) -> SipMessage:
         name, colon, value = line.partition(":")
         if not colon:
             raise SipParseError(f"header line without a colon: {line[:60]!r}", start_line)
-        key = name.rstrip(" \t").lower()
-        if not key or " " in key or "\t" in key:
-            raise SipParseError(f"invalid header name {name[:40]!r}", start_line)
-        key = COMPACT_FORMS.get(key, key)
-        index.setdefault(key, []).append(len(headers))
+        key = _USUAL_NAMES.get(name)
+        if key is None:
+            key = name.rstrip(" \t").lower()
+            if not key or " " in key or "\t" in key:
+                raise SipParseError(f"invalid header name {name[:40]!r}", start_line)
+            key = COMPACT_FORMS.get(key, key)
+        positions = index.get(key)
+        if positions is None:
+            index[key] = [len(headers)]
+        else:
+            positions.append(len(headers))
         headers.append((key, value.strip()))
     if not status:
         for mandatory in MANDATORY_REQUEST_HEADERS:
@@ -326,6 +388,8 @@ def header_param(value: str, name: str) -> str | None:
     the line is not the end of the URI. Quoted values are returned with their quotes.
     """
     wanted = name.lower()
+    if wanted not in value.lower():
+        return None  # the common answer, without scanning the value
     for key, param_value in header_params(value):
         if key == wanted:
             return param_value
@@ -423,31 +487,26 @@ def build_response(
     Via's ``received``/``rport``.
     """
     lines = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
-    vias = request.header_lines("via")
-    for position, via in enumerate(vias):
-        if position == 0 and via_source is not None:
-            lines.append(f"Via: {fill_via_received(split_list_value(via)[0], *via_source)}{_rest_of_list(via)}")
-        else:
-            lines.append(f"Via: {via}")
-    lines.append(f"From: {request.header('from') or ''}")
+    vias = [f"Via: {via}" for via in request.header_lines("via")]
+    if vias and via_source is not None:
+        first, *rest = split_list_value(vias[0][5:]) or [""]
+        vias[0] = f"Via: {fill_via_received(first, *via_source)}" + "".join(f", {value}" for value in rest)
+    lines += vias
     to = request.header("to") or ""
     if status > 100 and header_param(to, "tag") is None:
         to = f"{to};tag={to_tag or new_tag()}"
-    lines.append(f"To: {to}")
-    lines.append(f"Call-ID: {request.call_id}")
-    lines.append(f"CSeq: {request.header('cseq') or ''}")
+    lines += (
+        f"From: {request.header('from') or ''}",
+        f"To: {to}",
+        f"Call-ID: {request.header('call-id') or ''}",
+        f"CSeq: {request.header('cseq') or ''}",
+    )
     for name, value in extra_headers:
         lines.append(f"{name}: {_one_line(value)}")
     lines.append(f"Content-Length: {len(body)}")
     lines.append("")
     lines.append("")
     return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
-
-
-def _rest_of_list(via_line: str) -> str:
-    """The values after the first one in a multi-value Via line, ready to append."""
-    rest = split_list_value(via_line)[1:]
-    return "".join(f", {value}" for value in rest)
 
 
 def response_for_unparsable(

@@ -45,6 +45,8 @@ _PLAIN_VIA: Final = re.compile(
     r"SIP/2\.0/[A-Za-z0-9\-.!%*_+`'~]+ (?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]+)(?::" + _PORT + r")?"
     r"(?:;(?:(?i:rport)(?:=" + _PORT + r")?(?=;|$)|(?!(?i:rport)(?:[=;]|$))[A-Za-z0-9\-.!%*_+`'~]+(?:=[^;,\s]+)?))*"
 )
+#: The common CSeq: a number of at most 10 digits, one space, a method token.
+_PLAIN_CSEQ: Final = re.compile(r"([0-9]{1,10}) ([A-Za-z0-9\-.!%*_+`'~]+)")
 #: ``rfc1123-date`` (RFC 3261 section 20.17): the only Date form SIP allows, always GMT.
 _DATE: Final = re.compile(
     r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
@@ -171,13 +173,21 @@ def _address_walk(value: str, header: str) -> str | None:
 
 def call_id_problem(value: str) -> str | None:
     """Why a Call-ID is malformed (empty, or white space inside: RFC 3261 section 25.1), or None."""
-    if not value or any(char in value for char in " \t"):
+    if not value or " " in value or "\t" in value:
         return f"malformed Call-ID {value[:60]!r}"
     return None
 
 
 def cseq_problem(value: str, method: str | None) -> str | None:
     """Why a CSeq value is malformed, or None; for a request, its method must match ``method``."""
+    plain = _PLAIN_CSEQ.fullmatch(value)
+    if plain is not None and int(plain[1]) <= MAX_CSEQ and (method is None or plain[2] == method):
+        return None
+    return _cseq_walk(value, method)
+
+
+def _cseq_walk(value: str, method: str | None) -> str | None:
+    """:func:`cseq_problem` the long way: white space allowed around the parts, with the reason."""
     sequence, _, cseq_method = value.strip(" \t").partition(" ")
     cseq_method = cseq_method.strip(" \t")
     if number(sequence, MAX_CSEQ) is None or not is_token(cseq_method):

@@ -138,14 +138,16 @@ class Worker(WriteJobs):
             timeout = min_timeout(resolver.seconds_to_next_deadline(), report_in)
             if poll_until and now < poll_until:
                 timeout = 0.0
+            answered = False  # a lookup finished (its eventfd): collect it; while any waits, collect timeouts
             for key, _ in select(timeout):
                 if key.data is None:
                     self._read_control()
                 elif key.data is resolver:
-                    pass  # collected below, timeouts included
+                    answered = True
                 else:
                     self._read_channel(key.data)
-            resolver.collect()
+            if answered or resolver.waiting:
+                resolver.collect()
             while self._deferred:
                 self._deferred.pop(0)()
             if self._flush() and busy_poll:

@@ -95,7 +95,7 @@ def _refusal(message: SipMessage) -> Refusal | None:
         return 416, "Unsupported URI Scheme", []
     if method == "REGISTER" and _scheme(uri_of(message.header("to") or "")) not in ("sip", "sips"):
         return 416, "Unsupported URI Scheme (To)", []  # an address-of-record is a SIP URI (section 10.3)
-    if method != "CANCEL":
+    if method != "CANCEL" and "require" in message.index:
         required = message.values("require")
         if required:  # this UAS supports no extension (section 8.2.2.3)
             return 420, "Bad Extension", [("Unsupported", ", ".join(required))]
