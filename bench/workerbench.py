@@ -9,6 +9,7 @@ share and of wake-ups between processes.
 
     python3 bench/workerbench.py                           # responder, batches of 32
     python3 bench/workerbench.py --batch 1 --messages 20000
+    python3 bench/workerbench.py --router proxy             # requests forwarded upstream
     python3 bench/workerbench.py --repo /tmp/other-clone   # time another checkout
 
 Bounded: ``--messages`` per round, ``--rounds`` rounds, a 60 s deadline per round.
@@ -58,7 +59,11 @@ def one_round(repo: Path, router: str, messages: int, batch: int) -> float:
     from sipwire.transport.wire import DoneRecord, RecordReader, encode_message, message_prefix
     from sipwire.transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP
 
-    settings = Settings(router=router, state_dir=f"/tmp/workerbench-{os.getpid()}")
+    state_dir = f"/tmp/workerbench-{os.getpid()}"
+    if router == "proxy":  # forwards every OPTIONS (it is not for the proxy's own domain) to a stand-in upstream
+        settings = Settings(router=router, state_dir=state_dir, upstream="sip:127.0.0.1:5070", open_registrar=True)
+    else:
+        settings = Settings(router=router, state_dir=state_dir)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     command = [
         sys.executable, "-m", "sipwire.transport.worker", "--index", "0",

@@ -901,6 +901,11 @@ def test_the_plain_cseq_fast_path_accepts_only_what_the_full_check_accepts(value
     assert (sipsyntax.cseq_problem(value, method) is None) == (sipsyntax._cseq_walk(value, method) is None), value
 
 
+@given(st.lists(st.sampled_from([*"<>;,= :@", "sip:a", "tag=1", "x"]), max_size=12).map("".join))
+def test_params_start_without_quotes_is_where_the_scanner_finds_it(value: str) -> None:
+    assert sip._params_start(value) == sip._scanned_params_start(value), value
+
+
 def test_usual_header_spellings_read_as_the_general_path_reads_them() -> None:
     for spelling, key in sip._USUAL_NAMES.items():
         general = spelling.rstrip(" \t").lower()

@@ -409,6 +409,18 @@ def header_params(value: str) -> list[tuple[str, str]]:
 
 def _params_start(value: str) -> int:
     """Where the parameters of a header value begin: after the name-addr's ``>``, else at the start."""
+    if '"' not in value:  # nothing quoted: the first ``<`` or ``;`` decides, found without the scanner
+        semicolon = value.find(";")
+        opening = value.find("<", 0, semicolon) if semicolon >= 0 else value.find("<")
+        if opening >= 0:
+            closing = value.find(">", opening)
+            return len(value) if closing < 0 else closing + 1
+        return len(value) if semicolon < 0 else semicolon
+    return _scanned_params_start(value)
+
+
+def _scanned_params_start(value: str) -> int:
+    """:func:`_params_start` for any value: quoted strings skipped whole (they may hold ``<`` and ``;``)."""
     for match in _DELIMITERS.finditer(value):
         char = match.group()
         if char == "<":

@@ -73,6 +73,8 @@ _BINDING_COLUMNS: Final = (
     " user_agent, updated"
 )
 _ORDER: Final = "ORDER BY aor, CAST(CASE q WHEN '' THEN '1' ELSE q END AS REAL) DESC, updated DESC"
+#: One statement text, so sqlite3's statement cache finds it without building the string each time.
+_BINDINGS_OF_AOR: Final = f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE aor = ? AND expires > ? {_ORDER}"
 
 
 class StoreBusyError(StoreError):
@@ -128,7 +130,10 @@ class SqliteStore:
         try:
             yield
         except sqlite3.OperationalError as error:
-            raise StoreBusyError(f"registrar database {self.path}: {error}") from error
+            raise self._busy(error) from error
+
+    def _busy(self, error: sqlite3.OperationalError) -> StoreBusyError:
+        return StoreBusyError(f"registrar database {self.path}: {error}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -193,10 +198,10 @@ class SqliteStore:
     # -- bindings ----------------------------------------------------------------------------------
 
     def bindings(self, aor: str, now: float) -> list[Binding]:
-        with self._errors():
-            rows = self._db.execute(
-                f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE aor = ? AND expires > ? {_ORDER}", (aor, now)
-            ).fetchall()
+        try:  # read for every request the proxy routes: no context manager's generator here
+            rows = self._db.execute(_BINDINGS_OF_AOR, (aor, now)).fetchall()
+        except sqlite3.OperationalError as error:
+            raise self._busy(error) from error
         return [Binding(*row) for row in rows]
 
     def register(self, request: RegisterRequest, max_contacts: int, now: float) -> RegisterStatus:
