@@ -31,6 +31,7 @@ from sipwire.transport.wire import (
     KIND_STAGES,
     KIND_WRITE,
     MAX_COUNTER_NAME_BYTES,
+    MAX_KNOWN_PREFIXES,
     MAX_RECORD_BYTES,
     MAX_SPANS_BYTES,
     MAX_TLS_FACTS_BYTES,
@@ -269,6 +270,22 @@ def test_message_layout_with_tls_facts() -> None:
     assert RecordReader().feed(data) == [
         MessageRecord(3, "tls", ("10.0.0.1", 5061), ("10.0.0.2", 1234), 2.5, "tp", b"RAW", facts)
     ]
+
+
+def test_messages_of_many_connections_decode_past_the_remembered_prefixes() -> None:
+    # Each connection's prefix is decoded once and remembered, up to MAX_KNOWN_PREFIXES; past that the
+    # reader starts afresh. Every record still carries its own connection's facts, old and new alike.
+    reader = RecordReader()
+    count = MAX_KNOWN_PREFIXES + 10
+    for rounds in range(2):
+        for conn_id in range(1, count + 1):
+            prefix = message_prefix(conn_id, "tcp", ("10.0.0.1", 5060), ("10.0.0.2", conn_id % 60000 + 1))
+            (record,) = reader.feed(encode_message(prefix, float(rounds), b"", b"RAW %d" % conn_id))
+            assert record == MessageRecord(
+                conn_id, "tcp", ("10.0.0.1", 5060), ("10.0.0.2", conn_id % 60000 + 1), float(rounds), "",
+                b"RAW %d" % conn_id,
+            )  # fmt: skip
+    assert len(reader._prefixes) <= MAX_KNOWN_PREFIXES
 
 
 def test_write_layout_with_flags() -> None:

@@ -461,24 +461,27 @@ def fill_via_received(via: str, source_host: str, source_port: int) -> str:
     ``received`` is added when the sent-by host differs from the source
     address, and always when the client asked for ``rport``.
     """
-    sent_by, has_params, params = via.partition(";")
+    sent_by, _, params = via.partition(";")
     host = sent_by.split()[-1] if sent_by.strip() else ""
     if host.startswith("["):
         host = host[1 : host.find("]")]
     elif host.count(":") == 1:
         host = host.partition(":")[0]
-    out_params: list[str] = []
+    lowered = params.lower()
+    if "rport" not in lowered and "received" not in lowered:  # nothing to fill or replace: the value as it is
+        return via if host == source_host else f"{via};received={source_host}"
+    out = [sent_by]
     wants_rport = False
-    for part in params.split(";") if has_params else ():
+    for part in params.split(";"):
         key = part.partition("=")[0].strip().lower()
         if key == "rport":
             wants_rport = True
-            out_params.append(f"rport={source_port}")
+            out.append(f"rport={source_port}")
         elif key != "received":
-            out_params.append(part)
+            out.append(part)
     if wants_rport or host != source_host:
-        out_params.append(f"received={source_host}")
-    return sent_by + "".join(f";{param}" for param in out_params)
+        out.append(f"received={source_host}")
+    return ";".join(out)
 
 
 def build_response(
@@ -498,27 +501,26 @@ def build_response(
     ``via_source`` is the request's source address, used to fill the top
     Via's ``received``/``rport``.
     """
-    lines = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
-    vias = [f"Via: {via}" for via in request.header_lines("via")]
+    vias = request.header_lines("via")  # a list of its own: the top one may be replaced
     if vias and via_source is not None:
-        first, *rest = split_list_value(vias[0][5:]) or [""]
-        vias[0] = f"Via: {fill_via_received(first, *via_source)}" + "".join(f", {value}" for value in rest)
-    lines += vias
+        top = vias[0]
+        if "," in top:  # several values on the top line: only the first is ours to fill
+            first, *rest = split_list_value(top) or [""]
+            vias[0] = ", ".join([fill_via_received(first, *via_source), *rest])
+        else:
+            vias[0] = fill_via_received(top, *via_source)
     to = request.header("to") or ""
     if status > 100 and header_param(to, "tag") is None:
         to = f"{to};tag={to_tag or new_tag()}"
-    lines += (
-        f"From: {request.header('from') or ''}",
-        f"To: {to}",
-        f"Call-ID: {request.header('call-id') or ''}",
-        f"CSeq: {request.header('cseq') or ''}",
+    via_block = "".join([f"Via: {via}\r\n" for via in vias])
+    extra_block = "".join([f"{name}: {_one_line(value)}\r\n" for name, value in extra_headers])
+    text = (
+        f"{SIP_VERSION} {status} {_one_line(reason)}\r\n{via_block}"
+        f"From: {request.header('from') or ''}\r\nTo: {to}\r\n"
+        f"Call-ID: {request.header('call-id') or ''}\r\nCSeq: {request.header('cseq') or ''}\r\n"
+        f"{extra_block}Content-Length: {len(body)}\r\n\r\n"
     )
-    for name, value in extra_headers:
-        lines.append(f"{name}: {_one_line(value)}")
-    lines.append(f"Content-Length: {len(body)}")
-    lines.append("")
-    lines.append("")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+    return text.encode("utf-8", "surrogateescape") + body
 
 
 def response_for_unparsable(

@@ -107,6 +107,8 @@ FLAG_NO_OUTCOME: Final = 2
 MAX_CLOSED_PER_RECORD: Final = 4096
 #: A SPANS record's payload stays under this (a worker's batch is split across records above it).
 MAX_SPANS_BYTES: Final = 256 * 1024
+#: Distinct MESSAGE prefixes (connections) a reader remembers decoded; past this it starts afresh.
+MAX_KNOWN_PREFIXES: Final = 1024
 #: Counter names are short fixed labels (``sip_parse_error.closed``); 64 bytes is ample
 #: and keeps them within the stats block's 56-byte names plus a prefix.
 MAX_COUNTER_NAME_BYTES: Final = 64
@@ -253,9 +255,9 @@ def encode_write(
     trace_context: str = "",
 ) -> bytes:
     """A WRITE record; ``server_name`` and ``trace_context`` must be ASCII and at most 255 bytes each."""
-    host_bytes = host.encode("ascii")
-    name_bytes = server_name.encode("ascii")
-    trace_bytes = trace_context.encode("ascii")
+    host_bytes = host.encode("ascii") if host else b""  # a reply names its connection: no host, no name
+    name_bytes = server_name.encode("ascii") if server_name else b""
+    trace_bytes = trace_context.encode("ascii") if trace_context else b""
     fixed = _WRITE.pack(
         job_id,
         conn_id,
@@ -266,8 +268,8 @@ def encode_write(
         len(name_bytes),
         len(trace_bytes),
     )
-    body = fixed + host_bytes + name_bytes + trace_bytes
-    return _HEADER.pack(KIND_WRITE, len(body) + len(payload)) + body + payload
+    length = _WRITE.size + len(host_bytes) + len(name_bytes) + len(trace_bytes) + len(payload)
+    return b"".join((_HEADER.pack(KIND_WRITE, length), fixed, host_bytes, name_bytes, trace_bytes, payload))
 
 
 def encode_done(conn_id: int, messages: int) -> bytes:
@@ -312,12 +314,17 @@ def encode_connections_closed(conn_ids: list[int]) -> bytes:
 
 
 class RecordReader:
-    """Sans-IO decoder: feed channel bytes, get whole records back."""
+    """Sans-IO decoder: feed channel bytes, get whole records back.
 
-    __slots__ = ("_buffer",)
+    A connection's MESSAGE records all start with the same prefix (:func:`message_prefix`), so each
+    distinct prefix is decoded once and remembered (at most :data:`MAX_KNOWN_PREFIXES`, then afresh).
+    """
+
+    __slots__ = ("_buffer", "_prefixes")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._prefixes: dict[bytes, tuple[int, str, tuple[str, int], tuple[str, int], str]] = {}
 
     def feed(self, data: bytes) -> list[Record]:
         buffer = self._buffer
@@ -333,8 +340,9 @@ class RecordReader:
                 end = offset + HEADER_SIZE + length
                 if end > available:
                     break
+                body = bytes(buffer[offset + HEADER_SIZE : end])
                 try:
-                    records.append(_decode(kind, bytes(buffer[offset + HEADER_SIZE : end])))
+                    records.append(self._message(body) if kind == KIND_MESSAGE else _decode(kind, body))
                 except (struct.error, KeyError, ValueError) as error:
                     raise WireError(f"undecodable record of kind {kind}: {error}") from error
                 offset = end
@@ -344,6 +352,24 @@ class RecordReader:
         if offset:
             del buffer[:offset]
         return records
+
+    def _message(self, body: bytes) -> MessageRecord:
+        """A MESSAGE record, its connection part decoded once per distinct prefix."""
+        fixed = _MESSAGE_FIXED.unpack_from(body)
+        position = _MESSAGE_FIXED.size + fixed[4] + fixed[5] + fixed[6]
+        key = body[:position]
+        known = self._prefixes.get(key)
+        if known is None:
+            conn_id, transport, local, remote, tls, position = decode_prefix(body)  # WireError if it overruns
+            known = (conn_id, transport, local, remote, tls)
+            if len(self._prefixes) >= MAX_KNOWN_PREFIXES:
+                self._prefixes.clear()
+            self._prefixes[key] = known
+        conn_id, transport, local, remote, tls = known
+        received_at, trace_len = _MESSAGE_TIME.unpack_from(body, position)
+        position += _MESSAGE_TIME.size
+        trace = _take(body, position, trace_len, "MESSAGE trace context").decode("ascii") if trace_len else ""
+        return MessageRecord(conn_id, transport, local, remote, received_at, trace, body[position + trace_len :], tls)
 
 
 def _take(body: bytes, position: int, length: int, what: str) -> bytes:
@@ -371,12 +397,7 @@ def decode_prefix(body: bytes) -> tuple[int, str, tuple[str, int], tuple[str, in
 
 
 def _decode(kind: int, body: bytes) -> Record:
-    if kind == KIND_MESSAGE:
-        conn_id, transport, local, remote, tls, position = decode_prefix(body)
-        received_at, trace_len = _MESSAGE_TIME.unpack_from(body, position)
-        position += _MESSAGE_TIME.size
-        trace = _take(body, position, trace_len, "MESSAGE trace context").decode("ascii")
-        return MessageRecord(conn_id, transport, local, remote, received_at, trace, body[position + trace_len :], tls)
+    """Any record but MESSAGE (:meth:`RecordReader._message`)."""
     if kind == KIND_WRITE:
         job_id, conn_id, flags, transport, port, host_len, name_len, trace_len = _WRITE.unpack_from(body)
         position = _WRITE.size
