@@ -25,8 +25,9 @@ import time
 from sipwire.otel import logs
 from sipwire.transport.connection import ConnState
 from sipwire.transport.ioconnect import ConnectLayer
-from sipwire.transport.iostate import KIND_CHANNEL, READ, WRITE, WorkerChannel
+from sipwire.transport.iostate import KIND_CHANNEL, WorkerChannel
 from sipwire.transport.outcome import WriteResult
+from sipwire.transport.poller import READ, WRITE
 from sipwire.transport.stages import StagesRecord
 from sipwire.transport.wire import (
     FLAG_NO_OUTCOME,

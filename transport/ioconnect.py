@@ -30,8 +30,9 @@ from sipwire.otel.recorder import SPAN_CONNECT, SPAN_HANDSHAKE, SPAN_UPGRADE, Wr
 from sipwire.transport.connection import Connection, ConnState
 from sipwire.transport.hub import DestinationKey
 from sipwire.transport.ioread import ReadLayer
-from sipwire.transport.iostate import KIND_LISTENER, READ, WRITE
+from sipwire.transport.iostate import KIND_LISTENER
 from sipwire.transport.outcome import WriteResult
+from sipwire.transport.poller import READ, WRITE
 from sipwire.transport.statsblock import HANDSHAKE_BUCKETS_MS
 from sipwire.transport.streams import ERRNO_RESULTS, StreamError, TcpStream, TlsStream
 from sipwire.transport.tls import TlsVerifyError, connection_info, verify_server_name

@@ -15,14 +15,14 @@ defines it), and the shared state stays one attribute hop away.
 
 Also here: :meth:`IOState.post` and :meth:`IOState.load_hint`, which other
 threads call (they make an I/O thread a :class:`~sipwire.transport.hub.ThreadHandle`),
-and the selector bookkeeping of connections that every layer needs.
+and the registration of connections with the thread's poller (``transport/poller.py``)
+that every layer needs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import selectors
 import socket
 import threading
 import time
@@ -35,6 +35,7 @@ from sipwire.transport.capture import CaptureRing
 from sipwire.transport.connection import Connection, ConnState
 from sipwire.transport.framing import FramerLimits
 from sipwire.transport.hub import Hub
+from sipwire.transport.poller import READ, WRITE, Poller
 from sipwire.transport.ratelog import RateLimitedLog
 from sipwire.transport.readbuffer import ReadBuffer
 from sipwire.transport.stages import WORKER_STAGES, LatencyHistogram
@@ -45,8 +46,6 @@ from sipwire.transport.wsframing import WsLimits
 
 log = logging.getLogger("sipwire.transport")
 
-READ: Final = selectors.EVENT_READ
-WRITE: Final = selectors.EVENT_WRITE
 
 #: Bytes asked for per recv: enough for dozens of pipelined messages per
 #: call (batching is most of the speed) while bounding one read's work.
@@ -54,7 +53,7 @@ RECV_BYTES: Final = 262144
 #: Seconds between timer scans (connect, per-message and idle timeouts).
 TICK_SECONDS: Final = 0.25
 
-#: What a selector key's data ``(kind, target)`` names: a connection, a worker channel,
+#: What a registration's data ``(kind, target)`` names: a connection, a worker channel,
 #: a listener (thread 0), or the inbox's eventfd.
 KIND_CONN, KIND_CHANNEL, KIND_LISTENER, KIND_WAKE = range(4)
 
@@ -96,7 +95,7 @@ class IOState:
         self.ws_limits: WsLimits = WsLimits(
             settings.max_message_bytes, settings.ws_max_frame_bytes, settings.allowed_origins
         )
-        self.selector: selectors.BaseSelector = selectors.DefaultSelector()
+        self.selector: Poller = Poller()
         self.inbox: deque[tuple[str, tuple[Any, ...]]] = deque()
         # Guards only the hand-over of the inbox when the thread ends.
         self._inbox_lock: threading.Lock = threading.Lock()
@@ -217,9 +216,13 @@ class IOState:
             self.selector.modify(conn.sock, events, (KIND_CONN, conn))
         conn.registered_events = events
 
-    def _release(self, conn: Connection) -> None:
-        """Stop owning ``conn`` without closing it (it is moving to another thread)."""
-        self._set_events(conn, 0)
+    def _release(self, conn: Connection, closing: bool = False) -> None:
+        """Stop owning ``conn``: it is moving to another thread, or (``closing``) its socket closes next."""
+        if closing:
+            self.selector.forget(conn.sock)  # the close takes it out of the epoll set: no epoll_ctl for it
+            conn.registered_events = 0
+        else:
+            self._set_events(conn, 0)
         del self.conns[conn.id]
         self._dirty_conns.pop(conn.id, None)
         self.pending_write_bytes -= conn.pending_bytes

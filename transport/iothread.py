@@ -46,8 +46,9 @@ from sipwire.transport.connection import Connection, ConnState
 from sipwire.transport.hub import Hub
 from sipwire.transport.iochannel import ChannelLayer
 from sipwire.transport.iocontrol import ControlLayer
-from sipwire.transport.iostate import KIND_CHANNEL, KIND_CONN, KIND_LISTENER, READ, WRITE
+from sipwire.transport.iostate import KIND_CHANNEL, KIND_CONN, KIND_LISTENER
 from sipwire.transport.outcome import WriteResult
+from sipwire.transport.poller import READ, WRITE
 
 log = logging.getLogger("sipwire.transport")
 
@@ -85,8 +86,7 @@ class IOThread(ChannelLayer, ControlLayer):
                 timeout = 0.0
             events = select(timeout)
             started = self._now = monotonic()
-            for key, mask in events:
-                kind, target = key.data
+            for (kind, target), mask in events:
                 if kind == KIND_CONN:
                     conn: Connection = target
                     if conns.get(conn.id) is not conn:

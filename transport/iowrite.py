@@ -204,7 +204,7 @@ class WriteLayer(MetricsLayer):
         if conn.state is ConnState.CLOSED:
             return
         conn.transition(ConnState.CLOSED)
-        self._release(conn)
+        self._release(conn, closing=True)
         if conn.stats_slot >= 0:
             self._free_slot(conn)
         conn.stream.close()
