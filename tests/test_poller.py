@@ -67,6 +67,22 @@ def test_a_forgotten_socket_closed_at_once_leaves_the_set_and_its_number_can_com
         poller.close()
 
 
+def test_a_forgotten_socket_left_open_is_dropped_rather_than_reported_for_ever() -> None:
+    poller = Poller()
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.send(b"ready")
+        poller.register(ours, READ, "conn")
+        poller.forget(ours)  # its close should have followed, and did not
+        assert poller.select(0) == []
+        poller.register(ours, READ, "conn again")  # it had left the epoll set: registering again works
+        assert poller.select(0) == [("conn again", READ)]
+    finally:
+        ours.close()
+        theirs.close()
+        poller.close()
+
+
 def test_select_waits_up_to_its_timeout() -> None:
     poller = Poller()
     try:

@@ -14,6 +14,7 @@ both, limited to what was registered, as ``selectors`` does.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import selectors
 from typing import Any, Final, Protocol
@@ -69,10 +70,13 @@ class Poller:
         ready = []
         for fd, flags in self._epoll.poll(-1 if timeout is None else timeout):
             entry = registered.get(fd)
-            if entry is not None:
-                events, data = entry
-                mask = (WRITE if flags & _NOT_IN else 0) | (READ if flags & _NOT_OUT else 0)
-                ready.append((data, mask & events))
+            if entry is None:  # forgotten but still open (its close failed): stop hearing of it, not spin
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+                continue
+            events, data = entry
+            mask = (WRITE if flags & _NOT_IN else 0) | (READ if flags & _NOT_OUT else 0)
+            ready.append((data, mask & events))
         return ready
 
     def close(self) -> None:

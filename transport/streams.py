@@ -199,10 +199,12 @@ class TlsStream:
         return total
 
     def close(self) -> None:
-        """Send close_notify if the socket takes it at once, then close; never blocks."""
-        with contextlib.suppress(SSL.Error, OSError):
-            self.ssl.shutdown()
-        self.sock.close()
+        """Send close_notify if the socket takes it at once, then close (whatever the shutdown raised); never blocks."""
+        try:
+            with contextlib.suppress(SSL.Error, OSError):
+                self.ssl.shutdown()
+        finally:
+            self.sock.close()  # the I/O thread's poller has forgotten it: only its close takes it out of epoll
 
 
 def _is_ip(name: str) -> bool:
