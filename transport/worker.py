@@ -16,11 +16,9 @@ sends (write jobs, counters, closes) is the :class:`~sipwire.transport.workerjob
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import selectors
 import signal
 import socket
 import struct
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING, Final
 from sipwire.config import Settings
 from sipwire.otel import logs
 from sipwire.otel.setup import worker_tracing
+from sipwire.transport.poller import READ, Poller
 from sipwire.transport.ratelog import RateLimitedLog
 from sipwire.transport.readbuffer import ReadBuffer
 from sipwire.transport.resolver import Resolver, ResolverLimits
@@ -103,10 +102,10 @@ class Worker(WriteJobs):
         self._control = control
         self._route = route
         self._connections_closed = connections_closed
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(control, selectors.EVENT_READ, None)
+        self._selector = Poller()
+        self._selector.register(control, READ, None)
         self._resolver = resolver
-        self._selector.register(resolver.wake_fd, selectors.EVENT_READ, resolver)
+        self._selector.register(resolver.wake_fd, READ, resolver)
         self._channels: dict[int, WorkerChannel] = {}
         self._current: WorkerChannel | None = None
         self._next_job = 1
@@ -139,13 +138,13 @@ class Worker(WriteJobs):
             if poll_until and now < poll_until:
                 timeout = 0.0
             answered = False  # a lookup finished (its eventfd): collect it; while any waits, collect timeouts
-            for key, _ in select(timeout):
-                if key.data is None:
+            for data, _ in select(timeout):
+                if data is None:
                     self._read_control()
-                elif key.data is resolver:
+                elif data is resolver:
                     answered = True
                 else:
-                    self._read_channel(key.data)
+                    self._read_channel(data)
             if answered or resolver.waiting:
                 resolver.collect()
             while self._deferred:
@@ -170,15 +169,14 @@ class Worker(WriteJobs):
                 self._close_channel(old)
             channel = WorkerChannel(thread_index, socket.socket(fileno=fds[0]))
             self._channels[thread_index] = channel
-            self._selector.register(channel.sock, selectors.EVENT_READ, channel)
+            self._selector.register(channel.sock, READ, channel)
         elif command == CONTROL_STOP:
             self._running = False
 
     def _close_channel(self, channel: WorkerChannel) -> None:
         if self._channels.get(channel.thread_index) is channel:
             del self._channels[channel.thread_index]
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(channel.sock)
+        self._selector.forget(channel.sock)  # its close, next, takes it out of the epoll set
         channel.sock.close()
 
     def _read_channel(self, channel: WorkerChannel) -> None:
