@@ -24,9 +24,9 @@ import json
 import os
 import socket
 import statistics
-import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,12 +54,17 @@ def worker_cpu(pid: int) -> float:
 
 def one_round(repo: Path, router: str, messages: int, batch: int) -> float:
     """Worker CPU microseconds per message over ``messages`` messages sent ``batch`` at a time."""
-    sys.path.insert(0, str(repo))
+    sys.path.insert(0, str(repo))  # this checkout's sipwire, here and (by the cwd) in the worker
+    with tempfile.TemporaryDirectory(prefix="workerbench-") as state_dir:
+        return _timed_worker(repo, router, messages, batch, state_dir)
+
+
+def _timed_worker(repo: Path, router: str, messages: int, batch: int, state_dir: str) -> float:
+    """One worker process with its own state directory, timed over ``messages`` after a warm-up."""
     from sipwire.config import Settings
     from sipwire.transport.wire import DoneRecord, RecordReader, encode_message, message_prefix
     from sipwire.transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP
 
-    state_dir = f"/tmp/workerbench-{os.getpid()}"
     if router == "proxy":  # forwards every OPTIONS (it is not for the proxy's own domain) to a stand-in upstream
         settings = Settings(router=router, state_dir=state_dir, upstream="sip:127.0.0.1:5070", open_registrar=True)
     else:
@@ -96,7 +101,7 @@ def one_round(repo: Path, router: str, messages: int, batch: int) -> float:
     for first in range(1000, 1000 + messages, batch):
         exchange(first, min(batch, 1000 + messages - first))
     cpu = worker_cpu(worker.pid) - before
-    ours.send(struct.pack("!BH", CONTROL_STOP, 0))
+    ours.send(CONTROL.pack(CONTROL_STOP, 0))
     ours.close()
     worker.wait(timeout=10)
     return cpu / messages * 1e6
