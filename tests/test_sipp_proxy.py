@@ -90,13 +90,18 @@ def test_a_password_scan_blocks_its_source_and_spares_the_others(
         timeout=10, local_ip="127.0.0.2",
     )  # fmt: skip
     assert scan.received(403) == 3, scan.describe()  # the third closes its connection after the 403
-    # Then the address is refused at accept: sipp stops at the fourth guess, its connection reset.
-    assert (scan.created, scan.successful, scan.sent("REGISTER")) == (4, 3, 7), scan.describe()
-    assert "remote peer probably closed the socket" in scan.errors, scan.describe()
+    assert scan.received(401) == 3, scan.describe()  # no later guess is answered at all
+    # Then the address is refused at accept. When sipp's REGISTER is already in the connection, the close
+    # resets it and sipp stops at that guess; when the close comes first, sipp counts a closed connection
+    # and guesses again (at most its 6 calls), to be refused in turn.
+    refused = scan.created - 3
+    assert 1 <= refused <= 3 and scan.successful == 3, scan.describe()
+    assert scan.sent("REGISTER") == 3 + 3 + refused, scan.describe()  # each answered guess twice, then one each
+    assert "remote peer probably closed the socket" in scan.errors or refused == 3, scan.describe()
     counters = proxy.counters()
     assert counters["auth_failed.wrong_password"] == 3
     assert counters["limited.auth_failures"] == 1
-    assert counters["refused.auth_failures"] == 1
+    assert counters["refused.auth_failures"] == refused
     _clean(
         _run(proxy, tmp_path / "phone", "register_digest.xml", "alice", USERS["alice@sip.test"], local_ip="127.0.0.3")
     )
