@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
+from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable, split_list_value
 from sipwire.transport.sipuri import SipUriError, parse_uri
 from sipwire.transport.wire import RecordReader, WireError, WriteRecord, encode_done, encode_write
 from tests.test_fuzz import require_atheris
@@ -117,6 +117,35 @@ def test_vias_with_values_still_parse_and_are_answered() -> None:
     assert len(message.values("via")) == 2
     response = parse(build_response(message, 200, "OK", via_source=("192.0.2.1", 5060)))
     assert response.values("via")[0] == "SIP/2.0/TCP a.example.com;branch=z9hG4bK1;received=192.0.2.1"
+
+
+# -- sip: a stray ">" drove split_list_value's bracket depth below zero, hiding the commas after it --------
+
+#: fuzz_sip, message mode: the Via's "received=>:5060" made the whole folded line one value, so a second,
+#: malformed Via behind a comma passed unchecked; the answer (without that received) split it and did not parse.
+STRAY_BRACKET_INPUT = (
+    b"\x00MESSAGE sip:user@example.com SIP/2.0\r\nVia  :  SIP/2.0/TCP host3example.co;branch=z9hG4bK77ef4c;"
+    b'received=>:5060;branch=z9hG4bK-fold,\r\n   SIP/2.0h=z9hG4bK-two\r\nTO :\r\n "Folded, Name" '
+    b"<sip:user@example.com>\r\nfrom: <sip:sender@example.com>;tag=ab12\r\nCALL-ID:\tfolded-call-id\r\n"
+    b"cseq: 9\r\n\tMESSAGE\r\nSubject: a subject\r\n  continued\r\nContent-Type: text/plain\r\n"
+    b"CONTENT-LENGTH  :   5   \r\n\r\nhello"
+)
+
+
+def test_fuzz_input_via_with_a_stray_closing_bracket() -> None:
+    harness("sip").check(STRAY_BRACKET_INPUT)
+
+
+def test_a_stray_closing_bracket_does_not_hide_the_values_after_it() -> None:
+    assert split_list_value("a>b, c") == ["a>b", "c"]
+    assert split_list_value("<sip:a>, <sip:b>") == ["<sip:a>", "<sip:b>"]
+    assert split_list_value('"x>y" <sip:a>, <sip:b>') == ['"x>y" <sip:a>', "<sip:b>"]  # quoted: not a bracket
+    with pytest.raises(SipParseError, match="Via"):
+        parse(
+            b"OPTIONS sip:b@example.com SIP/2.0\r\nVia: SIP/2.0/TCP h;received=>, SIP/2.0h=bad\r\n"
+            b"From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
 
 
 # -- wire: records decoded before a corrupt one were lost, so the outcome depended on how reads split -------

@@ -373,7 +373,7 @@ def split_list_value(value: str) -> list[str]:
         if char == "<":
             depth += 1
         elif char == ">":
-            depth -= 1
+            depth = max(depth - 1, 0)  # a stray ">" must not hide the commas after it
         elif char == "," and depth == 0:
             items.append(value[start : match.start()].strip())
             start = match.end()
