@@ -7,9 +7,9 @@ registration is one dict entry per descriptor, a ready event is the registered d
 its mask, and a socket about to be closed is only forgotten (:meth:`Poller.forget`):
 closing its last descriptor takes it out of the epoll set, so no ``epoll_ctl`` is spent.
 
-Masks keep ``selectors``' values (:data:`READ`, :data:`WRITE`), so a TLS stream's
-``wants`` and the layers' masks mean what they meant; an error or hang-up is reported as
-both, limited to what was registered, as ``selectors`` does.
+Masks keep ``selectors``' values (:data:`READ`, :data:`WRITE`, which the layers and a TLS
+stream's ``wants`` use too); an error or hang-up is reported as both, limited to what was
+registered, as ``selectors`` does.
 """
 
 from __future__ import annotations

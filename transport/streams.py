@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
-import selectors
 import socket
 import time
 from typing import Final
@@ -39,14 +37,14 @@ from OpenSSL import SSL
 
 from sipwire.errors import ConnectionIOError
 from sipwire.transport.outcome import WriteResult
+from sipwire.transport.poller import READ, WRITE
 from sipwire.transport.readbuffer import ReadBuffer
+from sipwire.transport.routing import is_ip_literal
 from sipwire.transport.tls import describe_ssl_error
 
 #: Records read per :meth:`TlsStream.recv` at most, to bound one connection's turn.
 TLS_RECORDS_PER_READ: Final = 16
 
-READ_EVENT: Final = selectors.EVENT_READ
-WRITE_EVENT: Final = selectors.EVENT_WRITE
 
 ERRNO_RESULTS: Final = {
     errno.ECONNREFUSED: WriteResult.REFUSED,
@@ -119,11 +117,11 @@ class TlsStream:
             self.ssl.set_accept_state()
         else:
             self.ssl.set_connect_state()
-            if server_name and not _is_ip(server_name):  # SNI carries names only (RFC 6066)
+            if server_name and not is_ip_literal(server_name):  # SNI carries names only (RFC 6066)
                 self.ssl.set_tlsext_host_name(server_name.encode("idna"))
         # During the handshake: the event it waits for. Once open: the event a
         # recv/send needs besides its own (a read that must write, or vice versa).
-        self.wants = READ_EVENT if server_side else 0
+        self.wants = READ if server_side else 0
         self.handshake_started = time.monotonic()
 
     def skip_verification(self) -> None:
@@ -136,11 +134,11 @@ class TlsStream:
         try:
             self.ssl.do_handshake()
         except SSL.WantReadError:
-            self.wants = READ_EVENT
-            return READ_EVENT
+            self.wants = READ
+            return READ
         except SSL.WantWriteError:
-            self.wants = WRITE_EVENT
-            return WRITE_EVENT
+            self.wants = WRITE
+            return WRITE
         except SSL.Error as error:
             raise StreamError(describe_ssl_error(error), WriteResult.TLS_FAILED) from error
         except OSError as error:
@@ -153,7 +151,7 @@ class TlsStream:
         view = reader.view
         size = len(view)
         total = 0
-        self.wants &= ~WRITE_EVENT
+        self.wants &= ~WRITE
         for _ in range(TLS_RECORDS_PER_READ):
             if total == size:
                 break
@@ -162,7 +160,7 @@ class TlsStream:
             except SSL.WantReadError:
                 break
             except SSL.WantWriteError:
-                self.wants |= WRITE_EVENT
+                self.wants |= WRITE
                 break
             except SSL.ZeroReturnError:
                 return view[:total].tobytes()  # close_notify: end of stream (after what came before)
@@ -181,7 +179,7 @@ class TlsStream:
 
     def send(self, data: bytes | memoryview) -> int:
         total = 0
-        self.wants &= ~READ_EVENT
+        self.wants &= ~READ
         view = memoryview(data)
         while total < len(data):
             try:
@@ -189,7 +187,7 @@ class TlsStream:
             except SSL.WantWriteError:
                 break
             except SSL.WantReadError:
-                self.wants |= READ_EVENT
+                self.wants |= READ
                 break
             except SSL.Error as error:
                 raise StreamError(f"TLS write failed: {describe_ssl_error(error)}", WriteResult.RESET) from error
@@ -205,14 +203,6 @@ class TlsStream:
                 self.ssl.shutdown()
         finally:
             self.sock.close()  # the I/O thread's poller has forgotten it: only its close takes it out of epoll
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 Stream = TcpStream | TlsStream
