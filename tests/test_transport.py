@@ -9,19 +9,27 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import (
+    REPO,
+    START_TIMEOUT,
     RunningTransport,
     SipClient,
     SipResponse,
     pid_alive,
     sip_request,
+    stop_process,
     wait_for,
     write_config,
 )
+from tests.router_slow_setup import MARK_VARIABLE, SETUP_SECONDS
+from tests.sipp import free_port
 
 SLOW_ROUTER = "tests.routers_for_tests:slow"
 VIA = "SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-{call_id}-{cseq}"
@@ -431,6 +439,60 @@ def test_killed_worker_is_restarted_and_its_messages_counted_lost(start_transpor
         fresh.send(sip_request("OPTIONS", 1, call_id="fresh"))
         assert fresh.read_response().status == 200
     assert running.counters()["lost_messages"] == 3
+
+
+# -- 6. start-up ---------------------------------------------------------------------------------
+
+
+def _start_with_slow_setup(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A transport on ``port`` whose one worker's router setup takes a second; (process, setup mark, log)."""
+    mark = tmp_path / "setup-done"
+    log_path = tmp_path / "transport.log"
+    command = [
+        sys.executable, "-m", "sipwire.cli", "transport", "--instance", "slowstart", "--state-dir", str(tmp_path),
+        "--tcp", f"127.0.0.1:{port}", "--tls", "127.0.0.1:0", "--workers", "1", "--threads", "1",
+        "--router", "tests.router_slow_setup:route",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), MARK_VARIABLE: str(mark)}
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return process, mark, log_path
+
+
+def test_the_port_opens_only_once_the_workers_can_route(tmp_path: Path) -> None:
+    """A phone that connects as soon as the port answers is served at once, not parked behind a worker's start."""
+    port = free_port(socket.SOCK_STREAM)
+    process, mark, _ = _start_with_slow_setup(tmp_path, port)
+    try:
+        sock = wait_for(lambda: _connected(port), timeout=SETUP_SECONDS + START_TIMEOUT, what="the port to open")
+        assert mark.exists(), "a connection was accepted before the worker's router setup had finished"
+        with SipClient(sock) as client:
+            client.send(sip_request("OPTIONS", 1, call_id="first-caller"))
+            assert client.read_response().status == 200
+    finally:
+        stop_process(process)
+
+
+def test_an_address_taken_while_the_workers_start_stops_the_start_with_its_reason(tmp_path: Path) -> None:
+    port = free_port(socket.SOCK_STREAM)
+    with socket.socket() as rival:  # bound like the transport, so both binds pass; the first to listen wins
+        rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        rival.bind(("127.0.0.1", port))
+        process, _, log_path = _start_with_slow_setup(tmp_path, port)
+        try:
+            wait_for(lambda: "worker 0 started" in log_path.read_text(errors="replace"), what="the worker to start")
+            rival.listen()
+            assert process.wait(SETUP_SECONDS + START_TIMEOUT) == 1
+        finally:
+            stop_process(process)
+    assert f"cannot listen on TCP 127.0.0.1:{port}: Address already in use" in log_path.read_text()
+
+
+def _connected(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=1.0)
+    except ConnectionRefusedError:
+        return None
 
 
 # -- 7. clean shutdown ---------------------------------------------------------------------------

@@ -62,6 +62,8 @@ log = logging.getLogger("sipwire.transport")
 #: How often the supervisor checks workers and the pool size.
 SUPERVISOR_TICK_SECONDS: Final = 0.1
 LISTEN_BACKLOG: Final = 1024
+#: How long the start waits for the workers to be ready before it listens anyway (a slow router setup).
+WORKERS_READY_SECONDS: Final = 30.0
 #: How long stopping waits for the last spans to be exported (a dead collector must not hold the stop).
 TELEMETRY_STOP_SECONDS: Final = 2.0
 
@@ -128,11 +130,19 @@ class TransportServer(ControlOps):
             log.info("I/O threads and workers run on CPUs %s", ",".join(map(str, sorted(cpus))))
         threads = tuple(IOThread(index, self.hub) for index in range(self.settings.threads))
         self.hub.threads = threads
-        for listener, transport in listeners:
-            threads[0].post("add_listener", listener, transport)
         self.workers.start(threads)
         for thread in threads:
             thread.start()
+        # Bound, not yet listening: until every worker can route, a connection is refused, not left waiting.
+        if starting := self.workers.wait_ready(WORKERS_READY_SECONDS):
+            log.warning("workers %s not ready after %.0fs; listening anyway", starting, WORKERS_READY_SECONDS)
+        for listener, transport in listeners:
+            try:
+                listener.listen(LISTEN_BACKLOG)
+            except OSError as error:  # another process listened on it since the bind
+                address = self.listening[transport]
+                raise StartupError(f"cannot listen on {transport.upper()} {address}: {error.strerror}") from error
+            threads[0].post("add_listener", listener, transport)
         self._control.start()
         for name, address in self.listening.items():
             log.info("listening on %s %s", name, address)
@@ -146,6 +156,7 @@ class TransportServer(ControlOps):
         )  # fmt: skip
 
     def _bind(self) -> list[tuple[socket.socket, str]]:
+        """Bind every configured address (an address in use stops the start here); :meth:`start` listens later."""
         listeners: list[tuple[socket.socket, str]] = []
         settings = self.settings
         for transport, address in (
@@ -168,7 +179,6 @@ class TransportServer(ControlOps):
                 raise StartupError(
                     f"cannot listen on {transport.upper()} {format_address(address)}: {error.strerror}"
                 ) from error
-            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
             self.listening[transport] = format_address(sock.getsockname()[:2])
             listeners.append((sock, transport))

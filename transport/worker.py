@@ -3,9 +3,10 @@
 The transport starts each worker as ``python -m sipwire.transport.worker`` with one
 inherited control socket. Over it the transport passes, with SCM_RIGHTS,
 one channel socket per I/O thread (see :mod:`transport.wire`), and later
-asks the worker to stop. Messages arrive on those channels; a router's
-replies go back on the channel the message came from, so they land in the
-selector of the I/O thread that owns the connection.
+asks the worker to stop; the worker says over it when it is ready to route.
+Messages arrive on those channels; a router's replies go back on the channel
+the message came from, so they land in the selector of the I/O thread that
+owns the connection.
 
 The worker exits when its control socket closes, so it never outlives the
 transport. Ctrl-C reaches the whole process group; the worker ignores
@@ -16,6 +17,7 @@ sends (write jobs, counters, closes) is the :class:`~sipwire.transport.workerjob
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -64,10 +66,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sipwire.worker")
 
-#: Control messages from the transport: ``!BH`` command, thread index.
+#: Control messages, ``!BH`` command, thread index: ADD_CHANNEL and STOP from the transport, READY from the worker.
 CONTROL = struct.Struct("!BH")
 CONTROL_ADD_CHANNEL = 1
 CONTROL_STOP = 2
+CONTROL_READY = 3
 
 RECV_BYTES = 262144
 #: Peer text quoted in a log line is cut here: enough to recognise the message, too short to flood.
@@ -127,6 +130,9 @@ class Worker(WriteJobs):
     # -- main loop -------------------------------------------------------------------------
 
     def run(self) -> None:
+        # Imports and the router's setup are done: the transport opens its listeners once every worker says so.
+        with contextlib.suppress(OSError):
+            self._control.send(CONTROL.pack(CONTROL_READY, 0))
         resolver = self._resolver
         select = self._selector.select
         busy_poll = self._busy_poll

@@ -4,7 +4,10 @@ Workers are started with ``subprocess`` (not ``fork``: the transport is
 multi-threaded) as ``python -m sipwire.transport.worker``, inheriting only their
 control socket. For every (I/O thread, worker) pair the pool makes a
 socketpair, sends one end to the worker over its control socket
-(SCM_RIGHTS) and posts the other to the I/O thread's inbox.
+(SCM_RIGHTS) and posts the other to the I/O thread's inbox. At start the
+transport waits (:meth:`WorkerPool.wait_ready`) until every worker has
+imported its router and run its setup, so that a peer that connects as soon
+as the port opens is answered at once, not after a worker's start.
 
 :meth:`WorkerPool.reap` runs on the supervisor loop: a worker that exited
 is logged, counted and started again (with a short back-off if it keeps
@@ -18,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import selectors
 import socket
 import subprocess
 import sys
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from sipwire.config import Settings
-from sipwire.transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP
+from sipwire.transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_READY, CONTROL_STOP
 
 if TYPE_CHECKING:
     from sipwire.transport.iothread import IOThread
@@ -73,6 +77,28 @@ class WorkerPool:
     def start(self, threads: tuple[IOThread, ...]) -> None:
         for worker in self._workers:
             self._spawn(worker, threads)
+
+    def wait_ready(self, timeout: float) -> list[int]:
+        """Wait until every started worker said it is ready or exited; the indexes still starting at the deadline.
+
+        A worker that exits before it is ready is logged here and restarted by :meth:`reap`, as at any time.
+        """
+        starting = {worker.index: worker.control for worker in self._workers if worker.control is not None}
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            for index, control in starting.items():
+                selector.register(control, selectors.EVENT_READ, index)
+            while starting and (left := deadline - time.monotonic()) > 0:
+                for key, _ in selector.select(left):
+                    control = starting.pop(key.data)
+                    selector.unregister(control)
+                    try:
+                        message = control.recv(CONTROL.size)
+                    except OSError:
+                        message = b""
+                    if len(message) < CONTROL.size or CONTROL.unpack(message)[0] != CONTROL_READY:
+                        log.error("worker %d exited before it was ready; see its lines above", key.data)
+        return sorted(starting)
 
     def _spawn(self, worker: _WorkerProcess, threads: tuple[IOThread, ...]) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
