@@ -225,6 +225,11 @@ class TreeCpu:
     def seconds(self, name: str) -> float:
         return sum(last - first for first, last in self.seen[name].values()) / CLK_TCK
 
+    def root_seconds(self, name: str) -> float:
+        """The CPU of the group's root process alone (sipwire: the transport; its children are the workers)."""
+        root = self.groups[name]
+        return sum(last - first for (pid, _), (first, last) in self.seen[name].items() if pid == root) / CLK_TCK
+
     def pids(self, name: str) -> list[int]:
         return sorted(pid for pid, _ in self.seen[name])
 
@@ -510,6 +515,7 @@ class LoadResult:
     latency_ms: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     server_cpu_s: float = 0.0
+    server_root_cpu_s: float = 0.0  # of server_cpu_s, the root process's own (sipwire: the transport process)
     sipp_cpu_s: float = 0.0
     stunnel_cpu_s: float = 0.0
     machine_busy_pct: float = 0.0
@@ -550,6 +556,11 @@ class LoadResult:
     @property
     def us_per_exchange(self) -> float:
         return 1e6 * self.server_cpu_s / self.successful if self.successful else math.nan
+
+    @property
+    def root_us_per_exchange(self) -> float:
+        """The server root process's share of :attr:`us_per_exchange`; the rest is its children's."""
+        return 1e6 * self.server_root_cpu_s / self.successful if self.successful else math.nan
 
     def passes(self, p99_max_ms: float, min_fraction: float = 0.95) -> bool:
         return (
@@ -743,6 +754,7 @@ def run_load(ctx: Context, conn: str, rate: int, calls: int, label: str, profile
         res.server_tls = handshake_delta(tls_before, ctx.sipwire.ctl("stats"))
     if ctx.server_pid:
         res.server_cpu_s = meter.seconds("server")
+        res.server_root_cpu_s = meter.root_seconds("server")
         res.server_pids = meter.pids("server")
     res.machine_busy_pct = meter.machine_busy_pct()
     stat = parse_stat_file(rundir / "stat.csv")
@@ -865,6 +877,12 @@ def print_table(results: list[LoadResult], title: str, extra: Callable[[LoadResu
     print(f"\n{title}  (latency ms from sipp -trace_rtt; CPU % of ONE core; us/exch = CPU us per exchange)")
     print_rows(heads, widths, rows)
     for r in results:
+        if r.server_cpu_s:
+            root, total = r.root_us_per_exchange, r.us_per_exchange
+            print(
+                f"  us/exch [{r.label}]: {fmt(root, 0)} root process (sipwire: the transport), "
+                f"{fmt(total - root, 0)} its children (sipwire: the workers)"
+            )
         for note in r.notes:
             print(f"  note [{r.label}]: {note}")
         if r.failure_kinds:
@@ -1658,6 +1676,7 @@ def derived(r: LoadResult) -> dict[str, float]:
     return {
         "server_cpu_pct": r.server_cpu_pct,
         "us_per_exchange": r.us_per_exchange,
+        "root_us_per_exchange": r.root_us_per_exchange,
         "sipp_cpu_pct": r.sipp_cpu_pct,
         "stunnel_cpu_pct": r.stunnel_cpu_pct,
         "stunnel_us_per_exchange": r.stunnel_us_per_exchange,
