@@ -46,3 +46,35 @@ def test_the_proxy_relays_no_header_that_frames_differently_at_the_next_hop(
         assert answer.status == 400, answer.raw
         with pytest.raises(TimeoutError):
             upstream.accept()  # nothing was forwarded
+
+
+def test_a_binding_made_before_a_restart_never_reaches_a_connection_made_after_it(
+    start_transport: Callable[..., RunningTransport],
+) -> None:
+    """Connection ids restarted at 1 with every transport, while the registrar's bindings and flow-token key persist.
+
+    Alice registered over connection 1; after a restart the first peer to connect (Mallory, no REGISTER, no
+    credentials) got connection 1 again and every request for Alice. Signed Route and Via tokens named connection
+    ids the same way, so a token learnt before a restart steered requests and responses into a stranger's
+    connection. Connection ids are unique across restarts now: Alice's old flow is gone, and Bob is told so.
+    """
+    first = start_transport("--open-registrar", router="proxy", workers=1)
+    with SipClient.connect(first) as alice:
+        alice.send(
+            sip_request(
+                "REGISTER", uri="sip:example.test", call_id="alice-reg",
+                headers=[("Contact", "<sip:alice@127.0.0.1:5999;transport=tcp>")],
+            ).replace(b"To: <sip:service@127.0.0.1>", b"To: <sip:alice@example.test>")
+        )  # fmt: skip
+        assert alice.read_response().status == 200
+        first.stop()
+    second = start_transport("--open-registrar", router="proxy", workers=1, restart_of=first)
+    with SipClient.connect(second) as mallory, SipClient.connect(second) as bob:
+        mallory.send(b"\r\n\r\n")
+        assert mallory.read_exact(2) == b"\r\n"  # Mallory's connection is open before Bob's request
+        bob.send(sip_request("OPTIONS", uri="sip:alice@example.test", call_id="for-alice"))
+        mallory.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            pytest.fail(f"Mallory received {mallory.sock.recv(65536)[:80]!r}")
+        answer = bob.read_response()
+        assert answer.status in (480, 503), answer.raw  # Alice's connection is gone; her Contact refuses
