@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.conftest import RunningTransport, SipClient, sip_request
+from tests.sipphone import Phone
 
 
 @pytest.mark.parametrize(
@@ -78,3 +79,32 @@ def test_a_binding_made_before_a_restart_never_reaches_a_connection_made_after_i
             pytest.fail(f"Mallory received {mallory.sock.recv(65536)[:80]!r}")
         answer = bob.read_response()
         assert answer.status in (480, 503), answer.raw  # Alice's connection is gone; her Contact refuses
+
+
+def test_a_stranger_in_a_dialog_cannot_relay_through_the_proxy_with_its_route_token(
+    start_transport: Callable[..., RunningTransport],
+) -> None:
+    """A stranger may call a local user; the Record-Route tokens of that dialog then made the proxy relay anywhere.
+
+    An in-dialog request with the proxy's Route (a valid token) followed by a Route of the stranger's choice was
+    trusted and sent to that address: an open relay (a PSTN gateway that trusts the proxy, say) for anyone able to
+    call one local user. A token naming a connection now sends the request on that connection, the leg it names.
+    """
+    victim = socket.create_server(("127.0.0.1", 0))
+    victim.settimeout(0.5)
+    proxy = start_transport(router="proxy", workers=1, users={"alice@sip.test": "alice-secret"})
+    with victim, Phone(proxy, "alice@sip.test", "alice-secret") as alice, Phone(proxy, "mallory@evil.test") as mallory:
+        assert alice.register().status == 200
+        mallory.send(mallory.request("INVITE", "sip:alice@sip.test", call_id="stranger-call"))
+        record_routes = alice.read().values("record-route")
+        assert len(record_routes) == 2  # the callee's leg, then the caller's (Mallory's own connection)
+        gateway = f"sip:+15550100@127.0.0.1:{victim.getsockname()[1]};transport=tcp"
+        mallory.send(
+            mallory.request(
+                "INVITE", gateway, call_id="stranger-call", to="<sip:alice@sip.test>;tag=alice-tag",
+                headers=[("Route", f"{record_routes[1]}, <{gateway};lr>")],
+            )
+        )  # fmt: skip
+        with pytest.raises(TimeoutError):
+            victim.accept()[0].close()  # nothing relayed to the address Mallory chose
+        assert mallory.read().method == "INVITE"  # her own leg's token: the request came back to her
