@@ -5,13 +5,15 @@ Every test here failed on the code before its fix; the docstring of each says wh
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import RunningTransport, SipClient, sip_request
+from tests.conftest import RunningTransport, SipClient, run_ctl, sip_request, wait_for
 from tests.sipphone import Phone
+from tests.wsclient import RawWs
 
 
 @pytest.mark.parametrize(
@@ -108,3 +110,30 @@ def test_a_stranger_in_a_dialog_cannot_relay_through_the_proxy_with_its_route_to
         with pytest.raises(TimeoutError):
             victim.accept()[0].close()  # nothing relayed to the address Mallory chose
         assert mallory.read().method == "INVITE"  # her own leg's token: the request came back to her
+
+
+def test_websocket_close_codes_cannot_fill_the_counter_table(start_transport: Callable[..., RunningTransport]) -> None:
+    """Each close code a WebSocket peer chose became a counter name (``ws_peer_close.4321``) for good.
+
+    3000-4999 are all valid close codes: a peer closing 2,000 WebSockets with one code each filled the stats
+    block's 256 counter entries, and every counter named for the first time after that (a TLS failure, a
+    blocked password guesser...) was left out of ``ctl stats``, ``/api/stats`` and ``/metrics``: the attack
+    hid what came next. The application range counts under one name now.
+    """
+    running = start_transport(workers=1, ws="127.0.0.1:0")
+    for code in range(4000, 4260):
+        with RawWs(running, secure=False) as peer:
+            assert peer.upgrade().startswith(b"HTTP/1.1 101")
+            peer.send(peer.frame(0x8, code.to_bytes(2, "big")))
+            assert peer.read_close_code() == code  # the close handshake is answered with the peer's code
+    with SipClient.connect(running) as client:
+        client.send(sip_request("OPTIONS", content_length="x"))  # a counter named after the WebSockets
+        assert client.read_response().status == 400
+
+    def stats() -> dict[str, object] | None:
+        figures = json.loads(run_ctl(running, "stats", "--json").stdout)
+        return figures if figures["counters"].get("framing_error.bad_content_length") else None
+
+    figures = wait_for(stats, what="the framing error in the stats block")
+    assert figures["counters_left_out"] == {"names": 0, "value": 0}
+    assert figures["counters"]["ws_peer_close.application"] == 260
