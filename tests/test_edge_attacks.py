@@ -137,3 +137,24 @@ def test_websocket_close_codes_cannot_fill_the_counter_table(start_transport: Ca
     figures = wait_for(stats, what="the framing error in the stats block")
     assert figures["counters_left_out"] == {"names": 0, "value": 0}
     assert figures["counters"]["ws_peer_close.application"] == 260
+
+
+def test_every_tls_handshake_failure_a_peer_causes_is_counted(start_transport: Callable[..., RunningTransport]) -> None:
+    """A ClientHello record longer than TLS allows failed with two OpenSSL reasons, joined into one counter name.
+
+    ``tls_handshake_failed.data_length_too_long,_record_layer_failure`` is longer than a stats block counter
+    name may be: the failure was left out of ``ctl stats``, ``/api/stats`` and ``/metrics``, whatever its count.
+    """
+    running = start_transport(workers=1)
+    with socket.create_connection((running.host, running.tls_port), timeout=5) as peer:
+        peer.sendall(b"\x16\x03\x01\xff\xff" + b"\x01" * 300)  # a handshake record of 65535 bytes announced
+        assert peer.recv(64)[:1] == b"\x15"  # an alert, then the close
+
+    def stats() -> dict[str, object] | None:
+        figures = json.loads(run_ctl(running, "stats", "--json").stdout)
+        failed = [name for name in figures["counters"] if name.startswith("tls_handshake_failed.")]
+        return figures if failed or figures["counters_left_out"]["names"] else None
+
+    figures = wait_for(stats, what="the TLS failure in the stats block")
+    assert figures["counters_left_out"] == {"names": 0, "value": 0}
+    assert figures["counters"]["tls_handshake_failed.data_length_too_long"] == 1
