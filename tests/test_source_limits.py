@@ -99,6 +99,22 @@ def test_allow_listed_peers_are_never_limited(start_transport: Callable[..., Run
     assert not any(name.startswith(("refused.connection", "limited.")) for name in running.counters())
 
 
+def test_ipv4_peers_of_a_dual_stack_listener_are_limited_as_ipv4_addresses(
+    start_transport: Callable[..., RunningTransport], tmp_path: Path
+) -> None:
+    """An IPv6 listener (``[::]:5060``) sees IPv4 peers as ``::ffff:a.b.c.d``, which no IPv4 network contains.
+
+    So ``source_limits_allow`` missed every IPv4 peer of a dual-stack listener: the allow-listed SBC or trunk was
+    rate-limited and blocked like a stranger (here loopback, allow-listed by default, is answered 503).
+    """
+    config = write_config(tmp_path, requests_per_ip=1)
+    running = start_transport("--config", str(config), workers=1, tcp="[::ffff:127.0.0.1]:0")  # IPv4 peers, mapped
+    with SipClient(socket.create_connection(("127.0.0.1", running.port), timeout=5)) as client:
+        client.send(b"".join(sip_request("OPTIONS", call_id=f"mapped-{i}") for i in range(10)))
+        assert [client.read_response().status for _ in range(10)] == [200] * 10
+    assert "limited.request_rate" not in running.counters()
+
+
 def test_token_bucket_and_idle_sources_are_bounded() -> None:
     bucket = TokenBucket(10.0, now=0.0)
     assert bucket.take(25, now=0.0) == 20  # a burst of two seconds' worth

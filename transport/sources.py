@@ -97,6 +97,7 @@ class SourceLimits:
 
     def admit(self, address: str) -> Source | str | None:
         """At accept: the address's :class:`Source`, None when it is exempt, or why it is refused."""
+        address = unmapped(address)
         if self.exempt(address):
             return None
         now = time.monotonic()
@@ -152,6 +153,21 @@ class SourceLimits:
     def sources(self) -> int:
         """Addresses with open connections (for the stats)."""
         return len(self._active)
+
+
+def unmapped(address: str) -> str:
+    """An IPv4 peer of a dual-stack listener (``::ffff:192.0.2.1``) as the IPv4 address it is.
+
+    Else no IPv4 network of ``source_limits_allow`` would contain it, and it would be limited apart from the
+    same peer reaching an IPv4 listener.
+    """
+    if not address.startswith("::ffff:"):
+        return address
+    try:
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+    except ValueError:
+        return address
+    return address if mapped is None else str(mapped)
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:
