@@ -148,3 +148,24 @@ def test_failed_authentications_block_an_address_for_the_window() -> None:
     again = limits.admit("192.0.2.7")
     assert not isinstance(again, str) and again is not None
     assert not limits.auth_failed(again)  # a new window
+
+
+def test_ipv6_peers_are_limited_by_their_64_bit_prefix() -> None:
+    """A host with an IPv6 /64 (what a home line gets) picks a new source address for each connection at will.
+
+    Counted per address, it had unlimited connections, connect rate, request rate and password guesses, and
+    could push its blocks out of the 65,536 idle addresses remembered. Its /64 counts as one source now.
+    (Over loopback a test has one IPv6 address: this one drives the limits directly.)
+    """
+    limits = SourceLimits(Settings(source_limits_allow="", max_connections_per_ip=1, auth_failures_per_ip=1))
+    first = limits.admit("2001:db8:0:1::1")
+    assert not isinstance(first, str) and first is not None
+    assert limits.admit("2001:db8:0:1:8000::2") == "connections_per_ip"  # the same /64, another address
+    other = limits.admit("2001:db8:0:2::1")  # the next /64 is another source
+    assert not isinstance(other, str) and other is not None
+    assert limits.auth_failed(first)
+    limits.release(first)
+    assert limits.admit("2001:db8:0:1::3") == "auth_failures"  # the block holds the whole /64
+    per_address = SourceLimits(Settings(source_limits_allow="", max_connections_per_ip=1, source_ipv6_prefix=128))
+    assert not isinstance(per_address.admit("2001:db8::1"), str)
+    assert not isinstance(per_address.admit("2001:db8::2"), str)

@@ -1,7 +1,8 @@
 """Per-source limits, as SIP edges have them (Kamailio's and OpenSIPS's ``pike`` and ``ratelimit``).
 
-One peer address may hold at most ``max_connections_per_ip`` connections, open
-at most ``new_connections_per_ip`` per second (a burst of twice that), and send
+One peer address (for IPv6, its ``source_ipv6_prefix``: a /64 by default) may hold at most
+``max_connections_per_ip`` connections, open at most ``new_connections_per_ip``
+per second (a burst of twice that), and send
 at most ``requests_per_ip`` messages per second (same burst). Over a connection
 limit the new connection is closed at accept; over the request rate the
 transport answers ``503`` with ``Retry-After`` itself, before any worker sees the
@@ -84,6 +85,7 @@ class SourceLimits:
         self.auth_failures = settings.auth_failures_per_ip
         self.auth_window = settings.auth_failure_window
         self.allowed: tuple[Network, ...] = parse_networks(settings.source_limits_allow)
+        self.ipv6_prefix = settings.source_ipv6_prefix
         self._lock = threading.Lock()
         self._active: dict[str, Source] = {}
         self._idle: OrderedDict[str, Source] = OrderedDict()  # sources with no connection
@@ -100,6 +102,8 @@ class SourceLimits:
         address = unmapped(address)
         if self.exempt(address):
             return None
+        if ":" in address:  # an IPv6 host changes its address within its prefix at will: the prefix is the source
+            address = str(ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False))
         now = time.monotonic()
         with self._lock:
             source = self._active.get(address) or self._idle.pop(address, None)
