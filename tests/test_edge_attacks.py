@@ -158,3 +158,39 @@ def test_every_tls_handshake_failure_a_peer_causes_is_counted(start_transport: C
     figures = wait_for(stats, what="the TLS failure in the stats block")
     assert figures["counters_left_out"] == {"names": 0, "value": 0}
     assert figures["counters"]["tls_handshake_failed.data_length_too_long"] == 1
+
+
+#: Where a request of these tests has the byte 0xE9, Latin-1 for "e acute", which is not UTF-8.
+LATIN1 = "@E9@"
+
+
+def _latin1(request: bytes) -> bytes:
+    return request.replace(LATIN1.encode(), b"\xe9")
+
+
+def _register(cseq: int, headers: list[tuple[str, str]]) -> bytes:
+    raw = sip_request("REGISTER", cseq, uri="sip:example.test", call_id="latin1", headers=headers)
+    return _latin1(raw.replace(b"To: <sip:service@127.0.0.1>", b"To: <sip:alice@example.test>"))
+
+
+def test_bytes_that_are_not_utf8_get_a_4xx_or_are_kept_never_a_500(
+    start_transport: Callable[..., RunningTransport],
+) -> None:
+    """Header bytes that are not UTF-8 (a Latin-1 User-Agent, as some phones send) reached the registrar's SQLite.
+
+    SQLite keeps UTF-8 text only: such a REGISTER, or any request to a Request-URI with such a byte, made the
+    router raise and was answered 500 (``router_errors``), so that phone could never register.
+    """
+    proxy = start_transport("--open-registrar", router="proxy", workers=1)
+    contact = ("Contact", "<sip:alice@127.0.0.1:5999;transport=tcp>")
+    with SipClient.connect(proxy) as client:
+        client.send(_register(1, [contact, ("User-Agent", f"T{LATIN1}l{LATIN1}phone 1.0")]))
+        assert client.read_response().status == 200
+        bad_contacts = [f"<sip:al{LATIN1}@127.0.0.1:5999>", f"{contact[1]};+sip.instance={LATIN1}"]
+        for cseq, value in enumerate(bad_contacts, start=2):
+            client.send(_register(cseq, [("Contact", value)]))
+            answer = client.read_response()
+            assert answer.status == 400, answer.raw
+        client.send(_latin1(sip_request("OPTIONS", uri=f"sip:al{LATIN1}@example.test")))
+        assert 400 <= client.read_response().status < 500
+    assert "router_errors" not in proxy.counters()
