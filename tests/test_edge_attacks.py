@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
+from sipwire.transport.routers.digest import NONCE_DIGITS
+from sipwire.transport.sip import build_response, parse
 from tests.conftest import RunningTransport, SipClient, run_ctl, sip_request, wait_for
-from tests.sipphone import Phone
+from tests.sipphone import Phone, challenge_params
 from tests.wsclient import RawWs
 
 
@@ -193,4 +195,34 @@ def test_bytes_that_are_not_utf8_get_a_4xx_or_are_kept_never_a_500(
             assert answer.status == 400, answer.raw
         client.send(_latin1(sip_request("OPTIONS", uri=f"sip:al{LATIN1}@example.test")))
         assert 400 <= client.read_response().status < 500
+    assert "router_errors" not in proxy.counters()
+
+
+def test_tokens_and_credentials_that_are_not_ascii_are_refused_not_a_500(
+    start_transport: Callable[..., RunningTransport],
+) -> None:
+    """``hmac.compare_digest`` raises TypeError on text that is not ASCII: a flow token, a nonce or a digest
+    response with an "é" made the proxy's router raise: 500 to a request, a router error for a response."""
+    proxy = start_transport(router="proxy", workers=1, users={"alice@sip.test": "alice-secret"})
+    forged_route = f"<sip:127.0.0.1:{proxy.port};transport=tcp;lr;swr=1.é>"  # a Record-Route token of ours, forged
+    credentials = (
+        'Digest username="alice", realm="sip.test", uri="{uri}", response="{response}", nonce="{nonce}", '
+        'qop=auth, nc=00000001, cnonce="c"'
+    )
+    with Phone(proxy, "alice@sip.test", "alice-secret") as alice:
+        alice.send(alice.request("MESSAGE", "sip:alice@sip.test", headers=[("Route", forged_route)]))
+        assert alice.read().status == 403
+        forged_nonce = credentials.format(uri="sip:alice@sip.test", response="0" * 64, nonce="é" * NONCE_DIGITS)
+        alice.send(alice.request("MESSAGE", "sip:alice@sip.test", headers=[("Proxy-Authorization", forged_nonce)]))
+        assert alice.read().status == 407  # not a nonce of ours: challenged again
+        alice.send(alice.request("REGISTER", "sip:sip.test"))
+        nonce = challenge_params(alice.read().header_lines("www-authenticate")[0])["nonce"]
+        guess = credentials.format(uri="sip:sip.test", response="é" * 64, nonce=nonce)
+        alice.send(alice.request("REGISTER", "sip:sip.test", headers=[("Authorization", guess)]))
+        assert alice.read().status == 403  # a response that cannot be right: a wrong password
+        forged_via = "SIP/2.0/TCP 127.0.0.1:1;branch=z9hG4bKsw1;swf=1.é"
+        alice.send(build_response(parse(alice.request("MESSAGE", "sip:b@h")), 200, "OK").replace(
+            b"Via: ", f"Via: {forged_via}\r\nVia: ".encode(), 1
+        ))  # fmt: skip
+        wait_for(lambda: proxy.counters().get("proxy.responses_dropped"), what="the forged response dropped")
     assert "router_errors" not in proxy.counters()
