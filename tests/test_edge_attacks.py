@@ -226,3 +226,13 @@ def test_tokens_and_credentials_that_are_not_ascii_are_refused_not_a_500(
         ))  # fmt: skip
         wait_for(lambda: proxy.counters().get("proxy.responses_dropped"), what="the forged response dropped")
     assert "router_errors" not in proxy.counters()
+
+
+def test_a_route_without_its_closing_bracket_is_a_400(start_transport: Callable[..., RunningTransport]) -> None:
+    """``Route: <sip:host;lr`` (no ``>``) made the proxy's router raise when that Route was the next hop: a 500."""
+    proxy = start_transport("--open-registrar", router="proxy", workers=1)
+    with SipClient.connect(proxy) as client:
+        client.send(sip_request("OPTIONS", uri="sip:x@example.test", headers=[("Route", "<sip:127.0.0.1:9;lr")]))
+        answer = client.read_response()
+    assert (answer.status, answer.reason) == (400, "Bad Request (Route: unclosed '<' in '<sip:127.0.0.1:9;lr')")
+    assert "router_errors" not in proxy.counters()

@@ -237,7 +237,12 @@ def _target(
     if remaining:
         if not trusted:
             _deny_relay(state, message, ctx)
-        hop = _uri_or_answer(state, message, ctx, uri_of(remaining[0]))
+        try:
+            hop_uri = uri_of(remaining[0])
+        except SipUriError as error:
+            state.answer(message, ctx, 400, f"Bad Request (Route: {error})")
+            raise _Answered from None
+        hop = _uri_or_answer(state, message, ctx, hop_uri)
         destination = Destination(hop.transport, hop.host, hop.default_port())
         return Target(message.uri, 0, destination, "", hop.transport, registered=False)
     uri = _uri_or_answer(state, message, ctx, message.uri)
