@@ -15,6 +15,7 @@ answers 200 and says ``down``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qs
@@ -260,7 +261,7 @@ async def _body(request: Request) -> tuple[dict[str, Any], str | None, list[dict
         csrf_values = fields.get("csrf")
         return data, csrf_values[-1] if csrf_values else None, []
     try:
-        document = json.loads(raw) if raw else None
+        document = json.loads(raw, parse_float=_finite, parse_constant=_finite) if raw else None
     except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
         return {}, None, [{"type": "json_invalid", "loc": ["body"], "msg": f"body is not JSON: {error}", "input": None}]
     if not isinstance(document, dict):
@@ -277,6 +278,14 @@ async def _body(request: Request) -> tuple[dict[str, Any], str | None, list[dict
             ],
         )
     return document, None, []
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float, refused when not finite (1e309, NaN): a 422 could not echo it back as JSON."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
 
 
 def _resize_errors(data: dict[str, Any], max_threads: int) -> list[dict[str, Any]]:

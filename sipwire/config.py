@@ -196,6 +196,12 @@ class Settings:
         "Comma-separated addresses or networks the per-source limits never apply to (trusted peers: "
         "a trunk provider, an SBC; loopback by default for local tools and benchmarks).",
     )
+    source_ipv6_prefix: int = _setting(
+        64,
+        "IPv6 peers count against the per-source limits by their prefix of this many bits (1..128): a host "
+        "usually holds a whole /64 and may take a new address in it for each connection, which would escape "
+        "every per-address limit; 128 counts each address apart.",
+    )
     max_message_bytes: int = _setting(
         65536, "Largest SIP message accepted on a stream, headers and body (64 KiB, as OpenSIPS)."
     )
@@ -476,6 +482,8 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"source_limits_allow: {item!r} is not an address or network") from None
     if settings.tls_verify_clients not in ("none", "optional", "require"):
         raise ConfigError(f"tls_verify_clients: {settings.tls_verify_clients!r} is not none, optional or require")
+    if not 1 <= settings.source_ipv6_prefix <= 128:
+        raise ConfigError(f"source_ipv6_prefix: {settings.source_ipv6_prefix} is outside 1..128")
     if not 1 <= settings.max_threads <= 1024:
         raise ConfigError(f"max_threads: {settings.max_threads} is outside 1..1024")
     if not 1 <= settings.threads <= settings.max_threads:

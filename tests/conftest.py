@@ -86,15 +86,23 @@ def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]
     started: list[RunningTransport] = []
 
     def start(
-        *extra_args: str, env: dict[str, str] | None = None, users: dict[str, str] | None = None, **settings: Any
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        users: dict[str, str] | None = None,
+        restart_of: RunningTransport | None = None,
+        **settings: Any,
     ) -> RunningTransport:
-        """``users``: USER@DOMAIN to password, added to the registrar database before the start."""
+        """``users``: USER@DOMAIN to password, added to the registrar database before the start.
+
+        ``restart_of``: a stopped transport whose instance and state directory this one takes over.
+        """
         index = len(started)
-        state_dir = tmp_path / f"state{index}"
         log_path = tmp_path / f"transport{index}.log"
+        state_dir = tmp_path / f"state{index}" if restart_of is None else restart_of.control_path.parent.parent
+        instance = f"test{index}" if restart_of is None else restart_of.control_path.parent.name
         if users:
-            add_users(state_dir, f"test{index}", users)
-        args = ["--tcp", "127.0.0.1:0", "--tls", "127.0.0.1:0", "--instance", f"test{index}"]
+            add_users(state_dir, instance, users)
+        args = ["--tcp", "127.0.0.1:0", "--tls", "127.0.0.1:0", "--instance", instance]
         args += ["--state-dir", str(state_dir)]
         for name, value in settings.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
@@ -102,7 +110,7 @@ def start_transport(tmp_path: Path) -> Iterator[Callable[..., RunningTransport]]
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
-        control_path = state_dir / f"test{index}" / "control.sock"
+        control_path = state_dir / instance / "control.sock"
         deadline = time.monotonic() + START_TIMEOUT
         health: dict[str, Any] | None = None
         while time.monotonic() < deadline and process.poll() is None:

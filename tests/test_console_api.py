@@ -428,3 +428,14 @@ def test_an_options_request_traced_by_transport_and_worker_arrives_as_one_trace(
         assert by_name["sip.route"]["parent_id"] == by_name["sip.receive"]["span_id"]
         page = http.get(f"/traces/{trace['trace_id']}").text
         assert "sip.receive" in page and "sip.route" in page
+
+
+def test_a_resize_with_a_number_json_cannot_write_back_is_a_422_not_a_500(start_transport, start_console) -> None:
+    """``{"size": 1e309}`` (or NaN, Infinity) parsed to a float the 422's echo of the input could not render: 500."""
+    console = start_console(start_transport())
+    with console.client(authorized=True) as http:
+        for body in (b'{"size": 1e309}', b'{"size": NaN}', b'{"size": -Infinity}', b"[Infinity]"):
+            answer = http.put("/api/threads", content=body, headers={"Content-Type": "application/json"})
+            assert answer.status_code == 422, (body, answer.status_code, answer.text)
+            assert answer.json()["detail"][0]["type"] == "json_invalid"
+    assert "Traceback" not in console.log_text()

@@ -99,6 +99,22 @@ def test_allow_listed_peers_are_never_limited(start_transport: Callable[..., Run
     assert not any(name.startswith(("refused.connection", "limited.")) for name in running.counters())
 
 
+def test_ipv4_peers_of_a_dual_stack_listener_are_limited_as_ipv4_addresses(
+    start_transport: Callable[..., RunningTransport], tmp_path: Path
+) -> None:
+    """An IPv6 listener (``[::]:5060``) sees IPv4 peers as ``::ffff:a.b.c.d``, which no IPv4 network contains.
+
+    So ``source_limits_allow`` missed every IPv4 peer of a dual-stack listener: the allow-listed SBC or trunk was
+    rate-limited and blocked like a stranger (here loopback, allow-listed by default, is answered 503).
+    """
+    config = write_config(tmp_path, requests_per_ip=1)
+    running = start_transport("--config", str(config), workers=1, tcp="[::ffff:127.0.0.1]:0")  # IPv4 peers, mapped
+    with SipClient(socket.create_connection(("127.0.0.1", running.port), timeout=5)) as client:
+        client.send(b"".join(sip_request("OPTIONS", call_id=f"mapped-{i}") for i in range(10)))
+        assert [client.read_response().status for _ in range(10)] == [200] * 10
+    assert "limited.request_rate" not in running.counters()
+
+
 def test_token_bucket_and_idle_sources_are_bounded() -> None:
     bucket = TokenBucket(10.0, now=0.0)
     assert bucket.take(25, now=0.0) == 20  # a burst of two seconds' worth
@@ -132,3 +148,24 @@ def test_failed_authentications_block_an_address_for_the_window() -> None:
     again = limits.admit("192.0.2.7")
     assert not isinstance(again, str) and again is not None
     assert not limits.auth_failed(again)  # a new window
+
+
+def test_ipv6_peers_are_limited_by_their_64_bit_prefix() -> None:
+    """A host with an IPv6 /64 (what a home line gets) picks a new source address for each connection at will.
+
+    Counted per address, it had unlimited connections, connect rate, request rate and password guesses, and
+    could push its blocks out of the 65,536 idle addresses remembered. Its /64 counts as one source now.
+    (Over loopback a test has one IPv6 address: this one drives the limits directly.)
+    """
+    limits = SourceLimits(Settings(source_limits_allow="", max_connections_per_ip=1, auth_failures_per_ip=1))
+    first = limits.admit("2001:db8:0:1::1")
+    assert not isinstance(first, str) and first is not None
+    assert limits.admit("2001:db8:0:1:8000::2") == "connections_per_ip"  # the same /64, another address
+    other = limits.admit("2001:db8:0:2::1")  # the next /64 is another source
+    assert not isinstance(other, str) and other is not None
+    assert limits.auth_failed(first)
+    limits.release(first)
+    assert limits.admit("2001:db8:0:1::3") == "auth_failures"  # the block holds the whole /64
+    per_address = SourceLimits(Settings(source_limits_allow="", max_connections_per_ip=1, source_ipv6_prefix=128))
+    assert not isinstance(per_address.admit("2001:db8::1"), str)
+    assert not isinstance(per_address.admit("2001:db8::2"), str)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -80,7 +81,7 @@ class Hub(Generic[ThreadT]):
         self.owners: dict[int, ThreadT] = {}
         self._destinations: dict[DestinationKey, int] = {}
         self._destinations_lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_connection_id())
         #: The messages carried, for the console's call-flow view (transport/capture.py); None when off.
         self.capture = CaptureRing(settings.capture_bytes) if settings.capture else None
         #: Per-source connection and request limits (transport/sources.py).
@@ -89,6 +90,7 @@ class Hub(Generic[ThreadT]):
         self.restart_worker: Callable[[int], None] = _no_supervisor
 
     def new_connection_id(self) -> int:
+        """Unique across restarts of the instance: see :func:`first_connection_id`."""
         return next(self._ids)
 
     def owner(self, conn_id: int) -> ThreadT | None:
@@ -149,3 +151,15 @@ class Hub(Generic[ThreadT]):
             with self._destinations_lock:
                 if self._destinations.get(destination) == conn_id:
                     del self._destinations[destination]
+
+
+def first_connection_id() -> int:
+    """Where a transport's connection ids start: its start time in microseconds.
+
+    What outlives the process names connections by id: the registrar's bindings (in the instance's database) and
+    the proxy's signed Route and Via tokens (under the instance's key). Ids counted from 1 at every start made
+    them name whoever connected first after a restart. Starting at the clock, a later start's ids are above an
+    earlier one's unless that one opened more than a connection per microsecond of its life; the values stay
+    below 2**53, exact in the console's JavaScript.
+    """
+    return time.time_ns() // 1000

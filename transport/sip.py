@@ -253,6 +253,10 @@ def parse(raw: bytes) -> SipMessage:
     lines = head.split("\r\n")
     start_line = lines[0]
     method, uri, status, reason = _parse_start_line(start_line)
+    if head.count("\r") != len(lines) - 1 or head.count("\n") != len(lines) - 1:
+        # RFC 3261 section 7.3.1: lines end in CRLF and no value holds CR or LF; a next hop that ends lines at a
+        # bare one would read headers (a second Content-Length) that this parse and the framer did not.
+        raise SipParseError("bare CR or LF in the header block", start_line)
     headers: list[tuple[str, str]] = []
     index: dict[str, list[int]] = {}
     for line in lines[1:]:
@@ -282,17 +286,19 @@ def parse(raw: bytes) -> SipMessage:
         for mandatory in MANDATORY_REQUEST_HEADERS:
             if mandatory not in index:
                 raise SipParseError(f"missing mandatory header {CANONICAL_NAMES.get(mandatory, mandatory)}", start_line)
-    problem = _header_problem(headers, index, method or None)
+    problem = _header_problem(headers, index, method or None, len(body))
     if problem is not None:
         raise SipParseError(problem, start_line)
     return SipMessage(start_line, method, uri, status, reason, headers, body, index)
 
 
-def _header_problem(headers: list[tuple[str, str]], index: dict[str, list[int]], method: str | None) -> str | None:
+def _header_problem(
+    headers: list[tuple[str, str]], index: dict[str, list[int]], method: str | None, body_length: int
+) -> str | None:
     """The first header value the grammar refuses, among those SIP elements act upon; None if all are fine.
 
     Works on the parse's own header list and index (canonical names): this runs for every message.
-    ``method`` is the request's, None for a response.
+    ``method`` is the request's, None for a response; ``body_length`` what the framer cut after the headers.
     """
     for name in SINGLE_HEADERS:
         positions = index.get(name)
@@ -326,6 +332,11 @@ def _header_problem(headers: list[tuple[str, str]], index: dict[str, list[int]],
     positions = index.get("call-id")
     if positions is not None and (problem := sipsyntax.call_id_problem(headers[positions[0]][1])) is not None:
         return problem
+    positions = index.get("content-length")
+    if positions is not None and sipsyntax.number(headers[positions[0]][1], sipsyntax.MAX_CSEQ) != body_length:
+        # The framer reads the first line only: folded ("0" CRLF " 25"), a proxy would copy on text no next hop
+        # frames as this one did.
+        return f"Content-Length {headers[positions[0]][1][:20]!r} is not the body's {body_length} bytes"
     positions = index.get("date")
     if positions is not None and not sipsyntax.date_ok(headers[positions[0]][1]):
         return f"Date {headers[positions[0]][1][:40]!r} is not an RFC 1123 date in GMT"

@@ -67,6 +67,17 @@ def is_token(text: str) -> bool:
     return _TOKEN.fullmatch(text) is not None
 
 
+def is_utf8(text: str) -> bool:
+    """True unless ``text`` holds bytes that were not UTF-8 (kept as surrogate escapes by the parser)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def number(text: str, maximum: int) -> int | None:
     """``text`` (surrounding white space allowed) as an integer 0..maximum, or None if it is not one."""
     digits = text.strip(" \t")

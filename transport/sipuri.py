@@ -48,6 +48,8 @@ def uri_of(name_addr: str) -> str:
 
 
 def parse_uri(text: str) -> SipUri:
+    if not sipsyntax.is_utf8(text):  # a URI is ASCII (RFC 3261 section 25.1); UTF-8 is tolerated, other bytes not
+        raise SipUriError(f"{text[:80]!r} is not UTF-8")
     scheme, colon, rest = text.strip().partition(":")
     scheme = scheme.lower()
     if not colon or scheme not in ("sip", "sips"):

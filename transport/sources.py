@@ -1,7 +1,8 @@
 """Per-source limits, as SIP edges have them (Kamailio's and OpenSIPS's ``pike`` and ``ratelimit``).
 
-One peer address may hold at most ``max_connections_per_ip`` connections, open
-at most ``new_connections_per_ip`` per second (a burst of twice that), and send
+One peer address (for IPv6, its ``source_ipv6_prefix``: a /64 by default) may hold at most
+``max_connections_per_ip`` connections, open at most ``new_connections_per_ip``
+per second (a burst of twice that), and send
 at most ``requests_per_ip`` messages per second (same burst). Over a connection
 limit the new connection is closed at accept; over the request rate the
 transport answers ``503`` with ``Retry-After`` itself, before any worker sees the
@@ -84,6 +85,7 @@ class SourceLimits:
         self.auth_failures = settings.auth_failures_per_ip
         self.auth_window = settings.auth_failure_window
         self.allowed: tuple[Network, ...] = parse_networks(settings.source_limits_allow)
+        self.ipv6_prefix = settings.source_ipv6_prefix
         self._lock = threading.Lock()
         self._active: dict[str, Source] = {}
         self._idle: OrderedDict[str, Source] = OrderedDict()  # sources with no connection
@@ -97,8 +99,11 @@ class SourceLimits:
 
     def admit(self, address: str) -> Source | str | None:
         """At accept: the address's :class:`Source`, None when it is exempt, or why it is refused."""
+        address = unmapped(address)
         if self.exempt(address):
             return None
+        if ":" in address:  # an IPv6 host changes its address within its prefix at will: the prefix is the source
+            address = str(ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False))
         now = time.monotonic()
         with self._lock:
             source = self._active.get(address) or self._idle.pop(address, None)
@@ -152,6 +157,21 @@ class SourceLimits:
     def sources(self) -> int:
         """Addresses with open connections (for the stats)."""
         return len(self._active)
+
+
+def unmapped(address: str) -> str:
+    """An IPv4 peer of a dual-stack listener (``::ffff:192.0.2.1``) as the IPv4 address it is.
+
+    Else no IPv4 network of ``source_limits_allow`` would contain it, and it would be limited apart from the
+    same peer reaching an IPv4 listener.
+    """
+    if not address.startswith("::ffff:"):
+        return address
+    try:
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+    except ValueError:
+        return address
+    return address if mapped is None else str(mapped)
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:

@@ -41,6 +41,8 @@ log = logging.getLogger("sipwire.tls")
 CIPHERS_TLS12: Final = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS"
 SESSION_ID_CONTEXT: Final = b"sipwire"
 DEV_CERT_DAYS: Final = 825
+#: Longest failure reason kept: ``tls_handshake_failed.`` and 35 characters fill a stats block counter name (56 bytes).
+MAX_REASON_CHARS: Final = 35
 
 
 class TlsConfigError(ConfigurationError, TlsError):
@@ -185,13 +187,17 @@ def _describe(error: Exception) -> str:
 
 
 def describe_ssl_error(error: SSL.Error) -> str:
-    """A short reason for counters and logs: OpenSSL's last reason string, or the error class."""
+    """A short reason for counters and logs: OpenSSL's first reason string (the cause), or the error class.
+
+    Cut to :data:`MAX_REASON_CHARS`: the counter ``tls_handshake_failed.<reason>`` must fit a stats block
+    counter name, or the failure goes uncounted; the reasons a peer can cause are a fixed set, not its text.
+    """
     if isinstance(error, SSL.SysCallError):
         return "unexpected_eof" if error.args and error.args[0] == -1 else "syscall_error"
     if isinstance(error, SSL.ZeroReturnError):
         return "closed"
-    text = _describe(error)
-    return text.replace(" ", "_").lower()[:64] if text else type(error).__name__.lower()
+    text = _describe(error).partition(", ")[0]
+    return text.replace(" ", "_").lower()[:MAX_REASON_CHARS] if text else type(error).__name__.lower()
 
 
 def verify_server_name(connection: SSL.Connection, server_name: str) -> None:

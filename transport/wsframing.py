@@ -53,6 +53,9 @@ from sipwire.transport.framing import PING, PING_EVENT, Event, Ping
 #: The WebSocket subprotocol of SIP (RFC 7118 section 4.1), required in the handshake.
 SUBPROTOCOL: Final = "sip"
 
+#: Close codes from here up (to 4999) are the libraries' and applications' (RFC 6455 section 7.4.2), not the RFC's.
+APPLICATION_CLOSE_CODES: Final = 3000
+
 #: What an HTTP refusal says when even h11 cannot produce one (a request line it could not parse).
 _FALLBACK_REFUSAL: Final = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -274,10 +277,19 @@ class WsFramer:
         if ws.state is ConnectionState.REMOTE_CLOSING:
             events.append(WsControl(ws.send(event.response()), ""))
             detail = f"closed by the peer ({event.code})"
-            return WebSocketClosedError(f"ws_peer_close.{int(event.code)}", detail, events, peer_closed=True)
+            return WebSocketClosedError(_peer_close_counter(event.code), detail, events, peer_closed=True)
         if ws.state is ConnectionState.CLOSED:  # the peer's answer to our close
-            return WebSocketClosedError(f"ws_peer_close.{int(event.code)}", "close handshake done", events, True)
+            return WebSocketClosedError(_peer_close_counter(event.code), "close handshake done", events, True)
         return self._fail(CloseReason(event.code), f"bad frame: {event.reason}", events)
+
+
+def _peer_close_counter(code: int) -> str:
+    """The counter of a close by the peer: its code when RFC 6455 defines it, else one name for 3000-4999.
+
+    Those are all valid (libraries' and applications' codes): one counter name each would let a peer fill the
+    stats block's counter table with names of its choice, and every name after them would go uncounted.
+    """
+    return f"ws_peer_close.{int(code)}" if code < APPLICATION_CLOSE_CODES else "ws_peer_close.application"
 
 
 def _handshake_reason(detail: str) -> str:

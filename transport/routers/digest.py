@@ -80,7 +80,7 @@ class Nonces:
 
     def check(self, nonce: str, now: float) -> str:
         """``valid``, ``stale`` (ours, too old) or ``invalid`` (not made with this key)."""
-        if len(nonce) != NONCE_DIGITS:
+        if len(nonce) != NONCE_DIGITS or not nonce.isascii():  # compare_digest raises on other text
             return "invalid"
         body, mac = nonce[: _TIME_DIGITS + _RANDOM_DIGITS], nonce[_TIME_DIGITS + _RANDOM_DIGITS :]
         if not hmac.compare_digest(mac, self._mac(body)):
@@ -205,7 +205,8 @@ class DigestAuth:
             algorithm, ha1, message.method, credentials.get("uri"), nonce,
             credentials.get("nc"), credentials.get("cnonce"), credentials.get("qop"),
         )  # fmt: skip
-        if not hmac.compare_digest(expected, credentials.get("response").lower()):
+        response = credentials.get("response").lower()
+        if not response.isascii() or not hmac.compare_digest(expected, response):
             return Verdict("refuse", "wrong_password")
         count = int(credentials.get("nc"), 16)
         if not self._store.advance_nonce_count(nonce, count, self._nonces.until(nonce)):

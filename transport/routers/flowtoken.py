@@ -81,7 +81,7 @@ class FlowTokens:
         if not conn_id:
             return None
         fallback = fallback_of(vias[index + 1])
-        if not hmac.compare_digest(token, self.via_token(branch, conn_id, fallback)):
+        if not token.isascii() or not hmac.compare_digest(token, self.via_token(branch, conn_id, fallback)):
             return None
         return conn_id, fallback
 
@@ -93,7 +93,7 @@ class FlowTokens:
     def verified_route(self, token: str, call_id: str) -> int | None:
         """The connection id of a Record-Route token for this dialog (0: a leg reached by address), else None."""
         conn_id = sipsyntax.number(token.partition(".")[0], MAX_CONN_ID)
-        if conn_id is None or not hmac.compare_digest(token, self.route_token(conn_id, call_id)):
+        if conn_id is None or not token.isascii() or not hmac.compare_digest(token, self.route_token(conn_id, call_id)):
             return None
         return conn_id
 

@@ -15,8 +15,9 @@ For each request, in RFC 3261 section 16.3-16.6 order:
 5. With users configured, an out-of-dialog request (no To tag) from a served
    domain must carry that user's Proxy-Authorization (407 challenge); ACK and
    CANCEL are never challenged (RFC 3261 section 22.1).
-6. The target: the next Route beyond this proxy; else the flow a token
-   named; else a registered contact of the Request-URI's AOR (the URI is
+6. The target: the connection a token named (Routes beyond it are the
+   next hop's to follow); else the next Route beyond this proxy; else the
+   leg a token named by address (the Request-URI); else a registered contact of the Request-URI's AOR (the URI is
    rewritten to that contact and the request leaves on the connection it
    registered over, or, once that closed, goes to the Contact's address);
    else 404/480 for a served domain; else ``--upstream``. A request from
@@ -227,16 +228,24 @@ def _target(
     ``token``: the connection the last Record-Route token of ours named, and that Record-Route's URI.
     """
     flow, leg = token
+    if flow and leg is not None:
+        # The leg's own connection, whatever Routes follow ours (that peer's to follow): the token names where the
+        # dialog goes, and a Route after it is no licence to relay a dialog's requests to an address of one's choice.
+        _uri_or_answer(state, message, ctx, message.uri)
+        local = hostport((leg.host, leg.port)) if leg.port else ""
+        return Target(message.uri, flow, None, local, _leg_transport(leg), registered=False)
     if remaining:
         if not trusted:
             _deny_relay(state, message, ctx)
-        hop = _uri_or_answer(state, message, ctx, uri_of(remaining[0]))
+        try:
+            hop_uri = uri_of(remaining[0])
+        except SipUriError as error:
+            state.answer(message, ctx, 400, f"Bad Request (Route: {error})")
+            raise _Answered from None
+        hop = _uri_or_answer(state, message, ctx, hop_uri)
         destination = Destination(hop.transport, hop.host, hop.default_port())
         return Target(message.uri, 0, destination, "", hop.transport, registered=False)
     uri = _uri_or_answer(state, message, ctx, message.uri)
-    if flow and leg is not None:
-        local = hostport((leg.host, leg.port)) if leg.port else ""
-        return Target(message.uri, flow, None, local, _leg_transport(leg), registered=False)
     if flow is not None:  # our Record-Route of a leg reached by address: the Request-URI is the next hop
         destination = Destination(uri.transport, uri.host, uri.default_port())
         return Target(message.uri, 0, destination, "", uri.transport, registered=False)

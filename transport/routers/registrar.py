@@ -120,12 +120,15 @@ def _request(state: ProxyState, message: SipMessage, ctx: RouteContext, aor: str
         parsed = sipsyntax.number(header_expires, sipsyntax.MAX_CSEQ)
         default = default if parsed is None else parsed
     contacts = message.values("contact")
+    for name, value in (("Call-ID", message.call_id), *(("Contact", contact) for contact in contacts)):
+        if not sipsyntax.is_utf8(value):  # the store keeps UTF-8 text only
+            raise _Refusal(400, f"Bad Request ({name} is not UTF-8)")
     if "*" in contacts:
         if len(contacts) != 1 or header_expires is None or default != 0:
             raise _Refusal(400, "Bad Request (Contact: * needs Expires: 0 and no other contact)")
         return RegisterRequest(aor, message.call_id, cseq, wildcard=True)
     envelope = ctx.envelope
-    user_agent = (message.header("user-agent") or "")[:MAX_USER_AGENT_CHARS]
+    user_agent = _displayable((message.header("user-agent") or "")[:MAX_USER_AGENT_CHARS])
     bindings = []
     for contact in contacts:
         try:
@@ -166,6 +169,11 @@ def _expires(state: ProxyState, param: str | None, default: int) -> int:
     if 0 < seconds < settings.registrar_min_expires:
         raise _Refusal(423, "Interval Too Brief", [("Min-Expires", str(settings.registrar_min_expires))])
     return min(seconds, settings.registrar_max_expires)
+
+
+def _displayable(text: str) -> str:
+    """Text kept for display only (User-Agent), its bytes that were not UTF-8 replaced: some phones send Latin-1."""
+    return text if sipsyntax.is_utf8(text) else text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _contact_value(binding: Binding, now: float) -> str:
