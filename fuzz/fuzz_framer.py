@@ -53,7 +53,8 @@ from sipwire.transport.framing import (
     FramingErrorReason,
     Ping,
 )
-from sipwire.transport.sip import SipParseError, parse, response_for_unparsable
+from sipwire.transport.sip import SipParseError, parse
+from sipwire.transport.sipresponse import response_for_unparsable
 
 CONTROL_BYTES = 4
 CR_LF = frozenset(b"\r\n")

@@ -52,15 +52,8 @@ if __name__ == "__main__":
 from fuzz.common import assert_own_parts, run, sip_corpus
 from sipwire.transport import sipsyntax
 from sipwire.transport.framing import Framer, FramerLimits
-from sipwire.transport.sip import (
-    MANDATORY_REQUEST_HEADERS,
-    SipMessage,
-    SipParseError,
-    build_response,
-    header_param,
-    parse,
-    response_for_unparsable,
-)
+from sipwire.transport.sip import MANDATORY_REQUEST_HEADERS, SipMessage, SipParseError, header_param, parse
+from sipwire.transport.sipresponse import build_response, response_for_unparsable
 from sipwire.transport.sipuri import SipUriError, parse_uri, uri_of
 
 #: The source address the routers pass for the top Via's received/rport.

@@ -32,7 +32,8 @@ import time
 
 from sipwire.transport.routers import responder
 from sipwire.transport.routing import Destination, Outcome, RouteContext
-from sipwire.transport.sip import SipMessage, build_response
+from sipwire.transport.sip import SipMessage
+from sipwire.transport.sipresponse import build_response
 
 #: Upper bound on any wait a test asks for, so a broken test cannot hang a worker.
 MAX_WAIT_SECONDS = 10.0

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from sipwire.transport.routers.digest import NONCE_DIGITS
-from sipwire.transport.sip import build_response, parse
+from sipwire.transport.sip import parse
+from sipwire.transport.sipresponse import build_response
 from tests.conftest import RunningTransport, SipClient, run_ctl, sip_request, wait_for
 from tests.sipphone import Phone, challenge_params
 from tests.wsclient import RawWs

@@ -23,7 +23,8 @@ from sipwire.transport.framing import (
     Ping,
     content_length,
 )
-from sipwire.transport.sip import SipParseError, parse, response_for_unparsable
+from sipwire.transport.sip import SipParseError, parse
+from sipwire.transport.sipresponse import response_for_unparsable
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None)
 

@@ -11,7 +11,8 @@ from types import ModuleType
 
 import pytest
 
-from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable, split_list_value
+from sipwire.transport.sip import SipParseError, parse, split_list_value
+from sipwire.transport.sipresponse import build_response, response_for_unparsable
 from sipwire.transport.sipuri import SipUriError, parse_uri
 from sipwire.transport.wire import RecordReader, WireError, WriteRecord, encode_done, encode_write
 from tests.test_fuzz import require_atheris

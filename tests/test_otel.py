@@ -67,7 +67,8 @@ from sipwire.transport.iothread import IOThread
 from sipwire.transport.resolver import Resolver, ResolverLimits
 from sipwire.transport.routers import responder
 from sipwire.transport.routing import RouteContext, Router
-from sipwire.transport.sip import SipMessage, build_response
+from sipwire.transport.sip import SipMessage
+from sipwire.transport.sipresponse import build_response
 from sipwire.transport.worker import CONTROL, CONTROL_ADD_CHANNEL, CONTROL_STOP, Worker
 from tests.conftest import REPO, RunningTransport, SipClient, sip_request, wait_for
 from tests.wsclient import RawWs, parse_response, sip_over_ws, ws_connect

@@ -13,7 +13,8 @@ import pytest
 from sipwire.config import Settings
 from sipwire.transport.framing import Framer
 from sipwire.transport.routers.sqlitestore import open_store
-from sipwire.transport.sip import SipMessage, build_response, parse
+from sipwire.transport.sip import SipMessage, parse
+from sipwire.transport.sipresponse import build_response
 from tests.conftest import RunningTransport, wait_for
 
 CLIENT_VIA = "SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKclient1;rport"

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from sipwire.transport.sip import SipMessage, build_response
+from sipwire.transport.sip import SipMessage
+from sipwire.transport.sipresponse import build_response
 from tests.conftest import RunningTransport
 from tests.sipphone import Phone, digest_credentials
 

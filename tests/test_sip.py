@@ -16,14 +16,11 @@ from sipwire.transport.sip import (
     SINGLE_HEADERS,
     SipMessage,
     SipParseError,
-    build_response,
-    fill_via_received,
     header_param,
-    new_tag,
     parse,
-    response_for_unparsable,
     split_list_value,
 )
+from sipwire.transport.sipresponse import build_response, fill_via_received, new_tag, response_for_unparsable
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None)
 

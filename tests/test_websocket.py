@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from sipwire.transport.sip import build_response, parse
+from sipwire.transport.sip import parse
+from sipwire.transport.sipresponse import build_response
 from tests.conftest import RunningTransport, SipClient, run_ctl, sip_request, wait_for
 from tests.sipphone import Phone
 from tests.wsclient import parse_response, sip_over_ws, ws_connect

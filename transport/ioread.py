@@ -29,7 +29,7 @@ from sipwire.transport.connection import Connection
 from sipwire.transport.framing import PING_EVENT, PONG, Event, FramingError, FramingErrorReason, Ping
 from sipwire.transport.iows import WebSocketLayer
 from sipwire.transport.outcome import WriteResult
-from sipwire.transport.sip import response_for_unparsable
+from sipwire.transport.sipresponse import response_for_unparsable
 from sipwire.transport.streams import StreamError
 from sipwire.transport.wire import encode_message
 from sipwire.transport.wsframing import WebSocketClosedError

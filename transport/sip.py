@@ -1,4 +1,4 @@
-"""Sans-IO SIP message parser and response builder used by the workers.
+"""Sans-IO SIP message parser used by the workers (responses are built in :mod:`transport.sipresponse`).
 
 The transport only frames messages; this module does the full parse of the
 start line and headers (RFC 3261 sections 7 and 25): header names are
@@ -15,10 +15,7 @@ each. ``bench/workerbench.py`` measures what a message costs a worker.
 
 from __future__ import annotations
 
-import random
 import re
-import secrets
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -26,8 +23,6 @@ from sipwire.errors import ProtocolError
 from sipwire.transport import sipsyntax
 
 SIP_VERSION: Final = "SIP/2.0"
-
-_tag_random = random.Random(secrets.randbits(128))
 
 #: Compact header forms (RFC 3261 section 7.3.3 and later RFCs' registrations).
 COMPACT_FORMS: Final[dict[str, str]] = {
@@ -205,12 +200,12 @@ class SipMessage:
 
     def header(self, name: str) -> str | None:
         """First value of a header, or None. ``name`` is case-insensitive."""
-        positions = self.index.get(name) or self.index.get(_canonical_key(name))  # canonical names: one lookup
+        positions = self.index.get(name) or self.index.get(canonical_key(name))  # canonical names: one lookup
         return self.headers[positions[0]][1] if positions else None
 
     def header_lines(self, name: str) -> list[str]:
         """Every line of a header, as written (list values not split)."""
-        positions = self.index.get(name) or self.index.get(_canonical_key(name)) or ()
+        positions = self.index.get(name) or self.index.get(canonical_key(name)) or ()
         return [self.headers[i][1] for i in positions]
 
     def values(self, name: str) -> list[str]:
@@ -220,7 +215,7 @@ class SipMessage:
         not separate values, so their lines are returned whole.
         """
         lines = self.header_lines(name)
-        if _canonical_key(name) not in LIST_HEADERS:
+        if canonical_key(name) not in LIST_HEADERS:
             return lines
         values: list[str] = []
         for line in lines:
@@ -238,7 +233,8 @@ class SipMessage:
         return method.strip()
 
 
-def _canonical_key(name: str) -> str:
+def canonical_key(name: str) -> str:
+    """The parse index's key of a header name: lower case, compact forms expanded."""
     key = name.lower()
     return COMPACT_FORMS.get(key, key)
 
@@ -456,130 +452,3 @@ def _split_outside_quotes(text: str, separator: str) -> list[str]:
             start = match.end()
     parts.append(text[start:])
     return parts
-
-
-def new_tag() -> str:
-    """A fresh From/To tag: 48 random bits (RFC 3261 section 19.3 asks for at least 32).
-
-    Drawn from a generator seeded once from the OS: tags must be unique and
-    unpredictable enough for dialog matching, not secret, and reading
-    ``os.urandom`` for every response costs measurable time in the workers.
-    """
-    return f"{_tag_random.getrandbits(48):012x}"
-
-
-def fill_via_received(via: str, source_host: str, source_port: int) -> str:
-    """Add ``received`` and fill ``rport`` on one Via value (RFC 3261 18.2.1, RFC 3581).
-
-    ``received`` is added when the sent-by host differs from the source
-    address, and always when the client asked for ``rport``.
-    """
-    sent_by, _, params = via.partition(";")
-    host = sent_by.split()[-1] if sent_by.strip() else ""
-    if host.startswith("["):
-        host = host[1 : host.find("]")]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    lowered = params.lower()
-    if "rport" not in lowered and "received" not in lowered:  # nothing to fill or replace: the value as it is
-        return via if host == source_host else f"{via};received={source_host}"
-    out = [sent_by]
-    wants_rport = False
-    for part in params.split(";"):
-        key = part.partition("=")[0].strip().lower()
-        if key == "rport":
-            wants_rport = True
-            out.append(f"rport={source_port}")
-        elif key != "received":
-            out.append(part)
-    if wants_rport or host != source_host:
-        out.append(f"received={source_host}")
-    return ";".join(out)
-
-
-def build_response(
-    request: SipMessage,
-    status: int,
-    reason: str,
-    *,
-    to_tag: str | None = None,
-    extra_headers: Iterable[tuple[str, str]] = (),
-    body: bytes = b"",
-    via_source: tuple[str, int] | None = None,
-) -> bytes:
-    """Build a response that copies Via, From, To, Call-ID and CSeq (RFC 3261 8.2.6.2).
-
-    A To tag is added for final and provisional-with-dialog responses when
-    the request had none (pass ``to_tag`` to keep one tag per dialog).
-    ``via_source`` is the request's source address, used to fill the top
-    Via's ``received``/``rport``.
-    """
-    vias = request.header_lines("via")  # a list of its own: the top one may be replaced
-    if vias and via_source is not None:
-        top = vias[0]
-        if "," in top:  # several values on the top line: only the first is ours to fill
-            first, *rest = split_list_value(top) or [""]
-            vias[0] = ", ".join([fill_via_received(first, *via_source), *rest])
-        else:
-            vias[0] = fill_via_received(top, *via_source)
-    to = request.header("to") or ""
-    if status > 100 and header_param(to, "tag") is None:
-        to = f"{to};tag={to_tag or new_tag()}"
-    via_block = "".join([f"Via: {via}\r\n" for via in vias])
-    extra_block = "".join([f"{name}: {_one_line(value)}\r\n" for name, value in extra_headers])
-    text = (
-        f"{SIP_VERSION} {status} {_one_line(reason)}\r\n{via_block}"
-        f"From: {request.header('from') or ''}\r\nTo: {to}\r\n"
-        f"Call-ID: {request.header('call-id') or ''}\r\nCSeq: {request.header('cseq') or ''}\r\n"
-        f"{extra_block}Content-Length: {len(body)}\r\n\r\n"
-    )
-    return text.encode("utf-8", "surrogateescape") + body
-
-
-def response_for_unparsable(
-    header_block: bytes, status: int, reason: str, extra_headers: Sequence[tuple[str, str]] = ()
-) -> bytes | None:
-    """Best-effort error answer for a request the worker or framer could not handle.
-
-    Used where the message cannot be fully parsed (a framing error, a bad
-    header): if the header lines read so far name the request's Via, From,
-    To, Call-ID and CSeq, answer with ``status``, those headers copied as the
-    request had them (RFC 4475 wants the 400 even when one of them is what is
-    malformed); otherwise return None and the caller just closes or drops.
-    """
-    text = header_block.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
-    lines = text.split("\r\n")
-    if not lines or lines[0].startswith(("SIP/", "ACK ")) or " SIP/" not in lines[0]:
-        # Responses are never answered, and neither is ACK (RFC 3261 section 17.1.1.1).
-        return None
-    wanted: dict[str, list[str]] = {}
-    current: list[str] | None = None  # values of the wanted header the last line belonged to
-    for line in lines[1:]:
-        if line[:1] in {" ", "\t"}:  # folded continuation of the previous line
-            if current is not None:
-                current[-1] = f"{current[-1]} {line.strip()}".strip()
-            continue
-        current = None
-        name, colon, value = line.partition(":")
-        if not colon:
-            continue
-        key = _canonical_key(name.strip())
-        if key == "via" or (key in MANDATORY_REQUEST_HEADERS and key not in wanted):
-            # Every Via, but one From/To/Call-ID/CSeq even where a broken request repeats them.
-            current = wanted.setdefault(key, [])
-            current.append(value.strip())
-    if any(key not in wanted for key in MANDATORY_REQUEST_HEADERS):
-        return None
-    headers = [(CANONICAL_NAMES.get(key, key), value) for key in MANDATORY_REQUEST_HEADERS for value in wanted[key]]
-    out = [f"{SIP_VERSION} {status} {_one_line(reason)}"]
-    for name, value in headers:
-        tag = f";tag={new_tag()}" if name == "To" and header_param(value, "tag") is None else ""
-        out.append(f"{name}: {value}{tag}")
-    out.extend(f"{name}: {value}" for name, value in extra_headers)
-    out.append("Content-Length: 0")
-    return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
-
-
-def _one_line(text: str) -> str:
-    """Keep caller-supplied text from breaking the message into extra lines."""
-    return text.replace("\r", " ").replace("\n", " ")

@@ -45,7 +45,8 @@ from sipwire.transport.routing import (
     Router,
     load_router,
 )
-from sipwire.transport.sip import SipParseError, build_response, parse, response_for_unparsable
+from sipwire.transport.sip import SipParseError, parse
+from sipwire.transport.sipresponse import build_response, response_for_unparsable
 from sipwire.transport.stages import WorkerStages, min_timeout
 from sipwire.transport.tlsinfo import TlsInfo
 from sipwire.transport.wire import (

@@ -28,7 +28,8 @@ from sipwire.transport.routers.digest import DigestAuth, Verdict
 from sipwire.transport.routers.flowtoken import FlowTokens
 from sipwire.transport.routers.store import RegistrarStore
 from sipwire.transport.routing import Destination, RouteContext
-from sipwire.transport.sip import SipMessage, build_response, header_param
+from sipwire.transport.sip import SipMessage, header_param
+from sipwire.transport.sipresponse import build_response
 
 log = logging.getLogger("sipwire.proxy")
 

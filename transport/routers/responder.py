@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import Final
 
 from sipwire.transport.routing import RouteContext
-from sipwire.transport.sip import SipMessage, build_response
+from sipwire.transport.sip import SipMessage
+from sipwire.transport.sipresponse import build_response
 from sipwire.transport.sipuri import uri_of
 
 ALLOWED_METHODS: Final = (

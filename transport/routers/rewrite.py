@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sipwire.transport.routers.digest import parse_credentials
-from sipwire.transport.sip import CANONICAL_NAMES, SipMessage, fill_via_received, split_list_value
+from sipwire.transport.sip import CANONICAL_NAMES, SipMessage, split_list_value
+from sipwire.transport.sipresponse import fill_via_received
 
 
 def forwarded_request(
